@@ -1,0 +1,316 @@
+"""Job configuration: one TOML file -> a validated `JobConfig`.
+
+Precedence: CLI flags beat the file, the file beats the defaults here. The API key is never
+in the file: it comes from the environment (or a Prefect Secret block) as a SecretStr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
+DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
+USD_PER_CREDIT = 1 / 2_000_000  # the vendor's published conversion
+
+DEFAULT_TEMPLATE = (
+    "You are reading page {page} of {page_count} of the document '{file_name}'.\n"
+    "Extract the requested fields and answer with JSON only."
+)
+
+DEFAULT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "language": {"type": "string"},
+        "summary": {"type": "string"},
+    },
+    "required": ["title", "language", "summary"],
+    "additionalProperties": False,
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as one line: where, which field, what is wrong."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceOptions(_Section):
+    """Where documents come from and which files count."""
+
+    paths: list[Path] = Field(default_factory=lambda: [Path("data/inbox")])
+    include: list[str] = Field(default_factory=lambda: ["**/*"])
+    exclude: list[str] = Field(default_factory=list)
+    follow_symlinks: bool = False
+    settle_seconds: float = 0.0  # files modified more recently than this are still growing
+    since: str | None = None  # ISO date or datetime, inclusive
+    until: str | None = None  # ISO date or datetime, exclusive
+    date_from: Literal["mtime", "path"] = "mtime"
+    path_date_pattern: str = r"(\d{4}-\d{2}-\d{2})"
+
+
+class ApiOptions(_Section):
+    """The endpoint: AI/ML API by default, any OpenAI-compatible vision endpoint otherwise."""
+
+    base_url: str = DEFAULT_BASE_URL
+    model: str = DEFAULT_MODEL
+    api_key_env: str = "AIMLAPI_API_KEY"
+    secret_block: str | None = None  # name of a Prefect Secret block holding the key
+    timeout_s: float = Field(default=120.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    allow_insecure_http: bool = False  # send the key over plain HTTP to a non-loopback host
+
+
+class RequestOptions(_Section):
+    """Model parameters sent with every request (they are part of the fingerprint)."""
+
+    max_tokens: int = Field(default=1024, ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0.01, le=1)
+    seed: int | None = Field(default=None, ge=1)
+    response_format: Literal["json_schema", "json_object", "text"] = "json_schema"
+    strict: bool = True
+    system_message: bool = False  # instructions as a system message (some models reject it)
+    image_detail: Literal["low", "high", "auto"] | None = None
+
+
+class PromptOptions(_Section):
+    """The one prompt template of the job and its output schema."""
+
+    template: str | None = None
+    template_file: Path | None = None
+    variables: dict[str, str] = Field(default_factory=dict)
+    output_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_file: Path | None = None
+    schema_name: str = "page_extraction"
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> PromptOptions:
+        if self.template is not None and self.template_file is not None:
+            raise ValueError("give either template or template_file, not both")
+        if self.output_schema is not None and self.schema_file is not None:
+            raise ValueError("give either schema or schema_file, not both")
+        return self
+
+
+class LimitOptions(_Section):
+    """The request budget. 0 means off for each limit."""
+
+    concurrency: int = Field(default=16, ge=1, le=2048)
+    rpm: float = Field(default=60.0, ge=0)
+    tpm: float = Field(default=0.0, ge=0)
+    adaptive: bool = True  # lower the rate on 429s, climb back after successes
+
+
+class RetryOptions(_Section):
+    transport: int = Field(default=5, ge=0, le=50)  # retries after transport trouble, 429, 5xx
+    answer: int = Field(default=2, ge=0, le=10)  # retries after an invalid answer
+    temperature_step: float = Field(default=0.2, ge=0, le=1)
+    backoff_base_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+
+
+class ImageOptions(_Section):
+    max_side: int = Field(default=1600, ge=64, le=20000)
+    max_bytes: int = Field(default=4_000_000, ge=10_000)
+    jpeg_quality: int = Field(default=85, ge=20, le=100)
+    all_frames: bool = False  # animated GIF/WEBP/APNG: every frame, not only the first
+    max_pixels: int = Field(default=178_956_970, ge=1)  # Pillow's bomb limit by default
+
+
+class PdfOptions(_Section):
+    mode: Literal["pdf", "image"] = "pdf"  # send page PDFs, or render pages to images
+    pages_per_request: int = Field(default=1, ge=1, le=100)
+    render_max_side: int = Field(default=1288, ge=64, le=10000)
+    first_page: int = Field(default=1, ge=1)
+    last_page: int | None = Field(default=None, ge=1)
+    max_pages: int | None = Field(default=None, ge=1)  # documents with more pages are skipped
+    password: SecretStr | None = None
+
+
+class PrepareOptions(_Section):
+    workers: int = Field(default=0, ge=0, le=64)  # 0: one per core
+    timeout_s: float = Field(default=120.0, gt=0)  # per document
+    queue_size: int = Field(default=64, ge=1)
+
+
+class OutputOptions(_Section):
+    path: Path = Path("data/output")
+    flush_rows: int = Field(default=500, ge=1)
+    flush_seconds: float = Field(default=30.0, gt=0)
+
+
+class BudgetOptions(_Section):
+    max_credits: float | None = Field(default=None, gt=0)
+    # price used for estimates (plan, budget): credits per token
+    credits_per_prompt_token: float = Field(default=0.882, ge=0)
+    credits_per_completion_token: float = Field(default=2.625, ge=0)
+    expected_completion_tokens: int = Field(default=200, ge=0)
+
+
+class ScheduleOptions(_Section):
+    cron: str | None = None
+    interval_minutes: float | None = Field(default=None, gt=0)
+    timezone: str = "UTC"
+
+
+class JobConfig(_Section):
+    """Everything one job needs; `fingerprint_settings()` is what shapes an answer."""
+
+    name: str = "ernie-batch"
+    sources: SourceOptions = Field(default_factory=SourceOptions)
+    api: ApiOptions = Field(default_factory=ApiOptions)
+    request: RequestOptions = Field(default_factory=RequestOptions)
+    prompt: PromptOptions = Field(default_factory=PromptOptions)
+    limits: LimitOptions = Field(default_factory=LimitOptions)
+    retries: RetryOptions = Field(default_factory=RetryOptions)
+    images: ImageOptions = Field(default_factory=ImageOptions)
+    pdf: PdfOptions = Field(default_factory=PdfOptions)
+    prepare: PrepareOptions = Field(default_factory=PrepareOptions)
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    budget: BudgetOptions = Field(default_factory=BudgetOptions)
+    schedule: ScheduleOptions = Field(default_factory=ScheduleOptions)
+
+    # resolved, not read from the file
+    config_path: Path | None = Field(default=None, exclude=True)
+    template_text: str = Field(default="", exclude=True)
+    schema_obj: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def _format_validation_error(path: Path | str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{path}: {where}: {msg}{more}"
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read, validate and resolve a job config. Raises ConfigError with one line.
+
+    Relative paths in the file are relative to the current directory (where the user runs
+    the command), except template_file and schema_file, which are relative to the file.
+    `overrides` maps dotted names ("limits.rpm") to values that beat the file.
+    """
+    data: dict[str, Any] = {}
+    where: Path | str = "(defaults)"
+    if path is not None:
+        where = Path(path)
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(where, exc)) from None
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    cfg.config_path = Path(path).resolve() if path is not None else None
+    cfg.template_text = _read_template(cfg, base, where)
+    cfg.schema_obj = _read_schema(cfg, base, where)
+    _check_schema(cfg.schema_obj, where)
+    return cfg
+
+
+def _read_template(cfg: JobConfig, base: Path, where: Path | str) -> str:
+    p = cfg.prompt
+    if p.template_file is not None:
+        f = _resolve(base, p.template_file)
+        try:
+            return f.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}: prompt.template_file: cannot read {f}: {exc.strerror}") from None
+    return p.template if p.template is not None else DEFAULT_TEMPLATE
+
+
+def _read_schema(cfg: JobConfig, base: Path, where: Path | str) -> dict[str, Any]:
+    p = cfg.prompt
+    if p.schema_file is not None:
+        f = _resolve(base, p.schema_file)
+        try:
+            schema = json.loads(f.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{where}: prompt.schema_file: cannot read {f}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: prompt.schema_file: {f} is not JSON: {exc}") from None
+        return schema
+    return p.output_schema if p.output_schema is not None else DEFAULT_SCHEMA
+
+
+def _check_schema(schema: Any, where: Path | str) -> None:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise ConfigError(f"{where}: prompt.schema: must be a JSON Schema with type 'object'")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise ConfigError(f"{where}: prompt.schema: not a valid JSON Schema: {exc.message}") from None
+
+
+def api_key(cfg: JobConfig, environ: dict[str, str] | None = None) -> SecretStr:
+    """The API key from the environment (or the configured Prefect Secret block)."""
+    env = os.environ if environ is None else environ
+    value = env.get(cfg.api.api_key_env, "").strip()
+    if not value and cfg.api.secret_block:
+        value = _secret_from_block(cfg.api.secret_block)
+    if not value:
+        raise ConfigError(
+            f"missing API key: set the environment variable {cfg.api.api_key_env} "
+            f"(the endpoint is {cfg.api.base_url})"
+        )
+    return SecretStr(value)
+
+
+def _secret_from_block(name: str) -> str:
+    try:
+        from prefect.blocks.system import Secret
+
+        return str(Secret.load(name).get())
+    except Exception as exc:  # noqa: BLE001 - any failure to load is one clear line
+        raise ConfigError(f"cannot load the Prefect Secret block {name!r}: {type(exc).__name__}") from None

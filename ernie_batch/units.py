@@ -1,0 +1,84 @@
+"""The values that flow between stages: documents found, media prepared, units to send.
+
+Plain frozen dataclasses: they cross process boundaries (the prepare pool) by pickle,
+so they hold bytes and paths, never open files or clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DOC_TYPES = ("pdf", "jpeg", "png", "webp", "gif", "tiff", "bmp")
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A file found in a source folder, identified by the sha256 of its bytes."""
+
+    path: Path  # absolute
+    root: Path  # the source folder it was found under (for relative paths in prompts)
+    sha256: str
+    doc_type: str  # one of DOC_TYPES, or "unknown"
+    size: int
+    mtime: float  # seconds since the epoch
+
+    @property
+    def relative_path(self) -> str:
+        try:
+            return self.path.relative_to(self.root).as_posix()
+        except ValueError:
+            return self.path.name
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPart:
+    """One media item sent in a request: a PDF (pages) or an encoded image."""
+
+    data: bytes
+    mime: str  # "application/pdf", "image/jpeg", "image/png", ...
+    filename: str
+    width: int | None = None  # pixels, for images (token estimates)
+    height: int | None = None
+    pages: int = 1  # pages inside a PDF part
+
+    @property
+    def is_pdf(self) -> bool:
+        return self.mime == "application/pdf"
+
+
+@dataclass(frozen=True, slots=True)
+class PageUnit:
+    """What one request carries: pages page..page_last of a document, ready to send."""
+
+    doc: Document
+    page: int  # 1-based
+    page_last: int
+    page_count: int | None
+    parts: tuple[MediaPart, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UnitFailure:
+    """A unit (or a whole document, page=1) that could not be prepared or is not sent on purpose."""
+
+    doc: Document
+    status: str  # "input_error" or "skipped"
+    error: str  # one line: what and why
+    page: int = 1
+    page_last: int = 1
+    page_count: int | None = None
+
+
+Prepared = PageUnit | UnitFailure
+
+
+@dataclass(slots=True)
+class DiscoveryStats:
+    """What discovery passed over, by reason (shown in the run summary)."""
+
+    found: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
