@@ -147,9 +147,10 @@ class PdfOptions(_Section):
 
 
 class PrepareOptions(_Section):
-    workers: int = Field(default=0, ge=0, le=64)  # 0: one per core
+    workers: int = Field(default=0, ge=-1, le=64)  # 0: one per core; -1: inline, no processes
     timeout_s: float = Field(default=120.0, gt=0)  # per document
     queue_size: int = Field(default=64, ge=1)
+    max_tasks_per_worker: int = Field(default=500, ge=0)  # recycle workers (0: never)
 
 
 class OutputOptions(_Section):
