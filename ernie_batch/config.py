@@ -27,7 +27,7 @@ DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
 USD_PER_CREDIT = 1 / 2_000_000  # the vendor's published conversion
 
 DEFAULT_TEMPLATE = (
-    "You are reading page {page} of {page_count} of the document '{file_name}'.\n"
+    "You are reading page $page of $page_count of the document '$file_name'.\n"
     "Extract the requested fields and answer with JSON only."
 )
 
@@ -254,6 +254,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     cfg.template_text = _read_template(cfg, base, where)
     cfg.schema_obj = _read_schema(cfg, base, where)
     _check_schema(cfg.schema_obj, where)
+    from ernie_batch.prompt import check_template
+
+    check_template(cfg.template_text, cfg.prompt.variables, f"{where}: prompt.template")
     return cfg
 
 

@@ -1,0 +1,120 @@
+"""From the model's text to a validated answer and typed `answer_<field>` columns.
+
+Whether this model honours `json_schema` is not documented, so every answer is extracted
+(code fences, prose around it) and validated here. Column types come from the JSON
+Schema, never from the data, so old and new Parquet parts always read together.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import pyarrow as pa
+from jsonschema import Draft202012Validator
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    value: dict[str, Any] | None  # the validated answer
+    error: str | None  # one line when invalid
+
+
+def extract_json(text: str) -> Any:
+    """The first JSON value in `text`: the whole text, a fenced block, or the first {...} in prose."""
+    text = text.strip()
+    candidates = [text, *(m.group(1).strip() for m in _FENCE.finditer(text))]
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except ValueError:
+            pass
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"[{\[]", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+            return value
+        except ValueError:
+            continue
+    raise ValueError("no JSON found in the answer")
+
+
+@lru_cache(maxsize=8)
+def _validator(schema_json: str) -> Draft202012Validator:
+    return Draft202012Validator(json.loads(schema_json))
+
+
+def judge(text: str | None, finish_reason: str | None, schema: dict[str, Any]) -> Verdict:
+    """Valid answer or one line saying why not (cut off, no JSON, schema violation)."""
+    if finish_reason == "length":
+        return Verdict(None, "answer cut off at max_tokens (finish_reason=length)")
+    if not text:
+        return Verdict(None, "empty answer")
+    try:
+        value = extract_json(text)
+    except ValueError as exc:
+        return Verdict(None, str(exc))
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    error = next(iter(sorted(validator.iter_errors(value), key=lambda e: list(e.path))), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return Verdict(None, f"answer does not match the schema at {where}: {error.message}"[:300])
+    if not isinstance(value, dict):
+        return Verdict(None, "answer is not a JSON object")
+    return Verdict(value, None)
+
+
+def _arrow_type(prop: dict[str, Any]) -> pa.DataType:
+    kind = prop.get("type")
+    if isinstance(kind, list):
+        non_null = [k for k in kind if k != "null"]
+        kind = non_null[0] if len(non_null) == 1 else None
+    if kind == "string":
+        return pa.string()
+    if kind == "integer":
+        return pa.int64()
+    if kind == "number":
+        return pa.float64()
+    if kind == "boolean":
+        return pa.bool_()
+    if kind == "array":
+        item = prop.get("items") or {}
+        item_type = _arrow_type(item) if isinstance(item, dict) else pa.string()
+        return pa.list_(item_type)
+    return pa.string()  # objects, unions, anything else: JSON text
+
+
+def answer_fields(schema: dict[str, Any]) -> list[pa.Field]:
+    """One nullable column per top-level property, named answer_<property>."""
+    props = schema.get("properties") or {}
+    return [pa.field(f"answer_{name}", _arrow_type(p or {})) for name, p in props.items()]
+
+
+def _cell(value: Any, arrow: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(arrow):
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if pa.types.is_list(arrow):
+        if not isinstance(value, list):
+            return None
+        return [_cell(v, arrow.value_type) for v in value]
+    if pa.types.is_boolean(arrow):
+        return value if isinstance(value, bool) else None
+    if pa.types.is_integer(arrow):
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if pa.types.is_floating(arrow):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok else None
+    return json.dumps(value, ensure_ascii=False)
+
+
+def answer_columns(value: dict[str, Any] | None, fields: list[pa.Field]) -> dict[str, Any]:
+    if value is None:
+        return {f.name: None for f in fields}
+    return {f.name: _cell(value.get(f.name[len("answer_"):]), f.type) for f in fields}

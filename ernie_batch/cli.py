@@ -1,0 +1,201 @@
+"""`ernie-batch`: the command line (typer + rich).
+
+Prefect, pandas and the engine are imported inside the commands: `import prefect` alone
+costs seconds, and `ernie-batch --help` should answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Folders of PDFs and images -> a vision-language model -> validated rows in Parquet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 2, 3, 5
+
+
+def _prefect_defaults() -> None:
+    """Settings a fresh machine needs before Prefect is imported (the user's own values win)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Job config (TOML).")]
+SourcesArg = Annotated[list[Path] | None, typer.Argument(
+    help="Folders or files to read instead of the config's sources.")]
+BaseUrlOpt = Annotated[str | None, typer.Option(
+    help="API base URL, e.g. https://api.aimlapi.com/v1 or a local OpenAI-compatible server.")]
+OutputOpt = Annotated[Path | None, typer.Option(help="Output folder for the Parquet dataset.")]
+ConcurrencyOpt = Annotated[int | None, typer.Option(help="Requests in flight at most.")]
+RpmOpt = Annotated[float | None, typer.Option(help="Requests per minute at most (0 = adapt).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+
+
+def _overrides(base_url: str | None, output: Path | None, concurrency: int | None,
+               rpm: float | None) -> dict[str, Any]:
+    return {
+        "api.base_url": base_url,
+        "output.path": str(output) if output else None,
+        "limits.concurrency": concurrency,
+        "limits.rpm": rpm,
+    }
+
+
+def _check_config(config: Path | None, overrides: dict[str, Any], need_key: bool = True) -> None:
+    """Validate the config and the key before Prefect starts: one line and exit 2 if wrong."""
+    from ernie_batch.client import check_base_url
+    from ernie_batch.config import ConfigError, api_key, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+        check_base_url(cfg.api.base_url, cfg.api.allow_insecure_http)
+        if need_key:
+            api_key(cfg)
+    except ConfigError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+
+
+def _run_flow(kind: str, config: Path | None, sources: list[Path] | None,
+              overrides: dict[str, Any], force: bool, retry_failed: bool, wait: float,
+              as_json: bool, quiet: bool) -> None:
+    _check_config(config, overrides)
+    _prefect_defaults()
+    from ernie_batch.config import ConfigError
+    from ernie_batch.engine import RunSummary
+    from ernie_batch.store import LockedError, OutputError
+    from flows.ingest import ingest
+
+    import asyncio
+
+    try:
+        result = asyncio.run(ingest(
+            config_path=str(config) if config else None,
+            sources=[str(s) for s in sources] if sources else None,
+            overrides={k: v for k, v in overrides.items() if v is not None},
+            force=force, retry_failed=retry_failed, wait_lock_s=wait, kind=kind,
+        ))
+    except LockedError as exc:
+        raise fail(str(exc), EXIT_LOCKED) from None
+    except (ConfigError, OutputError) as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    summary = RunSummary.model_validate(result)
+    _print_summary(summary, as_json, quiet)
+    if summary.outcome == "fatal_api_error":
+        console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(summary: Any, as_json: bool, quiet: bool) -> None:
+    from ernie_batch.report import summary_rows
+
+    if as_json:
+        out.print_json(json.dumps(summary.model_dump(mode="json")))
+        return
+    if quiet:
+        return
+    table = Table(title="ernie-batch run", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in summary_rows(summary):
+        table.add_row(k, v)
+    out.print(table)
+    for msg, n in summary.top_errors:
+        out.print(f"  {n} × {msg}", highlight=False)
+
+
+@app.command()
+def run(
+    sources: SourcesArg = None,
+    config: ConfigOpt = None,
+    base_url: BaseUrlOpt = None,
+    output: OutputOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    rpm: RpmOpt = None,
+    force: Annotated[bool, typer.Option(help="Re-send everything selected.")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        help="Also retry inputs recorded as input_error or skipped.")] = False,
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait for another run's lock on the output folder.")] = 0.0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the job once (the ingest flow): new and changed pages only."""
+    _run_flow("run", config, sources, _overrides(base_url, output, concurrency, rpm), force,
+              retry_failed, wait, as_json, quiet)
+
+
+@app.command()
+def demo(
+    output: OutputOpt = None,
+    latency: Annotated[float, typer.Option(help="Simulated API latency, seconds.")] = 0.2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the sample documents in data/samples through the built-in API simulator."""
+    from ernie_batch.simulator import SimServer, SimSettings
+
+    key = "sim-" + secrets.token_hex(16)
+    with SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:
+        os.environ["AIMLAPI_API_KEY"] = key  # this process only: the demo needs no real key
+        overrides = {
+            "api.base_url": sim.url,
+            "sources.paths": [str(PROJECT_ROOT / "data" / "samples")],
+            "output.path": str(output or PROJECT_ROOT / "data" / "output"),
+        }
+        if not as_json:
+            console.print(f"simulator on {sim.url}; samples from {PROJECT_ROOT / 'data/samples'}")
+        _run_flow("demo", PROJECT_ROOT / "configs" / "demo.toml", None, overrides, False,
+                  False, 0.0, as_json, False)
+
+
+@app.command()
+def sim(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
+    latency: Annotated[float, typer.Option(help="Seconds before each answer.")] = 0.5,
+    api_key: Annotated[str | None, typer.Option(
+        help="Key the simulator accepts (default: $AIMLAPI_API_KEY, else a new one).")] = None,
+    rpm: Annotated[float, typer.Option(help="Requests per minute enforced (0 = none).")] = 0.0,
+) -> None:
+    """Serve the AI/ML API simulator on loopback (for trying configs without a real key)."""
+    from ernie_batch.simulator import SimSettings, serve
+
+    key = api_key or os.environ.get("AIMLAPI_API_KEY") or "sim-" + secrets.token_hex(16)
+    if not (api_key or os.environ.get("AIMLAPI_API_KEY")):
+        console.print(f"accepting the key [bold]{key}[/] (export AIMLAPI_API_KEY={key})")
+    console.print(f"AI/ML API simulator on http://127.0.0.1:{port}/v1  (Ctrl-C stops it)")
+    serve(SimSettings(api_key=key, latency_s=latency, rpm=rpm), port=port)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The AI/ML API client: one keep-alive httpx.AsyncClient, every response classified.
+
+`complete()` never raises for anything the server or the network does: it returns a
+`CallResult` whose `outcome` tells the dispatcher what to do (retry, fall back, stop).
+The key lives only in the client's default headers; no repr, error or log carries it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import SecretStr
+
+from ernie_batch.config import USD_PER_CREDIT, ConfigError
+from ernie_batch.limits import parse_retry_after
+
+# outcomes, as the `attempts` table records them
+OK = "ok"
+RATE_LIMITED = "rate_limited"
+SERVER_ERROR = "server_error"
+TRANSPORT_ERROR = "transport_error"
+BAD_REQUEST = "bad_request"
+FATAL = "fatal"
+
+FATAL_CODES = {401: "invalid or missing API key", 403: "out of credits or forbidden",
+               404: "wrong endpoint or base URL"}
+
+
+@dataclass(slots=True)
+class CallResult:
+    outcome: str
+    status_code: int | None
+    started_at: datetime
+    latency_s: float
+    content: str | None = None
+    finish_reason: str | None = None
+    response_id: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    credits: float = 0.0
+    usd: float = 0.0
+    retry_after: float | None = None
+    error: str | None = None  # one line
+
+    @property
+    def billed(self) -> bool:
+        return self.outcome == OK
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str, allow_insecure_http: bool) -> None:
+    """Refuse to send the key in clear text to another machine unless explicitly allowed."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"api.base_url: not an http(s) URL: {base_url!r}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not allow_insecure_http:
+        raise ConfigError(
+            f"api.base_url: refusing to send the API key over plain HTTP to {parts.hostname} "
+            "(use https, or set api.allow_insecure_http = true)"
+        )
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _api_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return _one_line(response.text or response.reason_phrase)
+    if isinstance(body, dict):
+        msg = body.get("message") or body.get("error") or body
+        if isinstance(msg, dict):
+            msg = msg.get("message") or json.dumps(msg)
+        return _one_line(str(msg))
+    return _one_line(str(body))
+
+
+def parse_completion(body: Any) -> tuple[str, str | None, str | None, int, int, float, float]:
+    """(content, finish_reason, id, prompt_tokens, completion_tokens, credits, usd); ValueError if malformed."""
+    if not isinstance(body, dict):
+        raise ValueError("response is not a JSON object")
+    try:
+        choice = body["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("response has no choices[0].message.content") from None
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        content = json.dumps(content)
+    usage = body.get("usage") or {}
+    meta = (body.get("meta") or {}).get("usage") or {}
+    credits = float(meta.get("credits_used") or 0.0)
+    usd_spent = meta.get("usd_spent")
+    usd = float(usd_spent) if usd_spent is not None else credits * USD_PER_CREDIT
+    return (
+        content,
+        choice.get("finish_reason"),
+        body.get("id"),
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        credits,
+        usd,
+    )
+
+
+class ApiClient:
+    """POST /chat/completions and GET /billing/balance on one pooled connection set."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: SecretStr,
+        *,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 10.0,
+        max_connections: int = 16,
+        allow_insecure_http: bool = False,
+    ) -> None:
+        check_base_url(base_url, allow_insecure_http)
+        self.base_url = base_url.rstrip("/")
+        # the pool never makes a request wait: one connection per request in flight
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=None)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key.get_secret_value()}"},
+            limits=limits,
+            timeout=timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"ApiClient(base_url={self.base_url!r}, api_key='**********')"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def complete(self, body: dict[str, Any]) -> CallResult:
+        started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        try:
+            response = await self._http.post("/chat/completions", json=body)
+        except httpx.TimeoutException as exc:
+            return self._fail(TRANSPORT_ERROR, None, started, t0, f"timeout ({type(exc).__name__})")
+        except httpx.HTTPError as exc:
+            return self._fail(TRANSPORT_ERROR, None, started, t0, f"{type(exc).__name__}: {exc}")
+        return self._classify(response, started, t0)
+
+    def _fail(self, outcome: str, code: int | None, started: datetime, t0: float, error: str,
+              retry_after: float | None = None) -> CallResult:
+        return CallResult(outcome, code, started, time.perf_counter() - t0,
+                          error=_one_line(error), retry_after=retry_after)
+
+    def _classify(self, response: httpx.Response, started: datetime, t0: float) -> CallResult:
+        code = response.status_code
+        if code == 200:
+            try:
+                content, finish, rid, pt, ct, credits, usd = parse_completion(response.json())
+            except ValueError as exc:
+                return self._fail(TRANSPORT_ERROR, code, started, t0, f"unreadable 200 response: {exc}")
+            return CallResult(OK, code, started, time.perf_counter() - t0, content=content,
+                              finish_reason=finish, response_id=rid, prompt_tokens=pt,
+                              completion_tokens=ct, credits=credits, usd=usd)
+        message = _api_message(response)
+        if code == 429:
+            return self._fail(RATE_LIMITED, code, started, t0, f"HTTP 429: {message}",
+                              parse_retry_after(response.headers))
+        if code in FATAL_CODES:
+            return self._fail(FATAL, code, started, t0, f"HTTP {code} ({FATAL_CODES[code]}): {message}")
+        if 400 <= code < 500:
+            return self._fail(BAD_REQUEST, code, started, t0, f"HTTP {code}: {message}")
+        return self._fail(SERVER_ERROR, code, started, t0, f"HTTP {code}: {message}",
+                          parse_retry_after(response.headers))
+
+    async def balance(self) -> dict[str, Any] | None:
+        """The account balance where the endpoint has one (AI/ML API does); None otherwise."""
+        try:
+            response = await self._http.get("/billing/balance")
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None

@@ -1,0 +1,136 @@
+"""The job's one prompt template, rendered per unit, and the request body built around it.
+
+Templates use `$name` / `${name}` placeholders (string.Template), so JSON examples in a
+prompt need no escaping. The fingerprint covers the template's text, never its rendered
+text: a file's name or path never changes a unit's key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from string import Template
+from typing import Any
+
+from ernie_batch.config import ConfigError, JobConfig
+from ernie_batch.content import media_part_json
+from ernie_batch.units import PageUnit
+
+# response_format modes, best first; a 400 rejecting one moves the run to the next, for good
+FORMAT_MODES = ("json_schema", "json_object", "text")
+
+BUILTIN_VARIABLES = (
+    "file_name",
+    "relative_path",
+    "folder",
+    "page",
+    "page_last",
+    "page_count",
+    "doc_type",
+)
+
+SCHEMA_INSTRUCTION = "Answer with one JSON object only, following this JSON Schema:\n```json\n{}\n```"
+
+
+def unit_variables(unit: PageUnit, extra: dict[str, str]) -> dict[str, str]:
+    doc = unit.doc
+    rel = doc.relative_path
+    folder = rel.rpartition("/")[0]
+    values = {
+        "file_name": doc.path.name,
+        "relative_path": rel,
+        "folder": folder,
+        "page": str(unit.page),
+        "page_last": str(unit.page_last),
+        "page_count": "?" if unit.page_count is None else str(unit.page_count),
+        "doc_type": doc.doc_type,
+    }
+    return {**extra, **values}
+
+
+def check_template(template: str, extra: dict[str, str], where: str = "prompt.template") -> None:
+    """Fail before any request is sent if the template names an unknown variable."""
+    sample = {name: "x" for name in (*BUILTIN_VARIABLES, *extra)}
+    try:
+        Template(template).substitute(sample)
+    except KeyError as exc:
+        known = ", ".join(sorted(sample))
+        raise ConfigError(f"{where}: unknown variable ${exc.args[0]} (known: {known})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def render(template: str, unit: PageUnit, extra: dict[str, str]) -> str:
+    return Template(template).substitute(unit_variables(unit, extra))
+
+
+def fingerprint(cfg: JobConfig) -> str:
+    """sha256 of everything that shapes an answer: template, schema, model, parameters, preprocessing."""
+    shaping = {
+        "template": cfg.template_text,
+        "variables": cfg.prompt.variables,
+        "schema": cfg.schema_obj,
+        "model": cfg.api.model,
+        "request": cfg.request.model_dump(mode="json"),
+        "images": cfg.images.model_dump(mode="json"),
+        "pdf": cfg.pdf.model_dump(mode="json", exclude={"password"}),
+    }
+    canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def unit_key(source_sha256: str, page: int, page_last: int, fp: str) -> str:
+    return hashlib.sha256(f"{source_sha256}:{page}:{page_last}:{fp}".encode()).hexdigest()
+
+
+def response_format(cfg: JobConfig, mode: str) -> dict[str, Any] | None:
+    if mode == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {
+                "name": cfg.prompt.schema_name,
+                "schema": cfg.schema_obj,
+                "strict": cfg.request.strict,
+            },
+        }
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def build_body(cfg: JobConfig, unit: PageUnit, mode: str, temperature: float) -> dict[str, Any]:
+    """The chat-completions body for one unit; instructions in the user message by default."""
+    text = render(cfg.template_text, unit, cfg.prompt.variables)
+    if mode != "json_schema":
+        text = text + "\n\n" + SCHEMA_INSTRUCTION.format(json.dumps(cfg.schema_obj, indent=1))
+    media = [media_part_json(p, cfg.request.image_detail) for p in unit.parts]
+    messages: list[dict[str, Any]]
+    if cfg.request.system_message:
+        messages = [
+            {"role": "system", "content": text},
+            {"role": "user", "content": media},
+        ]
+    else:
+        messages = [{"role": "user", "content": [{"type": "text", "text": text}, *media]}]
+    body: dict[str, Any] = {
+        "model": cfg.api.model,
+        "messages": messages,
+        "max_tokens": cfg.request.max_tokens,
+        "temperature": round(min(temperature, 2.0), 4),
+    }
+    if cfg.request.top_p is not None:
+        body["top_p"] = cfg.request.top_p
+    if cfg.request.seed is not None:
+        body["seed"] = cfg.request.seed
+    fmt = response_format(cfg, mode)
+    if fmt is not None:
+        body["response_format"] = fmt
+    return body
+
+
+def prompt_chars(cfg: JobConfig, unit: PageUnit, mode: str) -> int:
+    """Length of the text the unit's request carries (for token estimates)."""
+    text = render(cfg.template_text, unit, cfg.prompt.variables)
+    if mode != "json_schema":
+        text += SCHEMA_INSTRUCTION.format(json.dumps(cfg.schema_obj, indent=1))
+    return len(text)

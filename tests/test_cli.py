@@ -1,0 +1,65 @@
+"""The command line as a user types it: one clear line and exit 2 for a bad config or no key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PROJECT
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path = PROJECT):
+    full_env = {k: v for k, v in os.environ.items() if k != "AIMLAPI_API_KEY"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ernie_batch.cli", *args], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_commands():
+    res = cli("--help")
+    assert res.returncode == 0
+    for command in ("run", "demo", "sim"):
+        assert command in res.stdout
+
+
+def test_bad_config_is_one_line_naming_file_and_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[limits]\nconcurrency = "lots"\n')
+    res = cli("run", "--config", str(bad), env={"AIMLAPI_API_KEY": "k"})
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert str(bad) in lines[0] and "limits.concurrency" in lines[0]
+
+
+def test_unknown_field_and_broken_toml(tmp_path):
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[limits]\nrpn = 5\n")
+    res = cli("run", "--config", str(unknown), env={"AIMLAPI_API_KEY": "k"})
+    assert res.returncode == 2 and "limits.rpn: unknown field" in res.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[limits\n")
+    res = cli("run", "--config", str(broken), env={"AIMLAPI_API_KEY": "k"})
+    assert res.returncode == 2 and "not valid TOML" in res.stderr
+
+
+def test_unknown_template_variable_is_a_config_error(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[prompt]\ntemplate = "page $page of $nonsense"\n')
+    res = cli("run", "--config", str(cfg), env={"AIMLAPI_API_KEY": "k"})
+    assert res.returncode == 2 and "$nonsense" in res.stderr
+
+
+def test_missing_api_key_is_exit_2():
+    res = cli("run", "--config", str(PROJECT / "configs" / "default.toml"))
+    assert res.returncode == 2
+    assert "AIMLAPI_API_KEY" in res.stderr
+    assert len([line for line in res.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_plain_http_to_a_remote_host_is_refused(tmp_path):
+    res = cli("run", "--base-url", "http://example.com/v1", env={"AIMLAPI_API_KEY": "k"})
+    assert res.returncode == 2
+    assert "plain HTTP" in res.stderr
