@@ -203,15 +203,15 @@ _Bounds = tuple[datetime | None, datetime | None]
 def _walk(root: Path, follow: bool, stats: DiscoveryStats) -> Iterator[Path]:
     """Regular files under root; symlinks only when `follow`, and never out of the root."""
     real_root = root.resolve()
-    seen_dirs: set[Path] = set()
-    stack = [root]
+    stack: list[tuple[Path, frozenset[Path]]] = [(root, frozenset())]
     while stack:
-        folder = stack.pop()
+        folder, ancestors = stack.pop()
         try:
             real = folder.resolve()
-            if real in seen_dirs:
-                continue  # a symlink loop, or two links to the same folder
-            seen_dirs.add(real)
+            if real in ancestors:
+                stats.skip("symlink loop")
+                continue
+            ancestors = ancestors | {real}
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
             stats.skip("unreadable folder")
@@ -232,7 +232,7 @@ def _walk(root: Path, follow: bool, stats: DiscoveryStats) -> Iterator[Path]:
                     continue
             try:
                 if entry.is_dir(follow_symlinks=follow):
-                    stack.append(path)
+                    stack.append((path, ancestors))
                 elif entry.is_file(follow_symlinks=follow):
                     yield path
                 else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,9 +121,78 @@ def _via_pdfium(path: Path, opts: PdfOptions) -> pikepdf.Pdf:
     return pikepdf.open(io.BytesIO(buf.getvalue()))
 
 
+def _via_page_scan(path: Path, opts: PdfOptions) -> pikepdf.Pdf:
+    """Last resort for a lost page tree: find the page objects and give them a new tree.
+
+    Seen on a real file whose /Pages object is missing while every page is intact: the
+    pages are listed in file order in an incremental update appended to a copy in memory.
+    """
+    import pypdf
+
+    data = path.read_bytes()
+    with _quiet():
+        reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted:
+            raise PdfError("encrypted PDF with a damaged page tree")
+        pages = _page_objects(reader)
+    if not pages:
+        raise PdfError("no page objects found")
+    return pikepdf.open(io.BytesIO(_with_page_tree(data, pages, _object_count(reader))))
+
+
+def _page_objects(reader) -> list[tuple[int, int]]:  # noqa: ANN001 - pypdf.PdfReader
+    """(number, generation) of every /Type /Page dictionary, in the order they appear."""
+    from pypdf.generic import DictionaryObject, IndirectObject
+
+    where: dict[tuple[int, int], tuple[int, int]] = {}
+    for gen, table in reader.xref.items():
+        for num, offset in table.items():
+            where[(num, gen)] = (offset, 0)
+    for num, (stream, index) in reader.xref_objStm.items():
+        where[(num, 0)] = (where.get((stream, 0), (0, 0))[0], index + 1)
+    found = []
+    for (num, gen), pos in where.items():
+        try:
+            obj = reader.get_object(IndirectObject(num, gen, reader))
+        except Exception:  # noqa: BLE001 - damaged objects are exactly what we skip
+            continue
+        if isinstance(obj, DictionaryObject) and obj.get("/Type") == "/Page":
+            found.append((pos, num, gen))
+    return [(num, gen) for _, num, gen in sorted(found)]
+
+
+def _object_count(reader) -> int:  # noqa: ANN001 - pypdf.PdfReader
+    numbers = [num for table in reader.xref.values() for num in table]
+    numbers += list(reader.xref_objStm)
+    return max([int(reader.trailer.get("/Size", 0)), *(n + 1 for n in numbers)])
+
+
+def _with_page_tree(data: bytes, pages: list[tuple[int, int]], size: int) -> bytes:
+    """The file plus an incremental update holding a new catalog and page tree."""
+    prev = re.findall(rb"startxref\s+(\d+)", data[-4096:])
+    buf = io.BytesIO()
+    buf.write(data)
+    buf.write(b"\n")
+    kids = " ".join(f"{num} {gen} R" for num, gen in pages)
+    tree_at = buf.tell()
+    tree = f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>"
+    buf.write(f"{size} 0 obj\n{tree}\nendobj\n".encode())
+    root_at = buf.tell()
+    buf.write(f"{size + 1} 0 obj\n<< /Type /Catalog /Pages {size} 0 R >>\nendobj\n".encode())
+    xref_at = buf.tell()
+    trailer = f"<< /Size {size + 2} /Root {size + 1} 0 R"
+    trailer += f" /Prev {int(prev[-1])} >>" if prev else " >>"
+    buf.write(
+        f"xref\n0 1\n0000000000 65535 f \n{size} 2\n{tree_at:010d} 00000 n \n"
+        f"{root_at:010d} 00000 n \ntrailer\n{trailer}\nstartxref\n{xref_at}\n%%EOF\n".encode()
+    )
+    return buf.getvalue()
+
+
 _OPENERS: tuple[tuple[str, Callable[[Path, PdfOptions], pikepdf.Pdf]], ...] = (
     ("pikepdf", _open_pikepdf),
     ("pypdf", _via_pypdf),
+    ("page scan", _via_page_scan),  # before pdfium, which "recovers" a lost tree as 1 page
     ("pdfium", _via_pdfium),
 )
 
@@ -139,15 +209,26 @@ def open_pdf(path: Path, opts: PdfOptions) -> pikepdf.Pdf:
     library's reason when none of them can read it.
     """
     reasons: list[str] = []
+    empty: pikepdf.Pdf | None = None  # zero pages may mean a lost page tree: try the others
     for name, opener in _OPENERS:
         try:
-            return opener(path, opts)
-        except PdfError:
-            raise
+            pdf = opener(path, opts)
+            if len(pdf.pages):
+                if empty is not None:
+                    empty.close()
+                return pdf
+            empty = empty or pdf
+            reasons.append(f"{name}: no pages")
+        except PdfError as exc:
+            if exc.status != "input_error" or "password" in str(exc):
+                raise
+            reasons.append(f"{name}: {exc}")
         except Exception as exc:  # noqa: BLE001 - each library raises its own zoo
             if _is_password_problem(exc):
                 raise _password_error(opts) from None
-            reasons.append(f"{name}: {_one_line(exc)}")
+            reasons.append(f"{name}: {_one_line(exc).replace(f'{path}: ', '')}")
+    if empty is not None:
+        return empty
     raise PdfError("unreadable PDF (" + "; ".join(reasons) + ")")
 
 
@@ -221,9 +302,8 @@ def _open_pdfium(path: Path, opts: PdfOptions):  # noqa: ANN202 - pypdfium2 type
 
     try:
         return pdfium.PdfDocument(path, password=_password(opts) or None)
-    except pdfium.PdfiumError as exc:
-        if _is_password_problem(exc):
-            raise _password_error(opts) from None
+    except pdfium.PdfiumError:
+        pass  # damaged, or encrypted in a way qpdf opens (owner password empty): repair first
     with open_pdf(path, opts) as repaired:
         buf = io.BytesIO()
         repaired.save(buf)

@@ -14,6 +14,7 @@ import asyncio
 import multiprocessing
 import os
 import sys
+import warnings
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future
 from pathlib import Path
@@ -32,6 +33,14 @@ INLINE = -1  # PrepareOptions.workers: prepare in the calling process (tests, ti
 
 def prepare_document(doc: Document, images: ImageOptions, pdf: PdfOptions) -> list[Prepared]:
     """The units of one document, or failure rows. Never raises (a worker must not die of it)."""
+    with warnings.catch_warnings():
+        # libraries warn about every defect they repair (bad EXIF, orphan form widgets, ...);
+        # the row says what matters, the rest would flood the run's log
+        warnings.simplefilter("ignore")
+        return _prepare(doc, images, pdf)
+
+
+def _prepare(doc: Document, images: ImageOptions, pdf: PdfOptions) -> list[Prepared]:
     try:
         if doc.size == 0 or not doc.path.exists():
             return [_fail(doc, _missing_or_empty(doc.path))]
