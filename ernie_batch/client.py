@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import SecretStr
 
-from ernie_batch.config import USD_PER_CREDIT, ConfigError
+from ernie_batch.config import CREDITS_PER_USD, ConfigError
 from ernie_batch.limits import parse_retry_after
 
 # outcomes, as the `attempts` table records them
@@ -110,7 +110,7 @@ def parse_completion(body: Any) -> tuple[str, str | None, str | None, int, int, 
     meta = (body.get("meta") or {}).get("usage") or {}
     credits = float(meta.get("credits_used") or 0.0)
     usd_spent = meta.get("usd_spent")
-    usd = float(usd_spent) if usd_spent is not None else credits * USD_PER_CREDIT
+    usd = float(usd_spent) if usd_spent is not None else credits / CREDITS_PER_USD
     return (
         content,
         choice.get("finish_reason"),

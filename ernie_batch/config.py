@@ -24,7 +24,7 @@ from pydantic import (
 
 DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
 DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
-USD_PER_CREDIT = 1 / 2_000_000  # the vendor's published conversion
+CREDITS_PER_USD = 2_000_000  # the vendor's published conversion
 
 DEFAULT_TEMPLATE = (
     "You are reading page $page of $page_count of the document '$file_name'.\n"
