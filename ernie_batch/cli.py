@@ -82,22 +82,28 @@ def _check_config(config: Path | None, overrides: dict[str, Any], need_key: bool
 def _run_flow(kind: str, config: Path | None, sources: list[Path] | None,
               overrides: dict[str, Any], force: bool, retry_failed: bool, wait: float,
               as_json: bool, quiet: bool) -> None:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     _check_config(config, overrides)
     _prefect_defaults()
+    import asyncio
+
     from ernie_batch.config import ConfigError
     from ernie_batch.engine import RunSummary
     from ernie_batch.store import LockedError, OutputError
-    from flows.ingest import ingest
 
-    import asyncio
+    common = {"config_path": str(config) if config else None, "force": force,
+              "retry_failed": retry_failed, "wait_lock_s": wait}
+    folders = [str(s) for s in sources] if sources else None
+    if kind == "backfill":
+        from flows.backfill import backfill
 
+        call = backfill(folders=folders, overrides=overrides, **common)
+    else:
+        from flows.ingest import ingest
+
+        call = ingest(sources=folders, overrides=overrides, kind=kind, **common)
     try:
-        result = asyncio.run(ingest(
-            config_path=str(config) if config else None,
-            sources=[str(s) for s in sources] if sources else None,
-            overrides={k: v for k, v in overrides.items() if v is not None},
-            force=force, retry_failed=retry_failed, wait_lock_s=wait, kind=kind,
-        ))
+        result = asyncio.run(call)
     except LockedError as exc:
         raise fail(str(exc), EXIT_LOCKED) from None
     except (ConfigError, OutputError) as exc:
@@ -146,6 +152,136 @@ def run(
     """Run the job once (the ingest flow): new and changed pages only."""
     _run_flow("run", config, sources, _overrides(base_url, output, concurrency, rpm), force,
               retry_failed, wait, as_json, quiet)
+
+
+@app.command()
+def backfill(
+    folders: Annotated[list[Path] | None, typer.Argument(
+        help="Folders to backfill (default: the config's sources).")] = None,
+    config: ConfigOpt = None,
+    since: Annotated[str | None, typer.Option(
+        help="Only files dated on or after this day (YYYY-MM-DD).")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="Only files dated before this day (YYYY-MM-DD).")] = None,
+    date_from: Annotated[str, typer.Option(
+        help="Where a file's date comes from: mtime, or path (a YYYY-MM-DD in its path).")
+    ] = "mtime",
+    prompt_file: Annotated[Path | None, typer.Option(
+        "--prompt", help="A new prompt template file (a new fingerprint: pages run again).")
+    ] = None,
+    base_url: BaseUrlOpt = None,
+    output: OutputOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    rpm: RpmOpt = None,
+    force: Annotated[bool, typer.Option(help="Re-send pages already answered.")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        help="Also retry inputs recorded as input_error or skipped.")] = False,
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait for another run's lock on the output folder.")] = 0.0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-run a folder or a date range (the backfill flow), perhaps with a new prompt."""
+    overrides = _overrides(base_url, output, concurrency, rpm)
+    overrides.update({"sources.since": since, "sources.until": until,
+                      "sources.date_from": date_from})
+    if prompt_file is not None:
+        overrides["prompt.template_file"] = str(prompt_file.resolve())
+        overrides["prompt.template"] = None
+    _run_flow("backfill", config, folders, overrides, force, retry_failed, wait, as_json, quiet)
+
+
+@app.command()
+def plan(
+    sources: SourcesArg = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = None,
+    base_url: BaseUrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Count documents, pages and requests and estimate tokens, credits and time. Sends nothing."""
+    import asyncio
+
+    from ernie_batch.config import ConfigError, api_key, load_config
+    from ernie_batch.plan import make_plan, read_balance
+
+    overrides = {k: v for k, v in _overrides(base_url, output, None, None).items() if v}
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    result = make_plan(cfg, sources)
+    try:
+        result.balance = asyncio.run(read_balance(cfg, api_key(cfg)))
+    except ConfigError:
+        result.warnings.append(f"no API key in ${cfg.api.api_key_env}: balance not checked")
+    if result.balance is not None and result.credits > result.balance:
+        result.warnings.append(f"the estimate ({result.credits:,.0f} credits) exceeds the "
+                               f"balance ({result.balance:,.0f})")
+    if as_json:
+        from dataclasses import asdict
+
+        out.print_json(json.dumps({**asdict(result), "usd": result.usd}))
+        return
+    table = Table(title="ernie-batch plan (nothing sent)", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    minutes = result.minutes_at_rate_limit
+    for k, v in (
+        ("documents", f"{result.documents} ({result.documents_unreadable} unreadable)"),
+        ("pages", str(result.pages)),
+        ("requests to send", f"{result.requests} ({result.requests_done_before} done before)"),
+        ("prompt tokens (est.)", f"{result.prompt_tokens:,}"),
+        ("completion tokens (est.)", f"{result.completion_tokens:,}"),
+        ("credits (est.)", f"{result.credits:,.0f}  ({result.price_source})"),
+        ("USD (est.)", f"{result.usd:.4f}"),
+        ("time at the rate limit", _duration(minutes)),
+        ("balance", "unknown" if result.balance is None else f"{result.balance:,.0f} credits"),
+    ):
+        table.add_row(k, v)
+    out.print(table)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def _duration(minutes: float | None) -> str:
+    if minutes is None:
+        return "no limit set"
+    return f"{minutes * 60:.0f} s" if minutes < 2 else f"{minutes:.1f} min"
+
+
+@app.command()
+def report(
+    config: ConfigOpt = None,
+    output: OutputOpt = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="Only this run.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Totals by run, day, folder, status and document, read from the Parquet output."""
+    from ernie_batch.config import ConfigError, load_config
+    from ernie_batch.report import dataset_report
+
+    try:
+        cfg = load_config(config, {"output.path": str(output) if output else None})
+    except ConfigError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    tables = dataset_report(cfg.output.path, run_id)
+    if as_json:
+        out.print_json(json.dumps(tables, default=str))
+        return
+    if not tables:
+        console.print(f"no pages in {cfg.output.path} yet")
+        return
+    for name, rows in tables.items():
+        table = Table(title=name, title_justify="left")
+        for col in rows[0]:
+            numeric = col in ("units", "ok", "failed", "requests", "credits", "usd")
+            table.add_column(col, justify="right" if numeric else "left")
+        for row in rows:
+            table.add_row(*(f"{v:,.4f}" if isinstance(v, float) else str(v)
+                            for v in row.values()))
+        out.print(table)
 
 
 @app.command()

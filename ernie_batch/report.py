@@ -43,3 +43,44 @@ def summary_markdown(s: RunSummary) -> str:
         lines += ["", "## Top errors", ""]
         lines += [f"- {n} × {msg}" for msg, n in s.top_errors]
     return "\n".join(lines) + "\n"
+
+
+def dataset_report(root: Any, run_id: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Totals from the Parquet output: by run, day, folder, status and document."""
+    import math
+    from pathlib import Path
+
+    from ernie_batch import store
+
+    cols = ["run_id", "date", "source_path", "status", "credits", "usd", "attempts",
+            "page_last", "page"]
+    table = store.read_columns(Path(root), "pages", cols)
+    if table is None or table.num_rows == 0:
+        return {}
+    pages = table.to_pandas()
+    if run_id is not None:
+        pages = pages[pages["run_id"] == run_id]
+    pages["date"] = pages["date"].astype(str)
+    pages["folder"] = pages["source_path"].map(lambda p: str(Path(p).parent))
+    pages["units_ok"] = pages["status"] == "ok"
+
+    def totals(by: str) -> list[dict[str, Any]]:
+        rows = []
+        for value, g in pages.groupby(by, sort=True):
+            rows.append({
+                by: value, "units": len(g), "ok": int(g["units_ok"].sum()),
+                "failed": int((~g["status"].isin(["ok", "skipped", "duplicate"])).sum()),
+                "requests": int(g["attempts"].sum()),
+                "credits": math.fsum(g["credits"]), "usd": math.fsum(g["usd"]),
+            })
+        return rows
+
+    report = {name: totals(col) for name, col in
+              (("runs", "run_id"), ("days", "date"), ("folders", "folder"),
+               ("statuses", "status"), ("documents", "source_path"))}
+    runs = store.read_table(Path(root), "runs")
+    if runs is not None:
+        outcome = dict(zip(runs["run_id"].to_pylist(), runs["outcome"].to_pylist(), strict=True))
+        for row in report["runs"]:
+            row["outcome"] = outcome.get(row["run_id"], "running or killed")
+    return report

@@ -12,8 +12,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from ernie_batch.config import load_config
-from ernie_batch.prepare import prepare_document
 from ernie_batch.discover import discover
+from ernie_batch.prepare import prepare_document
 from ernie_batch.prompt import FORMAT_MODES, build_body
 from ernie_batch.units import PageUnit
 from tests.conftest import PROJECT, SAMPLES, TEST_KEY, VENDOR

@@ -1,0 +1,138 @@
+"""`ernie-batch plan`: what a run would send and cost, without sending anything.
+
+Counts pages from the files' structure (no page is split or resized), subtracts what the
+output already holds, and prices the rest: calibrated from earlier runs of the same
+fingerprint when there are any (median credits per unit of ok rows), else from the
+configured price and the token rules the simulator bills by.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ernie_batch import prompt, store, tokens
+from ernie_batch.config import CREDITS_PER_USD, JobConfig
+from ernie_batch.discover import discover
+from ernie_batch.images import ImageError, frames_to_send, open_image, target_size
+from ernie_batch.pdf import PdfError, chunks, open_pdf, select_pages
+from ernie_batch.units import Document
+
+
+@dataclass
+class Plan:
+    documents: int = 0
+    documents_unreadable: int = 0
+    pages: int = 0
+    requests: int = 0
+    requests_done_before: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    credits: float = 0.0
+    price_source: str = "configured price"
+    minutes_at_rate_limit: float | None = None
+    balance: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def usd(self) -> float:
+        return self.credits / CREDITS_PER_USD
+
+
+def _units(doc: Document, cfg: JobConfig) -> list[tuple[int, int, list[tuple[int, int]], int]]:
+    """(page, page_last, image sizes, pdf pages) per request unit of the document."""
+    if doc.doc_type == "pdf":
+        pdf = open_pdf(doc.path, cfg.pdf)
+        try:
+            pages = select_pages(len(pdf.pages), cfg.pdf)
+        finally:
+            pdf.close()
+        out = []
+        for chunk in chunks(pages, cfg.pdf.pages_per_request):
+            n = len(chunk)
+            if cfg.pdf.mode == "image":
+                side = cfg.pdf.render_max_side
+                out.append((chunk[0] + 1, chunk[-1] + 1, [(side * 77 // 100, side)] * n, 0))
+            else:
+                out.append((chunk[0] + 1, chunk[-1] + 1, [], n))
+        return out
+    im = open_image(doc.path, cfg.images.max_pixels)
+    try:
+        size = target_size(im.size, cfg.images.max_side)
+        frames = frames_to_send(im, cfg.images.all_frames)
+    finally:
+        im.close()
+    return [(i + 1, i + 1, [size], 0) for i in range(len(frames))]
+
+
+def _calibrated(cfg: JobConfig, fp: str) -> tuple[float, int] | None:
+    """Median credits and completion tokens per ok unit of earlier runs with this fingerprint."""
+    table = store.read_columns(cfg.output.path, "pages",
+                               ["fingerprint", "status", "credits", "completion_tokens",
+                                "attempts"])
+    if table is None:
+        return None
+    rows = [r for r in table.to_pylist()
+            if r["fingerprint"] == fp and r["status"] == "ok" and r["attempts"] == 1]
+    if not rows:
+        return None
+    return (statistics.median(r["credits"] for r in rows),
+            int(statistics.median(r["completion_tokens"] for r in rows)))
+
+
+def make_plan(cfg: JobConfig, sources: list[Path] | None = None) -> Plan:
+    opts = cfg.sources.model_copy(update={"paths": sources}) if sources else cfg.sources
+    docs, _ = discover(opts)
+    fp = prompt.fingerprint(cfg)
+    done = store.load_done(cfg.output.path, fp)
+    b = cfg.budget
+    completion = min(b.expected_completion_tokens, cfg.request.max_tokens)
+    calibrated = _calibrated(cfg, fp)
+    plan = Plan(documents=len(docs))
+    if calibrated:
+        plan.price_source = "median of earlier runs with this prompt"
+        completion = calibrated[1]
+    text_chars = len(cfg.template_text) + 40  # rendered variables: a file name, page numbers
+    for doc in docs:
+        if doc.doc_type == "unknown":
+            continue
+        try:
+            units = _units(doc, cfg)
+        except (PdfError, ImageError, OSError):
+            plan.documents_unreadable += 1
+            continue
+        rec = done.get(doc.sha256, fp)
+        for page, last, images, pdf_pages in units:
+            plan.pages += last - page + 1
+            if rec and rec.units.get((page, last)) == "ok":
+                plan.requests_done_before += 1
+                continue
+            plan.requests += 1
+            est = tokens.prompt_tokens(text_chars, images, pdf_pages)
+            plan.prompt_tokens += est
+            plan.completion_tokens += completion
+            if calibrated:
+                plan.credits += calibrated[0]
+            else:
+                plan.credits += est * b.credits_per_prompt_token + completion * (
+                    b.credits_per_completion_token)
+    if cfg.limits.rpm:
+        plan.minutes_at_rate_limit = plan.requests / cfg.limits.rpm
+    if b.max_credits is not None and plan.credits > b.max_credits:
+        plan.warnings.append(f"the estimate ({plan.credits:,.0f} credits) exceeds "
+                             f"budget.max_credits ({b.max_credits:,.0f}): the run will stop early")
+    return plan
+
+
+async def read_balance(cfg: JobConfig, key) -> float | None:  # noqa: ANN001 - SecretStr
+    from ernie_batch.client import ApiClient
+
+    client = ApiClient(cfg.api.base_url, key, timeout_s=15,
+                       allow_insecure_http=cfg.api.allow_insecure_http)
+    try:
+        body = await client.balance()
+    finally:
+        await client.aclose()
+    value = (body or {}).get("balance")
+    return float(value) if isinstance(value, int | float) else None
