@@ -6,10 +6,12 @@ costs seconds, and `ernie-batch --help` should answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -102,17 +104,30 @@ def _run_flow(kind: str, config: Path | None, sources: list[Path] | None,
         from flows.ingest import ingest
 
         call = ingest(sources=folders, overrides=overrides, kind=kind, **common)
+    from ernie_batch.engine import PROGRESS_OBSERVER
+    from ernie_batch.progress import ProgressView
+
+    view = ProgressView(console)
+    token = PROGRESS_OBSERVER.set(None if (quiet or as_json) else view)
     try:
-        result = asyncio.run(call)
+        with view if not (quiet or as_json) else _nothing():
+            result = asyncio.run(call)
     except LockedError as exc:
         raise fail(str(exc), EXIT_LOCKED) from None
     except (ConfigError, OutputError) as exc:
         raise fail(str(exc), EXIT_USAGE) from None
+    finally:
+        PROGRESS_OBSERVER.reset(token)
     summary = RunSummary.model_validate(result)
     _print_summary(summary, as_json, quiet)
     if summary.outcome == "fatal_api_error":
         console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
     raise typer.Exit(summary.exit_code)
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _print_summary(summary: Any, as_json: bool, quiet: bool) -> None:

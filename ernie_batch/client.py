@@ -94,7 +94,7 @@ def _api_message(response: httpx.Response) -> str:
 
 
 def parse_completion(body: Any) -> tuple[str, str | None, str | None, int, int, float, float]:
-    """(content, finish_reason, id, prompt_tokens, completion_tokens, credits, usd); ValueError if malformed."""
+    """(content, finish_reason, id, prompt, completion tokens, credits, usd); ValueError if malformed."""
     if not isinstance(body, dict):
         raise ValueError("response is not a JSON object")
     try:

@@ -8,6 +8,7 @@ every request, one set of Parquet parts and one manifest row.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 import time
 from collections import Counter
@@ -35,6 +36,10 @@ from ernie_batch.limits import BudgetStopped, RequestBudget
 from ernie_batch.prepare import PreparePool
 from ernie_batch.units import DiscoveryStats, Document, PageUnit, UnitFailure
 
+# a progress callback set by whoever starts the run (the CLI), seen through Prefect's flow call
+PROGRESS_OBSERVER: contextvars.ContextVar[Callable[[Progress], None] | None] = (
+    contextvars.ContextVar("ernie_batch_progress", default=None))
+
 EXIT_CODES = {"completed": 0, "partial": 1, "fatal_api_error": 3, "budget_stopped": 4,
               "interrupted": 1}
 
@@ -52,6 +57,7 @@ class RunOptions:
 class Progress:
     """Counters for progress displays; updated in place as units finish."""
 
+    documents_total: int = 0
     documents: int = 0
     units_queued: int = 0
     units_done: int = 0
@@ -103,6 +109,8 @@ class Pipeline:
         self.cfg = cfg
         self._key = key
         self.opts = opts or RunOptions()
+        if self.opts.on_progress is None:
+            self.opts.on_progress = PROGRESS_OBSERVER.get()
         self.root = Path(cfg.output.path)
         self.started_at = datetime.now(UTC)
         self.run_id = store.new_run_id(self.started_at)
@@ -174,6 +182,7 @@ class Pipeline:
         if sources:
             opts = opts.model_copy(update={"paths": list(sources)})
         docs, stats = discover(opts)
+        self.progress.documents_total += len(docs)
         self.discovery.found += stats.found
         for reason, n in stats.skipped.items():
             self.discovery.skipped[reason] = self.discovery.skipped.get(reason, 0) + n
