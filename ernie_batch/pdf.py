@@ -30,9 +30,12 @@ from ernie_batch.config import ImageOptions, PdfOptions
 class PdfError(Exception):
     """A PDF (or page) that cannot be prepared: `status` is the row status, str() its error."""
 
-    def __init__(self, message: str, status: str = "input_error") -> None:
+    def __init__(
+        self, message: str, status: str = "input_error", page: int = 1, page_last: int = 1
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.page, self.page_last = page, max(page, page_last)  # 1-based, for per-page rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +292,9 @@ def split_pdf(path: Path, opts: PdfOptions) -> tuple[list[PagePdf | PdfError], i
             try:
                 out.append(PagePdf(page_pdf(src, chunk), first, last))
             except Exception as exc:  # noqa: BLE001 - one damaged page must not lose the rest
-                out.append(PdfError(f"cannot extract page {first}: {_one_line(exc)}"))
+                out.append(
+                    PdfError(f"cannot extract page {first}: {_one_line(exc)}", page=first, page_last=last)
+                )
     return out, count
 
 
@@ -339,9 +344,9 @@ def render_pdf(
                 data, mime, final = encode(pil, images, try_png=True)
                 out.append(PageImage(data, mime, final.width, final.height, i + 1))
             except (PdfError, ImageError) as exc:
-                out.append(PdfError(f"page {i + 1}: {exc}"))
+                out.append(PdfError(f"page {i + 1}: {exc}", page=i + 1))
             except Exception as exc:  # noqa: BLE001 - one page must not lose the rest
-                out.append(PdfError(f"cannot render page {i + 1}: {_one_line(exc)}"))
+                out.append(PdfError(f"cannot render page {i + 1}: {_one_line(exc)}", page=i + 1))
     finally:
         doc.close()
     return out, count

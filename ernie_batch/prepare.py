@@ -103,7 +103,7 @@ def _prepare_pdf(doc: Document, images: ImageOptions, opts: PdfOptions) -> list[
     out: list[Prepared] = []
     for piece in pieces:
         if isinstance(piece, PdfError):
-            out.append(_fail(doc, str(piece), piece.status, page_count=count))
+            out.append(_fail(doc, str(piece), piece.status, piece.page, piece.page_last, count))
             continue
         name = part_filename(doc, piece.first, piece.last, "pdf")
         part = MediaPart(
@@ -135,7 +135,7 @@ def _image_units(doc: Document, rendered: list, count: int, per_request: int) ->
                 flush()
         else:
             flush()
-            out.append(_fail(doc, str(item), item.status, page_count=count))
+            out.append(_fail(doc, str(item), item.status, item.page, item.page_last, count))
     flush()
     return out
 
