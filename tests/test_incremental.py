@@ -1,0 +1,125 @@
+"""Scheduled ingestion and backfills: exactly once by content, through the real Prefect flows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from datetime import datetime
+
+import httpx
+import pandas as pd
+import pytest
+
+from tests.conftest import PROJECT, SAMPLES
+
+CONFIG = str(PROJECT / "configs" / "demo.toml")
+
+
+def billed(sim) -> int:
+    return len(httpx.get(sim.url.removesuffix("/v1") + "/_sim/ledger").json()["entries"])
+
+
+@pytest.fixture
+def inbox(tmp_path):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    for name in ("invoice-2026-0117.pdf", "receipt-cafe-aurora.png"):
+        shutil.copy(SAMPLES / name, folder / name)
+    return folder
+
+
+def ingest(sim, inbox, out, **overrides):
+    from flows.ingest import ingest as flow
+
+    values = {"api.base_url": sim.url, "sources.paths": [str(inbox)], "output.path": str(out),
+              "prepare.workers": -1, **overrides}
+    return asyncio.run(flow(config_path=CONFIG, overrides=values))
+
+
+def test_scheduled_runs_send_only_new_work(prefect_harness, sim_factory, api_env, inbox,
+                                           tmp_path):
+    sim = sim_factory()
+    out = tmp_path / "out"
+    first = ingest(sim, inbox, out)
+    assert first["requests"] == 4  # 3 invoice pages + 1 receipt
+    sent = billed(sim)
+
+    again = ingest(sim, inbox, out)
+    assert again["requests"] == 0 and billed(sim) == sent
+
+    shutil.copy(SAMPLES / "letter-photo.jpg", inbox / "letter-photo.jpg")
+    added = ingest(sim, inbox, out)
+    assert added["requests"] == 1 and billed(sim) == sent + 1
+
+    (inbox / "receipt-cafe-aurora.png").rename(inbox / "receipt-renamed.png")
+    renamed = ingest(sim, inbox, out)
+    assert renamed["requests"] == 0 and billed(sim) == sent + 1
+    pages = pd.read_parquet(out / "pages")
+    dup = pages[pages["status"] == "duplicate"]
+    assert list(dup["source_path"]) == [str(inbox / "receipt-renamed.png")]
+    original = pages[(pages["status"] == "ok") & pages["source_path"].str.endswith("cafe-aurora.png")]
+    assert dup["key"].tolist() == original["key"].tolist()
+
+    # nothing new for a renamed file twice
+    assert ingest(sim, inbox, out)["requests"] == 0
+    assert len(pd.read_parquet(out / "pages")) == len(pages)
+
+
+def test_a_changed_prompt_sends_everything_again_and_keeps_old_rows(
+    prefect_harness, sim_factory, api_env, inbox, tmp_path
+):
+    sim = sim_factory()
+    out = tmp_path / "out"
+    ingest(sim, inbox, out)
+    new_prompt = tmp_path / "v2.txt"
+    new_prompt.write_text("Version 2. Page $page of $file_name. Answer in JSON.")
+    second = ingest(sim, inbox, out, **{"prompt.template_file": str(new_prompt)})
+    assert second["requests"] == 4
+    pages = pd.read_parquet(out / "pages")
+    assert pages["fingerprint"].nunique() == 2
+    assert (pages.groupby("fingerprint").size() == 4).all()
+    assert pages["key"].is_unique  # a new fingerprint makes new keys
+
+
+def test_a_changed_file_is_sent_again(prefect_harness, sim_factory, api_env, inbox, tmp_path):
+    sim = sim_factory()
+    out = tmp_path / "out"
+    ingest(sim, inbox, out)
+    receipt = inbox / "receipt-cafe-aurora.png"
+    receipt.write_bytes(receipt.read_bytes() + b"")  # same bytes: nothing to do
+    assert ingest(sim, inbox, out)["requests"] == 0
+    from PIL import Image
+
+    Image.open(SAMPLES / "receipt-cafe-aurora.png").rotate(180).save(receipt)
+    assert ingest(sim, inbox, out)["requests"] == 1
+
+
+def test_backfill_takes_only_files_in_the_date_range(prefect_harness, sim_factory, api_env,
+                                                     tmp_path):
+    from flows.backfill import backfill
+
+    sim = sim_factory()
+    root = tmp_path / "inbox"
+    for day in ("2026-10-30", "2026-11-02", "2026-11-20"):
+        (root / day).mkdir(parents=True)
+        shutil.copy(SAMPLES / "receipt-cafe-aurora.png", root / day / f"receipt-{day}.png")
+    # mtimes disagree with the folder dates, so only the path decides
+    for f in root.rglob("*.png"):
+        stamp = datetime(2026, 1, 1).timestamp()
+        os.utime(f, (stamp, stamp))
+    out = tmp_path / "out"
+    result = asyncio.run(backfill(
+        config_path=CONFIG, folders=[str(root)], since="2026-11-01", until="2026-11-15",
+        date_from="path",
+        overrides={"api.base_url": sim.url, "output.path": str(out), "prepare.workers": -1}))
+    assert result["kind"] == "backfill"
+    pages = pd.read_parquet(out / "pages")
+    # the three receipts have the same content: one request, and the rest are duplicates
+    assert sorted(os.path.basename(p) for p in pages["source_path"]) == ["receipt-2026-11-02.png"]
+    by_mtime = asyncio.run(backfill(
+        config_path=CONFIG, folders=[str(root)], since="2025-12-31", until="2026-01-02",
+        overrides={"api.base_url": sim.url, "output.path": str(out), "prepare.workers": -1}))
+    assert by_mtime["requests"] == 0  # same content already answered
+    pages = pd.read_parquet(out / "pages")
+    assert sorted(pages["status"]) == ["duplicate", "duplicate", "ok"]
