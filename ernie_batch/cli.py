@@ -340,6 +340,52 @@ def sim(
     serve(SimSettings(api_key=key, latency_s=latency, rpm=rpm), port=port)
 
 
+@app.command()
+def bench(
+    scenarios: Annotated[list[str] | None, typer.Argument(
+        help="Scenarios to run (default: all). Known: see the README's benchmark section.")
+    ] = None,
+    scale: Annotated[float, typer.Option(
+        help="Shrink (<1) or grow (>1) each scenario's workload.")] = 1.0,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON line per scenario.")] = False,
+) -> None:
+    """Measure speed and memory as ratios against a baseline measured in the same run."""
+    from ernie_batch.bench import SCENARIOS, scenario
+
+    names = scenarios or list(SCENARIOS)
+    for name in names:
+        try:
+            run_scenario = scenario(name)
+        except KeyError as exc:
+            raise fail(str(exc.args[0]), EXIT_USAGE) from None
+        if not as_json:
+            console.print(f"running {name} …")
+        result = run_scenario(scale)
+        if as_json:
+            print(json.dumps(result), flush=True)
+            continue
+        verdict = "meets" if result["ratio"] >= result["goal"] else "MISSES"
+        out.print(f"[bold]{name}[/]: ratio {result['ratio']:.3f} ({verdict} goal "
+                  f"{result['goal']})", highlight=False)
+        for k, v in result.items():
+            if k not in ("scenario", "ratio", "goal"):
+                out.print(f"  {k}: {v}", highlight=False)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Job config (TOML) with a "
+                                         "[schedule] cron or interval_minutes.")],
+) -> None:
+    """Serve the ingest flow on the config's schedule (starts a local Prefect server if needed)."""
+    _check_config(config, {})
+    _prefect_defaults()
+    from flows.deploy import serve_schedule
+
+    raise typer.Exit(serve_schedule(config))
+
+
 def main() -> None:
     try:
         app()
