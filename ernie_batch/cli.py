@@ -55,6 +55,11 @@ ConcurrencyOpt = Annotated[int | None, typer.Option(help="Requests in flight at 
 RpmOpt = Annotated[float | None, typer.Option(help="Requests per minute at most (0 = adapt).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+ForceOpt = Annotated[bool, typer.Option(help="Re-send pages already answered.")]
+RetryFailedOpt = Annotated[bool, typer.Option(
+    help="Also retry inputs recorded as input_error or skipped.")]
+WaitOpt = Annotated[float, typer.Option(
+    help="Seconds to wait for another run's lock on the output folder.")]
 
 
 def _overrides(base_url: str | None, output: Path | None, concurrency: int | None,
@@ -156,11 +161,9 @@ def run(
     output: OutputOpt = None,
     concurrency: ConcurrencyOpt = None,
     rpm: RpmOpt = None,
-    force: Annotated[bool, typer.Option(help="Re-send everything selected.")] = False,
-    retry_failed: Annotated[bool, typer.Option(
-        help="Also retry inputs recorded as input_error or skipped.")] = False,
-    wait: Annotated[float, typer.Option(
-        help="Seconds to wait for another run's lock on the output folder.")] = 0.0,
+    force: ForceOpt = False,
+    retry_failed: RetryFailedOpt = False,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -188,11 +191,9 @@ def backfill(
     output: OutputOpt = None,
     concurrency: ConcurrencyOpt = None,
     rpm: RpmOpt = None,
-    force: Annotated[bool, typer.Option(help="Re-send pages already answered.")] = False,
-    retry_failed: Annotated[bool, typer.Option(
-        help="Also retry inputs recorded as input_error or skipped.")] = False,
-    wait: Annotated[float, typer.Option(
-        help="Seconds to wait for another run's lock on the output folder.")] = 0.0,
+    force: ForceOpt = False,
+    retry_failed: RetryFailedOpt = False,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -174,7 +174,7 @@ class ScheduleOptions(_Section):
 
 
 class JobConfig(_Section):
-    """Everything one job needs; `fingerprint_settings()` is what shapes an answer."""
+    """Everything one job needs; `prompt.fingerprint()` digests what shapes an answer."""
 
     name: str = "ernie-batch"
     sources: SourceOptions = Field(default_factory=SourceOptions)

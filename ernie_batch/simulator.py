@@ -42,24 +42,14 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.config import LOGGING_CONFIG
 
 from ernie_batch import tokens
+from ernie_batch.config import CREDITS_PER_USD, DEFAULT_SCHEMA
 from ernie_batch.content import ContentError, content_sha256, decode_media
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
-CREDITS_PER_USD = 2_000_000
-
-# Used when the request names no schema at all (no json_schema, no fenced schema in the prompt).
-DEFAULT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "title": {"type": "string"},
-        "language": {"type": "string"},
-        "summary": {"type": "string"},
-    },
-    "required": ["title", "language", "summary"],
-    "additionalProperties": False,
-}
+# DEFAULT_SCHEMA is used when the request names no schema at all (no json_schema, no fenced
+# schema in the prompt): the pipeline's own default.
 
 # Order matters: with several rates set, the first kind whose draw hits wins.
 FAULT_KINDS = (
