@@ -1,0 +1,268 @@
+"""`ernie-batch serve`: the deployment it builds, and a real scheduled run end to end.
+
+The end-to-end test runs the CLI as a subprocess with its own PREFECT_HOME and no
+PREFECT_API_URL, so it must start its own `prefect server start` on loopback; an interval
+schedule fires, Parquet appears, and after SIGINT nothing it started is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import PROJECT, SAMPLES, TEST_KEY
+
+FILES = {"receipt-cafe-aurora.png": 1, "invoice-2026-0117.pdf": 3}  # file -> pages
+SERVER_LINE = re.compile(r"Prefect server at http://127\.0\.0\.1:(\d+)")
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def write_config(path: Path, **sections: dict[str, object]) -> Path:
+    """configs/demo.toml with `sections` merged in, its prompt files made absolute."""
+    data = tomllib.loads((PROJECT / "configs" / "demo.toml").read_text())
+    for key in ("template_file", "schema_file"):
+        data["prompt"][key] = str(PROJECT / "configs" / data["prompt"][key])
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    lines = [f"name = {_toml_value(data.pop('name'))}"]
+    for name, values in data.items():
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def group_members(pgid: int) -> list[str]:
+    """Live (non-zombie) processes in process group `pgid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            found.append(stat.parent.name)
+    return found
+
+
+def servers_on_port(port: int) -> list[str]:
+    """Live `prefect server start ... --port <port>` processes (the one serve started)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"server" in argv and b"--port" in argv and str(port).encode() in argv and state != "Z":
+            found.append(cmdline.parent.name)
+    return found
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def read_table(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_parquet(path) if path.exists() else None
+    except (OSError, ValueError):  # a part being renamed into place
+        return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_serve_starts_a_local_server_runs_the_interval_schedule_and_stops_everything(
+    tmp_path: Path, sim_factory
+) -> None:
+    sim = sim_factory()
+    inbox, output = tmp_path / "inbox", tmp_path / "output"
+    inbox.mkdir()
+    for name in FILES:
+        shutil.copy(SAMPLES / name, inbox / name)
+    cfg = write_config(
+        tmp_path / "job.toml",
+        api={"base_url": sim.url},
+        sources={"paths": [str(inbox)]},
+        output={"path": str(output)},
+        prepare={"workers": -1},
+        schedule={"interval_minutes": 0.1},  # every 6 s
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "AIMLAPI_API_KEY": TEST_KEY,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # the runner looks for due runs every 2 s
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    })
+    log_path = tmp_path / "serve.log"
+    t0 = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ernie_batch.cli", "serve", "--config", str(cfg)],
+            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log_text() -> str:
+        return log_path.read_text(errors="replace")
+
+    port = None
+    pages = runs = None
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            if port is None and (m := SERVER_LINE.search(log_text())):
+                port = int(m.group(1))
+            pages, runs = read_table(output / "pages"), read_table(output / "runs")
+            # two scheduled runs: the first answers every page, the second finds nothing new
+            if runs is not None and len(runs) >= 2:
+                break
+            time.sleep(1)
+        assert proc.poll() is None, f"serve exited early:\n{log_text()}"
+        assert runs is not None and len(runs) >= 2, f"no two scheduled runs in time:\n{log_text()}"
+        fired_after = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"serve did not stop within 60 s of SIGINT:\n{log_text()}")
+
+    stopped_after = time.monotonic() - t0 - fired_after
+    print(f"two runs after {fired_after:.1f} s; everything stopped {stopped_after:.1f} s later")
+    assert code == 0, log_text()
+    assert port is not None, log_text()
+    deadline = time.monotonic() + 10  # orphans of the group are reaped asynchronously
+    while (group_members(proc.pid) or servers_on_port(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_members(proc.pid) == []
+    assert servers_on_port(port) == []
+    assert not port_open(port)
+
+    assert pages is not None
+    assert len(pages) == sum(FILES.values())  # one row per page, none added by later runs
+    assert set(pages["status"]) == {"ok"}
+    assert pages["key"].is_unique
+    assert pages["run_id"].nunique() == 1
+    got = pages.groupby(pages["source_path"].map(lambda p: Path(p).name))["page"].apply(sorted)
+    assert got.to_dict() == {name: list(range(1, n + 1)) for name, n in FILES.items()}
+    assert set(runs["kind"]) == {"ingest"}
+    assert TEST_KEY not in log_text()
+
+
+def test_serve_schedule_without_a_schedule_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.deploy import serve_schedule
+
+    cfg = write_config(tmp_path / "job.toml", output={"path": str(tmp_path / "out")})
+    assert serve_schedule(cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "schedule" in err[0] and "job.toml" in err[0]
+
+
+@pytest.mark.parametrize("schedule, fragment", [
+    ({"cron": "0 * * * *", "interval_minutes": 5}, "not both"),
+    ({"cron": "61 * * * *"}, "cron"),
+    ({"cron": "0 * * * *", "timezone": "Mars/Olympus"}, "timezone"),
+])
+def test_serve_schedule_rejects_a_bad_schedule_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], schedule: dict, fragment: str
+) -> None:
+    from flows.deploy import serve_schedule
+
+    cfg = write_config(tmp_path / "job.toml", schedule=schedule)
+    assert serve_schedule(cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0].lower()
+
+
+def test_the_deployment_carries_only_the_config_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ernie_batch.config import load_config
+    from flows.deploy import build_deployment
+
+    monkeypatch.setenv("AIMLAPI_API_KEY", TEST_KEY)
+    cfg_path = write_config(tmp_path / "job.toml",
+                            schedule={"cron": "0 * * * *", "timezone": "Europe/Berlin"})
+    deployment = build_deployment(load_config(cfg_path), cfg_path)
+
+    assert deployment.name == "demo"
+    assert deployment.parameters == {"config_path": str(cfg_path.resolve())}
+    assert deployment.entrypoint == "flows.ingest.ingest"
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "0 * * * *"
+    assert schedule.schedule.timezone == "Europe/Berlin"
+    assert TEST_KEY not in deployment.model_dump_json()
+
+
+@pytest.mark.parametrize("script, message", [
+    ("print('cannot bind'); raise SystemExit(3)", "exited with code 3"),
+    ("import time; time.sleep(60)", "not healthy after"),
+])
+def test_a_local_server_that_never_gets_healthy_is_stopped_and_its_log_kept(
+    monkeypatch: pytest.MonkeyPatch, script: str, message: str
+) -> None:
+    from flows import deploy
+
+    seen: list[deploy.LocalServer] = []
+    wait = deploy.wait_healthy
+    monkeypatch.setattr(deploy, "server_command", lambda host, port: [sys.executable, "-c", script])
+    monkeypatch.setattr(deploy, "wait_healthy", lambda s, t: (seen.append(s), wait(s, t))[1])
+    with pytest.raises(deploy.ServerStartError, match=message) as info:
+        with deploy.start_local_server(timeout_s=2):
+            pytest.fail("the block must not run")
+    assert seen[0].process.poll() is not None  # stopped, and waited for
+    log = Path(str(info.value).rsplit("its log: ", 1)[1])
+    try:
+        assert log.exists() and oct(log.stat().st_mode & 0o777) == "0o600"
+        if "cannot bind" in script:
+            assert "cannot bind" in log.read_text()
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def test_with_an_api_url_serve_uses_that_server_and_starts_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import deploy
+
+    served = []
+    monkeypatch.setattr(deploy, "configured_api_url", lambda: "http://prefect.internal:4200/api")
+    monkeypatch.setattr(deploy, "start_local_server", lambda *a, **k: pytest.fail("started one"))
+    monkeypatch.setattr(deploy, "serve_deployment", served.append)
+    cfg = write_config(tmp_path / "job.toml", schedule={"interval_minutes": 30})
+    assert deploy.serve_schedule(cfg) == 0
+    assert [d.parameters for d in served] == [{"config_path": str(cfg.resolve())}]
