@@ -150,6 +150,7 @@ class Pipeline:
                 "run_id": self.run_id, "date": self.date, "kind": self.opts.kind,
                 "fingerprint": self.fp, "started_at": self.started_at,
                 "config_path": str(self.cfg.config_path) if self.cfg.config_path else None,
+                "pages_schema": store.encode_schema(self.pages_schema),
             })
             self.pages = store.TableWriter(self.root, "pages", self.pages_schema, self.run_id,
                                            self.date)

@@ -14,6 +14,8 @@ a file. The journal makes a kill -9 cost nothing that reached us: the next run f
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import socket
@@ -149,16 +151,18 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
 
 def check_writable(root: Path) -> None:
     """Create the folder and prove a file can be written and synced there."""
+    probe = root / f".write-probe-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-probe-{os.getpid()}"
         with open(probe, "wb") as fh:
             fh.write(b"\0" * 65536)
             fh.flush()
             os.fsync(fh.fileno())
-        probe.unlink()
     except OSError as exc:
         raise OutputError(f"output folder {root} is not writable: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)  # also when the disk was full: leave nothing behind
 
 
 # ---------------------------------------------------------------- lock
@@ -398,6 +402,15 @@ def load_done(root: Path, fingerprint: str | None = None) -> DoneIndex:
 # ---------------------------------------------------------------- recovery
 
 
+def encode_schema(schema: pa.Schema) -> str:
+    """A schema as text for a journal header (Arrow IPC, base64)."""
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def decode_schema(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
 def recover_journals(root: Path, pages_schema_for: Any, skip_run: str | None = None) -> list[str]:
     """Fold what killed runs left in _journal/ into Parquet; returns the recovered run ids.
 
@@ -416,7 +429,10 @@ def recover_journals(root: Path, pages_schema_for: Any, skip_run: str | None = N
         if header is None:
             path.unlink(missing_ok=True)
             continue
-        _fold_run(root, run_id, header, records, pages_schema_for(header))
+        # the killed run's own answer columns: the schema may have changed since the kill
+        schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")
+                  else pages_schema_for(header))
+        _fold_run(root, run_id, header, records, schema)
         path.unlink(missing_ok=True)
         recovered.append(run_id)
     return recovered
