@@ -41,7 +41,7 @@ from tests.conftest import CORPUS, PROJECT, TEST_KEY
 CONCURRENCY = 4  # [limits] concurrency of the kill runs: the in-flight bound per kill
 LATENCY_S = 0.3  # simulator latency of the kill runs
 KILLS = 4  # kill -9 this many times, then one clean run
-KILL_BUDGET_S = 150.0  # the whole kill/resume part
+KILL_BUDGET_S = 180.0  # the kill/resume part (about 100 s on 2 idle cores)
 IMAGES = 48  # one-page units, plus a PDF of PDF_PAGES pages
 PDF_PAGES = 6
 FAULT_SEED = 9  # simulator seed: draws >= 1 of every fault kind within the first requests
@@ -352,6 +352,10 @@ def _kill_resume(root: Path, sim: Any, env: dict[str, str]) -> dict[str, Any]:
         at_kill, t_kill = len(sim.simulator.ledger), time.time()
         kill_group(proc)
         wait_idle(sim)
+        for journal in (out / "_journal").glob("*.jsonl"):  # kept for the secrets scan
+            snapshot = root / "journals-at-kills" / f"{n}-{journal.name}"
+            snapshot.parent.mkdir(exist_ok=True)
+            shutil.copy(journal, snapshot)
         lock = out / ".lock"
         kills.append({
             "k": k, "pid": proc.pid, "at": t_kill, "ledger_at_kill": at_kill,
@@ -362,7 +366,7 @@ def _kill_resume(root: Path, sim: Any, env: dict[str, str]) -> dict[str, Any]:
         })
     final_started = time.monotonic()
     rc = run_cli(cfg, env, log_file("kill-final"),
-                 timeout=max(30.0, deadline - time.monotonic() + 30))
+                 timeout=max(90.0, deadline - time.monotonic()))
     wait_idle(sim)
     return {"output": out, "units": units, "seed": seed, "kills": kills, "rc": rc,
             "finished_early": finished_early, "ledger": ledger_of(sim),
@@ -433,10 +437,21 @@ def test_kill9_and_resume_lose_nothing_and_pay_nothing_twice(chaos):
         assert e["content_sha256"] not in seen_ok, f"asked again after it was recorded: {e}"
         if e["response_id"] in answered:
             seen_ok.add(e["content_sha256"])
+    # a kill between a unit's attempt line and its page line leaves an attempt without a page:
+    # that unit was in flight too, and is asked again
+    paged = set(zip(pages["run_id"], pages["key"], strict=True))
+    orphans = [a for a in attempts.itertuples() if (a.run_id, a.key) not in paged]
     asked = Counter(e["content_sha256"] for e in book)
     repeats = sum(n - 1 for n in asked.values())
-    assert repeats <= bound_n and repeats == len(lost), (repeats, len(lost), info)
+    assert repeats == len(lost) + len(orphans), (repeats, len(lost), len(orphans), info)
+    assert repeats <= bound_n, info
     assert set(asked) == set(pages["content_sha256"])
+    print(json.dumps({"seed": run["seed"], "kills": len(kills), "units": run["units"],
+                      "kill_after_k": [k["k"] for k in kills], "requests": len(book),
+                      "lost_in_flight": len(lost), "asked_twice": repeats, "bound": bound_n,
+                      "parts_at_kills": [k["parts"] for k in kills],
+                      "ledger_credits": ledger_credits, "parquet_credits": parquet_credits,
+                      "seconds": chaos.timings}))
 
 
 def test_api_faults_complete_and_credits_match_the_ledger(chaos):
@@ -470,6 +485,8 @@ def test_api_faults_complete_and_credits_match_the_ledger(chaos):
     assert outcomes["server_error"] >= stats["server_error"]
     assert outcomes["transport_error"] == (stats["reset"] + stats["truncated"]
                                            + stats["non_json"])
+    print(json.dumps({"stats": stats, "outcomes": outcomes, "requests": len(attempts),
+                      "pages": Counter(pages["status"]), "credits": ledger_credits}))
 
 
 def test_hostile_inputs_leave_the_good_pages_ok(chaos):
@@ -488,3 +505,5 @@ def test_hostile_inputs_leave_the_good_pages_ok(chaos):
         assert rows["error"].notna().all(), name
     # nothing that could not be read was sent
     assert len(run["ledger"]) == (pages["status"] == "ok").sum()
+    print(json.dumps({"files": len(set(pages["source_path"])), "statuses":
+                      Counter(pages["status"]), "hostile": run["hostile"]}))

@@ -1,0 +1,150 @@
+"""Nothing leaked: the API key never appears in any byte a run produces.
+
+The chaos campaign of test_chaos.py (kill -9 and resumes, API faults, hostile inputs), the
+CLI runs of test_crash_safety.py and a 401 run here all use the distinctive TEST_KEY; then
+every file they produced is read raw: Parquet, journals, logs (stdout and stderr of every
+subprocess, exception output included), the shared PREFECT_HOME with its SQLite database
+and WAL, configs. The key must not occur, nor its base64 at any alignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from ernie_batch.client import ApiClient, check_base_url
+from ernie_batch.config import ConfigError, api_key
+from ernie_batch.engine import run_job
+from tests import test_chaos as chaos
+from tests.conftest import TEST_KEY, job_config
+
+STARS = "**********"
+
+
+def key_patterns(key: str) -> dict[str, bytes]:
+    """The key's bytes as they could be stored: raw, UTF-16, hex, base64 at every alignment."""
+    raw = key.encode()
+    found = {"raw": raw, "utf-16-le": key.encode("utf-16-le"), "hex": raw.hex().encode()}
+    for pad in range(3):
+        for name, enc in (("b64", base64.b64encode), ("b64url", base64.urlsafe_b64encode)):
+            text = enc(b"\0" * pad + raw)
+            # only the characters that depend on the key's bytes alone
+            start = 4 if pad else 0
+            end = len(text) - 4
+            found[f"{name}+{pad}"] = text[start:end]
+    return found
+
+
+def scan(roots: list[Path], key: str = TEST_KEY) -> tuple[int, list[str]]:
+    """(files read, "path: pattern" for every hit) under `roots`, symlinks not followed."""
+    patterns = key_patterns(key)
+    files, hits = 0, []
+    for root in roots:
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            if path.is_symlink():
+                continue
+            data = path.read_bytes()
+            files += 1
+            hits += [f"{path}: {name}" for name, pat in patterns.items() if pat in data]
+    return files, hits
+
+
+def test_the_scanner_finds_a_planted_key(tmp_path):
+    (tmp_path / "a.log").write_bytes(b"x" + TEST_KEY.encode() + b"y")
+    for pad in range(3):
+        (tmp_path / f"b{pad}.bin").write_bytes(
+            base64.b64encode(b"Bearer "[:pad] + TEST_KEY.encode()))
+    files, hits = scan([tmp_path])
+    assert files == 4
+    assert {h.split(": ")[0].rsplit("/", 1)[1] for h in hits} == {"a.log", "b0.bin", "b1.bin",
+                                                                  "b2.bin"}
+
+
+def test_reprs_and_errors_show_stars_not_the_key(sim_factory, tmp_path, monkeypatch):
+    sim = sim_factory(api_key="sk-another-key-the-server-wants")
+    monkeypatch.setenv("AIMLAPI_API_KEY", TEST_KEY)
+    cfg = job_config(sim.url, tmp_path / "out")
+    key = api_key(cfg)
+    assert repr(key) == f"SecretStr('{STARS}')" and str(key) == STARS
+    texts = [repr(cfg), cfg.model_dump_json()]
+
+    async def calls() -> None:
+        client = ApiClient(sim.url, key)
+        texts.extend([repr(client), repr(client._http.headers)])
+        assert STARS in repr(client)
+        body = {"model": cfg.api.model, "messages": [{"role": "user", "content": "hi"}]}
+        res = await client.complete(body)  # 401: the server wants another key
+        assert res.status_code == 401 and "401" in res.error
+        texts.extend([res.error, repr(res)])
+        refused = ApiClient("http://127.0.0.1:9/v1", key, connect_timeout_s=2)
+        res = await refused.complete(body)  # nothing listens: a transport error
+        assert res.outcome == "transport_error"
+        texts.extend([res.error, repr(res), repr(refused)])
+        await client.aclose()
+        await refused.aclose()
+
+    asyncio.run(calls())
+    with pytest.raises(ConfigError) as exc:
+        check_base_url("http://api.example.com/v1", allow_insecure_http=False)
+    texts.append(str(exc.value))
+
+    summary = run_job(cfg, key)  # a whole run stopped by the 401
+    assert summary.outcome == "fatal_api_error" and summary.exit_code == 3
+    assert "401" in (summary.error or "")
+    texts += [summary.model_dump_json(), repr(summary)]
+    for text in texts:
+        assert TEST_KEY not in text, text
+    files, hits = scan([tmp_path])
+    assert files >= 3 and hits == []
+
+
+def test_the_cli_stopped_by_a_401_prints_no_key(sim_factory, tmp_path):
+    sim = sim_factory(api_key="sk-another-key-the-server-wants")
+    src, out = tmp_path / "in", tmp_path / "out"
+    chaos.make_corpus(src, images=2, pdf_pages=1)
+    cfg = chaos.write_config(tmp_path / "job.toml", src, out, sim.url, concurrency=2)
+    chaos.EXTRA_OUTPUTS.append(tmp_path)
+    log = chaos.log_file("unauthorized")
+    rc = chaos.run_cli(cfg, chaos.cli_env(chaos.prefect_home()), log)
+    text = log.read_text()
+    assert rc == 3, text
+    assert "stopped:" not in text or "401" in text
+    assert TEST_KEY not in text
+    attempts = chaos.table(out, "attempts")
+    assert set(attempts["status_code"]) == {401}
+
+
+def test_no_byte_any_run_produced_holds_the_key():
+    c = chaos.campaign()
+    roots = [c.root, *chaos.EXTRA_OUTPUTS]
+    files, hits = scan(roots)
+    assert hits == [], hits
+    # the scan did read what the runs produced: Prefect's database, every log, every part
+    db = c.home / "prefect.db"
+    assert db.stat().st_size > 0
+    prefect_bytes = b"".join(p.read_bytes() for p in c.home.glob("prefect.db*"))
+    assert b"ernie-ingest" in prefect_bytes and b"process-batch" in prefect_bytes
+    logs = sorted(p.name for p in c.logs.iterdir())
+    assert {"faults.log", "hostile.log", "kill-0.log", "kill-final.log"} <= set(logs)
+    assert files > 100, files
+    print(json.dumps({"files_scanned": files, "logs": logs,
+                      "bytes": sum(p.stat().st_size for r in roots for p in r.rglob("*")
+                                   if p.is_file())}))
+
+
+def test_no_decoded_parquet_value_holds_the_key():
+    """Parquet pages are zstd-compressed, so the raw scan cannot see inside: decode them."""
+    import pyarrow.parquet as pq
+
+    c = chaos.campaign()
+    parts = [p for r in [c.root, *chaos.EXTRA_OUTPUTS] for p in r.rglob("*.parquet")]
+    assert len(parts) > 20
+    for part in parts:
+        text = json.dumps(pq.read_table(part).to_pylist(), default=str)
+        assert TEST_KEY not in text, part
+        assert TEST_KEY.encode() not in b"".join((pq.read_metadata(part).metadata or {}).values())
