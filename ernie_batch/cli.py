@@ -72,8 +72,14 @@ def _overrides(base_url: str | None, output: Path | None, concurrency: int | Non
     }
 
 
-def _check_config(config: Path | None, overrides: dict[str, Any], need_key: bool = True) -> None:
-    """Validate the config and the key before Prefect starts: one line and exit 2 if wrong."""
+def _check_config(config: Path | None, overrides: dict[str, Any], need_key: bool = True,
+                  wait: float | None = None) -> None:
+    """Everything that can be checked before Prefect starts (seconds): config, key, output.
+
+    With `wait` given, the output folder must be writable and not locked by a live run
+    (unless the caller is willing to wait for it).
+    """
+    from ernie_batch import store
     from ernie_batch.client import check_base_url
     from ernie_batch.config import ConfigError, api_key, load_config
 
@@ -84,13 +90,23 @@ def _check_config(config: Path | None, overrides: dict[str, Any], need_key: bool
             api_key(cfg)
     except ConfigError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
+    if wait is None:
+        return
+    try:
+        store.check_writable(Path(cfg.output.path))
+    except store.OutputError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    owner = store.live_lock_owner(Path(cfg.output.path))
+    if owner and not wait:
+        raise fail(f"output folder {cfg.output.path} is locked by run {owner.get('run_id')} "
+                   f"(pid {owner.get('pid')}); use --wait to queue behind it", EXIT_LOCKED)
 
 
 def _run_flow(kind: str, config: Path | None, sources: list[Path] | None,
               overrides: dict[str, Any], force: bool, retry_failed: bool, wait: float,
               as_json: bool, quiet: bool) -> None:
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    _check_config(config, overrides)
+    _check_config(config, overrides, wait=wait)
     _prefect_defaults()
     import asyncio
 
@@ -380,7 +396,7 @@ def serve(
                                          "[schedule] cron or interval_minutes.")],
 ) -> None:
     """Serve the ingest flow on the config's schedule (starts a local Prefect server if needed)."""
-    _check_config(config, {})
+    _check_config(config, {}, need_key=False)  # a Secret block is read by each run
     _prefect_defaults()
     from flows.deploy import serve_schedule
 

@@ -231,6 +231,17 @@ class OutputLock:
             self.held = False
 
 
+def live_lock_owner(root: Path) -> dict[str, Any] | None:
+    """The owner of the folder's lock if it is a live process here (a quick check before start)."""
+    lock = OutputLock(root, "")
+    owner = lock.owner()
+    pid = owner.get("pid")
+    same_host = owner.get("host") in (None, socket.gethostname())
+    if isinstance(pid, int) and (not same_host or _pid_alive(pid)):
+        return owner
+    return None
+
+
 # ---------------------------------------------------------------- journal
 
 
