@@ -1,0 +1,572 @@
+"""The request budget shared by every request of a run: RPM, TPM, in-flight cap, 429 handling.
+
+Why it looks like this:
+
+* **Pacing mirrors a sliding-window server.** The vendor does not publish its limiting
+  algorithm, so the budget must be safe against the strictest common one: a sliding window
+  allowing N requests in *any* window of `window_s`. A token bucket alone admits
+  `burst + rate * window` in a window, which exceeds N. So each limit (requests, tokens) is
+  a pair: a client-side sliding-window log that never holds more than N within
+  `window_s * (1 + WINDOW_MARGIN)` (1.5 %: absorbs the jitter between our clock and the
+  server's arrival times, a few ms that matter when tests compress a window to 1 s), and a
+  token bucket at that rate whose burst is about a second's worth (`limit / 60`, one second
+  of a 60 s window, scaled with `window_s`; at least 2 requests so that a late wake-up of a
+  busy event loop is caught up rather than lost), which spreads requests evenly instead of
+  letting the log release a whole window at once. At the limit: ~0.985 N per window.
+* **Waiting cannot deadlock or starve.** An acquire first takes an in-flight slot (FIFO),
+  then passes one FIFO gate where it waits, holding nothing but that slot, for the shared
+  pause and both pacers; the gate never waits for a slot. A slow request holds only its
+  own slot, so it never holds back the others beyond the cap.
+* **Tokens are estimated, then corrected.** A lease is charged `est_tokens * ratio`; `ratio`
+  follows actual/estimated from `release(actual_tokens=...)` (first sample, then a moving
+  average), and the lease's log entry and the bucket are corrected to the actual count.
+* **429s: one shared pause, one decrease per congestion event.** A 429 pauses every sender
+  (`retry_after` when the server gives it, else exponential backoff with jitter from one
+  "second" up to one window). Only a 429 of a lease acquired after the last event is a new
+  event; the other 429s of the same burst only extend the pause by their own Retry-After.
+* **Adaptive rate (AIMD with a learnt bound, like TCP BIC).** On an event the pacing rate
+  drops to `DECREASE` (0.8) times the rate achieved in the window before the refused
+  request (with no limit configured, this is how the limit is discovered: unlimited until
+  the first 429), and that count becomes the bound; the log keeps capping windows just under
+  the bound, so sending slows down at once without stopping dead. After each run of
+  successes (a tenth of a window's worth) the rate climbs half-way to just under the bound;
+  there it holds for two windows, then probes above it, one step per window of successes,
+  the step doubling while no 429 comes (an underestimate is recovered quickly). Never above
+  the configured `rpm`. TPM is not adapted: a 429 slows the requests, hence the tokens.
+
+"Per minute" means per `window_s` throughout, so every time constant scales when tests
+compress time. Not thread-safe: use one event loop. The clock must tick in seconds (waits
+are real `asyncio` timers); an injected fake clock suits tests of paths that do not wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import math
+import random
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+MAX_RETRY_AFTER_S = 300.0
+OUTCOMES = ("ok", "rate_limited", "error")
+
+
+class BudgetStopped(Exception):
+    """The run is stopping: no more requests may be sent."""
+
+
+@dataclass(eq=False)
+class Lease:
+    """Permission to send one request; hand it back with `RequestBudget.release` exactly once.
+
+    Also an async context manager: leaving the block without a release releases it with
+    outcome "error" if the block raised (cancellation included), else "ok".
+    """
+
+    est_tokens: int
+    started_at: float
+    _budget: RequestBudget = field(repr=False)
+    _seq: int = field(repr=False)
+    _window_count: int = field(repr=False)  # acquisitions in the window_s ending here
+    _charged: float = field(default=0.0, repr=False)
+    _token_entry: list[float] | None = field(default=None, repr=False)
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self, *, outcome: str, actual_tokens: int | None = None,
+                retry_after: float | None = None) -> None:
+        """Shorthand for `budget.release(lease, ...)`."""
+        self._budget.release(self, outcome=outcome, actual_tokens=actual_tokens,
+                             retry_after=retry_after)
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self._released:
+            self._budget.release(self, outcome="error" if exc_type is not None else "ok")
+
+
+class _Pacer:
+    """One limit: a sliding-window log (never more than `limit` per span) plus a small bucket.
+
+    The bucket refills at `rate` per span (`rate <= limit`): after a 429 the rate drops at
+    once while the log keeps the cap the server is known to accept, so sending slows down
+    instead of stopping until the log has drained to the new rate. With `limit=None` it only
+    keeps the log, so the achieved rate can still be measured. Log entries are
+    `[time, cost, alive]` lists so a lease can correct its own cost later.
+    """
+
+    BURST_COSTS = 2.0  # the bucket holds at least two typical requests
+
+    def __init__(self, window_s: float, margin: float, limit: float | None) -> None:
+        self.window = window_s
+        self.typical_cost = 1.0  # recent largest cost, decaying
+        self.span = window_s * (1.0 + margin)
+        self.limit: float | None = None
+        self.rate = 0.0
+        self.level = 0.0
+        self.last: float | None = None
+        self.log: deque[list[float]] = deque()
+        self.total = 0.0
+        self.set_limit(limit, limit, None)
+
+    @property
+    def capacity(self) -> float:
+        """About a second's worth (1/60 of a window), and at least two typical requests.
+
+        Two, so that a wake-up that comes a little late (a busy event loop, compressed
+        time) is caught up instead of lost; the log still caps every window.
+        """
+        return max(self.BURST_COSTS * self.typical_cost, self.rate / 60.0)
+
+    def set_limit(self, limit: float | None, rate: float | None, now: float | None) -> None:
+        """Cap the log at `limit` per span and refill the bucket at `rate` (<= limit)."""
+        if now is not None:
+            self._refill(now)
+        self.limit = limit
+        if limit is None:
+            self.rate, self.last = 0.0, None
+            return
+        self.rate = min(limit, rate if rate is not None else limit)
+        if self.last is None:
+            self.level = self.capacity  # a fresh bucket starts with its (small) burst
+        else:
+            self.level = min(self.level, self.capacity)
+
+    def _refill(self, now: float) -> None:
+        if self.limit is None:
+            return
+        if self.last is None:
+            self.last, self.level = now, self.capacity
+            return
+        self.level = min(self.capacity, self.level + (now - self.last) * self.rate / self.span)
+        self.last = max(self.last, now)
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - self.span
+        while self.log and self.log[0][0] <= cutoff:
+            entry = self.log.popleft()
+            self.total -= entry[1]
+            entry[2] = 0.0
+        if not self.log:
+            self.total = 0.0  # no float drift left behind
+
+    def delay(self, now: float, cost: float) -> float:
+        """Seconds until `cost` may be taken (0 = now)."""
+        self._prune(now)
+        if self.limit is None:
+            return 0.0
+        self._refill(now)
+        need = min(cost, self.capacity)
+        wait = 0.0 if self.level >= need else (need - self.level) * self.span / self.rate
+        if self.log and self.total + cost > self.limit + 1e-9:
+            # Wait for the oldest entries to leave the span; a cost above the whole
+            # limit goes alone, once the log is empty.
+            excess = min(self.total + cost - self.limit, self.total)
+            freed = 0.0
+            for t, c, _ in self.log:
+                freed += c
+                if freed >= excess - 1e-9:
+                    wait = max(wait, t + self.span - now)
+                    break
+        return wait
+
+    def take(self, now: float, cost: float) -> list[float]:
+        self.typical_cost = max(cost, 0.95 * self.typical_cost, 1.0)
+        if self.limit is not None:
+            self._refill(now)
+            self.level -= cost
+        entry = [now, float(cost), 1.0]
+        self.log.append(entry)
+        self.total += cost
+        return entry
+
+    def adjust(self, entry: list[float], cost: float) -> None:
+        """Correct an earlier charge to what it really cost (refund or extra debt)."""
+        delta = cost - entry[1]
+        entry[1] = float(cost)
+        if entry[2]:
+            self.total += delta
+        if self.limit is not None:
+            self.level = min(self.capacity, self.level - delta)
+
+    def count_within(self, now: float) -> int:
+        """Entries in the last `window` seconds (the log keeps a little more: the margin)."""
+        self._prune(now)
+        cutoff = now - self.window
+        return sum(1 for t, _, _ in self.log if t > cutoff)
+
+
+class RequestBudget:
+    """One per run, shared by all its requests: see the module docstring for the design."""
+
+    WINDOW_MARGIN = 0.015  # a window's log spans 1.5 % more: safety against arrival jitter
+    DECREASE = 0.8  # multiplicative decrease on a congestion event
+    RUN_FRACTION = 0.1  # successes per increase step, as a fraction of the rate (per window)
+    MIN_RUN = 2  # ... and at least this many
+    STEP_FRACTION = 0.01  # smallest increase step, as a fraction of the rate
+    MIN_STEP = 0.5  # ... and at least this many requests per window
+    MIN_RATE = 1.0  # never below one request per window
+    PROBE_HOLD = 2.0  # windows of successes just under the bound before probing above it
+    BACKOFF_BASE = 1.0 / 60.0  # first pause without Retry-After: one second of a 60 s window
+    BACKOFF_MAX = 1.0  # longest pause without Retry-After: one whole window
+    RATIO_ALPHA = 0.2  # weight of a new sample in the token-estimate correction
+
+    def __init__(self, *, rpm: float = 0.0, tpm: float = 0.0, max_in_flight: int = 16,
+                 adaptive: bool = True, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        if rpm < 0 or tpm < 0 or not math.isfinite(rpm) or not math.isfinite(tpm):
+            raise ValueError("rpm and tpm must be finite and >= 0 (0 = off)")
+        if not window_s > 0:
+            raise ValueError("window_s must be > 0")
+        self._configured_rpm = float(rpm) if rpm > 0 else None
+        self._tpm = float(tpm) if tpm > 0 else None
+        self._cap = max_in_flight if max_in_flight > 0 else None
+        self._adaptive = adaptive
+        self._window = float(window_s)
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+        self._requests = _Pacer(self._window, self.WINDOW_MARGIN, self._configured_rpm)
+        self._tokens = _Pacer(self._window, self.WINDOW_MARGIN, self._tpm)
+        self._rate = self._configured_rpm  # the enforced rate; None = unlimited
+        self._bound = self._configured_rpm  # upper bound learnt from the last 429 burst
+        self._probe = 0.0
+        self._successes = 0
+        self._event_seq = 0  # leases with a smaller seq belong to an earlier congestion event
+        self._backoff_k = 0
+        self._pause_until = -math.inf
+        self._ratio = 1.0
+        self._ratio_samples = 0
+
+        self._seq = 0
+        self._slots_taken = 0
+        self._in_flight = 0
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._gate = asyncio.Lock()
+        self._gate_waiting = 0
+        self._waker: asyncio.Future[None] | None = None
+        self._stopped = False
+
+        self._stats = {"acquired": 0, "pauses": 0, "rate_limited": 0, "events": 0}
+
+    # ---- public interface -------------------------------------------------------------
+
+    async def acquire(self, est_tokens: int = 0) -> Lease:
+        """Wait for the shared pause, an in-flight slot, the request and token pacers."""
+        self._check_stopped()
+        await self._take_slot()
+        try:
+            self._gate_waiting += 1
+            try:
+                async with self._gate:
+                    return await self._pass_gate(max(0, int(est_tokens)))
+            finally:
+                self._gate_waiting -= 1
+        except BaseException:
+            self._free_slot()
+            raise
+
+    @contextlib.asynccontextmanager
+    async def lease(self, est_tokens: int = 0) -> AsyncIterator[Lease]:
+        """`async with budget.lease(n) as lease:` acquire, and release on the way out."""
+        acquired = await self.acquire(est_tokens)
+        async with acquired:
+            yield acquired
+
+    def release(self, lease: Lease, *, outcome: str, actual_tokens: int | None = None,
+                retry_after: float | None = None) -> None:
+        """Hand a lease back; the outcome steers the pause and the adaptive rate."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, not {outcome!r}")
+        if lease._budget is not self:
+            raise ValueError("lease belongs to another budget")
+        if lease._released:
+            raise RuntimeError("lease released twice")
+        lease._released = True
+        self._in_flight -= 1
+        self._free_slot()
+        now = self._clock()
+
+        if actual_tokens is not None and actual_tokens >= 0:
+            if lease._token_entry is not None:
+                self._tokens.adjust(lease._token_entry, actual_tokens)
+            if outcome == "ok" and lease.est_tokens > 0:
+                sample = min(20.0, max(0.05, actual_tokens / lease.est_tokens))
+                self._ratio = sample if self._ratio_samples == 0 else (
+                    self._ratio + self.RATIO_ALPHA * (sample - self._ratio))
+                self._ratio_samples += 1
+
+        if outcome == "ok":
+            self._backoff_k = 0
+            self._on_success(lease)
+        elif outcome == "rate_limited":
+            self._stats["rate_limited"] += 1
+            self._on_rate_limited(lease, now, retry_after)
+        self._wake()
+
+    def stop(self) -> None:
+        """Every waiting and future acquire raises BudgetStopped at once."""
+        self._stopped = True
+        while self._slot_waiters:
+            fut = self._slot_waiters.popleft()
+            if not fut.done():
+                fut.set_exception(BudgetStopped("the run is stopping"))
+        self._wake()
+
+    @property
+    def current_rpm(self) -> float | None:
+        """Requests per window now enforced; None while unlimited (nothing configured or learnt)."""
+        return self._rate
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def snapshot(self) -> dict[str, float]:
+        """Numbers for a progress display (current_rpm 0.0 = unlimited)."""
+        return {
+            "current_rpm": self._rate or 0.0,
+            "configured_rpm": self._configured_rpm or 0.0,
+            "in_flight": float(self._in_flight),
+            "waiting": float(len(self._slot_waiters) + self._gate_waiting),
+            "acquired": float(self._stats["acquired"]),
+            "pauses": float(self._stats["pauses"]),
+            "paused_for": max(0.0, self._pause_until - self._clock()),
+            "rate_limited": float(self._stats["rate_limited"]),
+            "congestion_events": float(self._stats["events"]),
+            "tokens_ratio": self._ratio,
+        }
+
+    # ---- waiting ----------------------------------------------------------------------
+
+    def _check_stopped(self) -> None:
+        if self._stopped:
+            raise BudgetStopped("the run is stopping")
+
+    async def _take_slot(self) -> None:
+        """An in-flight slot, first come first served; a freed slot is handed over directly."""
+        if self._cap is None or (self._slots_taken < self._cap and not self._slot_waiters):
+            self._slots_taken += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._free_slot()  # handed a slot just as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._slot_waiters.remove(fut)
+            raise
+
+    def _free_slot(self) -> None:
+        self._slots_taken -= 1
+        while self._slot_waiters:
+            fut = self._slot_waiters.popleft()
+            if not fut.done():
+                self._slots_taken += 1
+                fut.set_result(None)
+                return
+
+    async def _pass_gate(self, est_tokens: int) -> Lease:
+        """Holding the gate: wait until the pause is over and both pacers admit, then admit."""
+        while True:
+            self._check_stopped()
+            now = self._clock()
+            cost = est_tokens * self._ratio if self._tpm is not None else 0.0
+            wait = max(self._pause_until - now, self._requests.delay(now, 1.0))
+            if cost > 0:
+                wait = max(wait, self._tokens.delay(now, cost))
+            if wait <= 0:
+                return self._admit(now, est_tokens, cost)
+            await self._sleep(wait)
+
+    def _admit(self, now: float, est_tokens: int, cost: float) -> Lease:
+        self._requests.take(now, 1.0)
+        lease = Lease(est_tokens=est_tokens, started_at=now, _budget=self, _seq=self._seq,
+                      _window_count=self._requests.count_within(now))
+        self._seq += 1
+        if cost > 0:
+            lease._charged = cost
+            lease._token_entry = self._tokens.take(now, cost)
+        self._in_flight += 1
+        self._stats["acquired"] += 1
+        return lease
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake early when anything changes (release, pause, rate, stop)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waker = fut
+        handle = loop.call_later(seconds, _resolve, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self._waker = None
+
+    def _wake(self) -> None:
+        if self._waker is not None:
+            _resolve(self._waker)
+
+    # ---- adapting ---------------------------------------------------------------------
+
+    def _pause(self, now: float, seconds: float) -> None:
+        if now + seconds > self._pause_until:
+            if self._pause_until < now:
+                self._stats["pauses"] += 1
+            self._pause_until = now + seconds
+
+    def _on_rate_limited(self, lease: Lease, now: float, retry_after: float | None) -> None:
+        if retry_after is not None and retry_after >= 0:
+            self._pause(now, min(retry_after, MAX_RETRY_AFTER_S))
+        if lease._seq < self._event_seq:
+            return  # same burst as an event already handled
+        self._event_seq = self._seq
+        self._stats["events"] += 1
+        if retry_after is None or retry_after < 0:
+            delay = min(self.BACKOFF_MAX, self.BACKOFF_BASE * 2.0 ** self._backoff_k) * self._window
+            self._pause(now, delay * (0.5 + 0.5 * self._rng.random()))  # "equal jitter"
+            self._backoff_k = min(self._backoff_k + 1, 30)
+        if not self._adaptive:
+            return
+        achieved = float(max(1, lease._window_count))
+        bound = achieved if self._rate is None else min(self._rate, achieved)
+        self._bound = max(self.MIN_RATE, bound)
+        self._set_rate(max(self.MIN_RATE, self.DECREASE * bound), now)
+        self._successes = 0
+        self._probe = 0.0
+
+    def _on_success(self, lease: Lease) -> None:
+        if not self._adaptive or self._rate is None or lease._seq < self._event_seq:
+            return
+        rate = self._rate
+        if self._configured_rpm is not None and rate >= self._configured_rpm:
+            return
+        bound = self._bound if self._bound is not None else rate
+        target = max(self.MIN_RATE, bound - 1.0)  # the server refused `bound`: just under it
+        probing = rate >= target
+        self._successes += 1
+        if probing:  # hold a while at the bound before the first probe: it was just refused
+            run = rate * (self.PROBE_HOLD if self._probe == 0 else 1.0)
+        else:
+            run = self.RUN_FRACTION * rate
+        if self._successes < max(self.MIN_RUN, run):
+            return
+        self._successes = 0
+        min_step = max(self.MIN_STEP, self.STEP_FRACTION * rate)
+        if probing:
+            self._probe = min(rate, max(min_step, 2.0 * self._probe))
+            rate += self._probe
+        else:
+            rate = min(target, rate + max(min_step, (target - rate) / 2.0))
+        self._set_rate(rate, self._clock())
+
+    def _set_rate(self, rate: float, now: float) -> None:
+        """Pace at `rate`; cap any window at the most the server is known to accept."""
+        cap = max(rate, (self._bound or rate) - 1.0)
+        if self._configured_rpm is not None:
+            rate = min(rate, self._configured_rpm)
+            cap = min(cap, self._configured_rpm)
+        self._rate = rate
+        self._requests.set_limit(cap, rate, now)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# ---- Retry-After ----------------------------------------------------------------------
+
+_NUMBER = re.compile(r"\s*\+?(\d+(?:\.\d*)?|\.\d+)\s*")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_RESET_HEADERS = (("x-ratelimit-reset-requests", "x-ratelimit-remaining-requests"),
+                  ("x-ratelimit-reset-tokens", "x-ratelimit-remaining-tokens"),
+                  ("x-ratelimit-reset", "x-ratelimit-remaining"))
+
+
+def _duration(text: str) -> float | None:
+    """'1.5', '250ms', '6m0s', '1h2m3.5s' -> seconds; None if it is none of those."""
+    number = _NUMBER.fullmatch(text)
+    if number:
+        return float(number.group(1))
+    text = text.strip()
+    if not text:
+        return None
+    total, pos = 0.0, 0
+    for part in _DURATION_PART.finditer(text):
+        if part.start() != pos:
+            return None
+        total += float(part.group(1)) * _UNIT_S[part.group(2)]
+        pos = part.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+def _cap(seconds: float) -> float | None:
+    if not math.isfinite(seconds):
+        return None
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait before retrying, from a 429's headers; None when they do not say.
+
+    `Retry-After` (seconds or an HTTP date; `retry-after-ms` first where sent), else the
+    `x-ratelimit-reset-*` headers ("1s", "250ms", "6m0s", "0.5", or an epoch timestamp for
+    the bare `x-ratelimit-reset`), preferring the limits whose `remaining` is 0. `now` is
+    epoch seconds for dates (default: the current time). Capped at 300 s.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    wall = time.time() if now is None else now
+
+    ms = lower.get("retry-after-ms")
+    if ms is not None and (m := _NUMBER.fullmatch(ms)):
+        return _cap(float(m.group(1)) / 1000.0)
+
+    value = lower.get("retry-after")
+    if value is not None:
+        if m := _NUMBER.fullmatch(value):
+            return _cap(float(m.group(1)))
+        try:
+            when = email.utils.parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            when = None
+        if when is not None and when.tzinfo is not None:
+            return _cap(when.timestamp() - wall)
+
+    found: list[tuple[float, bool]] = []
+    for reset_name, remaining_name in _RESET_HEADERS:
+        raw = lower.get(reset_name)
+        if raw is None:
+            continue
+        seconds = _duration(raw)
+        if seconds is None:
+            continue
+        if reset_name == "x-ratelimit-reset" and seconds > 1e9:
+            seconds -= wall  # an epoch timestamp (GitHub style), not a duration
+        exhausted = lower.get(remaining_name, "").strip() in ("0", "0.0")
+        found.append((seconds, exhausted))
+    if not found:
+        return None
+    exhausted = [s for s, e in found if e]
+    return _cap(max(exhausted or [s for s, _ in found]))
