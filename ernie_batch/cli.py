@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -97,7 +98,11 @@ def _check_config(config: Path | None, overrides: dict[str, Any], need_key: bool
     except store.OutputError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     owner = store.live_lock_owner(Path(cfg.output.path))
-    if owner and not wait:
+    deadline = time.monotonic() + wait
+    while owner and time.monotonic() < deadline:  # queue here: Prefect starts once it is free
+        time.sleep(0.5)
+        owner = store.live_lock_owner(Path(cfg.output.path))
+    if owner:
         raise fail(f"output folder {cfg.output.path} is locked by run {owner.get('run_id')} "
                    f"(pid {owner.get('pid')}); use --wait to queue behind it", EXIT_LOCKED)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -168,35 +169,44 @@ def check_writable(root: Path) -> None:
 # ---------------------------------------------------------------- lock
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class OutputLock:
-    """OUTPUT/.lock holding the owner's PID; a lock left by a dead process is taken over."""
+    """OUTPUT/.lock, held with flock(2): the kernel frees it when its owner dies, even by kill -9.
+
+    The file also names the owner (pid, host, run id) for the messages; the lock itself is
+    the flock, so a crashed run's leftover file is simply taken over. After locking, the
+    path must still be the file we locked (a releasing owner unlinks it), else we retry.
+    """
 
     def __init__(self, root: Path, run_id: str) -> None:
         self.path = root / ".lock"
         self.run_id = run_id
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def _try(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # unlinked by its previous owner between our open and our lock
+            os.close(fd)
+            return self._try()
         payload = json.dumps(
             {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
              "since": datetime.now(UTC).isoformat()}
         ).encode()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, payload, 0)
+        self._fd = fd
         return True
 
     def owner(self) -> dict[str, Any]:
@@ -207,38 +217,35 @@ class OutputLock:
 
     def acquire(self, wait_s: float = 0.0) -> None:
         deadline = time.monotonic() + wait_s
-        while True:
-            if self._try():
-                self.held = True
-                return
-            owner = self.owner()
-            same_host = owner.get("host") in (None, socket.gethostname())
-            pid = owner.get("pid")
-            if same_host and (not isinstance(pid, int) or not _pid_alive(pid)):
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
-                continue
+        while not self._try():
             if time.monotonic() >= deadline:
+                owner = self.owner()
                 raise LockedError(
                     f"output folder {self.path.parent} is locked by run {owner.get('run_id')} "
-                    f"(pid {pid}); use --wait to queue behind it"
+                    f"(pid {owner.get('pid')}); use --wait to queue behind it"
                 )
-            time.sleep(0.5)
+            time.sleep(0.25)
 
     def release(self) -> None:
-        if self.held:
-            if self.owner().get("run_id") == self.run_id:
-                self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: waiters re-check the inode
+            os.close(self._fd)
+            self._fd = None
 
 
 def live_lock_owner(root: Path) -> dict[str, Any] | None:
-    """The owner of the folder's lock if it is a live process here (a quick check before start)."""
-    lock = OutputLock(root, "")
-    owner = lock.owner()
-    pid = owner.get("pid")
-    same_host = owner.get("host") in (None, socket.gethostname())
-    if isinstance(pid, int) and (not same_host or _pid_alive(pid)):
-        return owner
+    """The owner of the folder's lock while a live run holds it (a quick check before start)."""
+    path = root / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return OutputLock(root, "").owner() or {"run_id": "?", "pid": "?"}
+    finally:
+        os.close(fd)
     return None
 
 
