@@ -317,6 +317,9 @@ class Pipeline:
             self._credits_in_flight += est_credits
             try:
                 res = await self.client.complete(body)
+            except BaseException:  # cancelled: free the slot, or the run stalls at the cap
+                self.budget.release(lease, outcome="error")
+                raise
             finally:
                 self._credits_in_flight -= est_credits
             self.budget.release(

@@ -252,6 +252,7 @@ class RequestBudget:
         self._ratio_samples = 0
 
         self._seq = 0
+        self._born = clock()  # a run younger than a window has sent less than its rate
         self._slots_taken = 0
         self._in_flight = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
@@ -448,7 +449,13 @@ class RequestBudget:
             self._backoff_k = min(self._backoff_k + 1, 30)
         if not self._adaptive:
             return
-        achieved = float(max(1, lease._window_count))
+        # requests per window achieved before the refused one. A run younger than a window
+        # has not shown its rate yet: measure it against the pacing rate instead (else one
+        # early 429 would cut a 600/min run to a handful a minute); when discovering from
+        # unlimited, the burst it just sent is the measure
+        young = lease.started_at - self._born < self._window
+        count = float(lease._window_count)
+        achieved = max(1.0, self._rate if (young and self._rate is not None) else count)
         bound = achieved if self._rate is None else min(self._rate, achieved)
         self._bound = max(self.MIN_RATE, bound)
         self._set_rate(max(self.MIN_RATE, self.DECREASE * bound), now)

@@ -477,3 +477,20 @@ def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> N
         assert got is None
     else:
         assert got == pytest.approx(expected)
+
+
+def test_an_early_429_does_not_stall_a_configured_rate() -> None:
+    """A random 429 in the first window cuts the configured rate, not the few sent so far."""
+
+    async def main() -> float | None:
+        clock = FakeClock()
+        budget = RequestBudget(rpm=600, max_in_flight=0, window_s=60.0, clock=clock)
+        for _ in range(3):
+            clock.advance(0.2)
+            budget.release(await now_or_fail(budget.acquire()), outcome="ok")
+        clock.advance(0.2)
+        lease = await now_or_fail(budget.acquire())
+        budget.release(lease, outcome="rate_limited", retry_after=0.0)
+        return budget.current_rpm
+
+    assert run(main()) == pytest.approx(0.8 * 600)
