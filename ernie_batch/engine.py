@@ -65,6 +65,7 @@ class Progress:
     failed: int = 0
     skipped: int = 0
     duplicate: int = 0
+    already_done: int = 0  # answered (or given up on) by earlier runs: no row, no request
     requests: int = 0
     rate_limited: int = 0
     credits: float = 0.0
@@ -91,6 +92,7 @@ class RunSummary(BaseModel):
     units_skipped: int = 0
     units_duplicate: int = 0
     units_not_sent: int = 0
+    units_already_done: int = 0
     requests: int = 0
     rate_limited: int = 0
     credits: float = 0.0
@@ -163,8 +165,10 @@ class Pipeline:
                 max_connections=limits.concurrency,
                 allow_insecure_http=self.cfg.api.allow_insecure_http,
             )
-            self.budget = RequestBudget(rpm=limits.rpm, tpm=limits.tpm,
-                                        max_in_flight=limits.concurrency, adaptive=limits.adaptive)
+            per_window = limits.window_s / 60.0  # the budget counts per window
+            self.budget = RequestBudget(rpm=limits.rpm * per_window, tpm=limits.tpm * per_window,
+                                        max_in_flight=limits.concurrency,
+                                        adaptive=limits.adaptive, window_s=limits.window_s)
             self.pool = PreparePool(self.cfg.images, self.cfg.pdf, self.cfg.prepare)
         except BaseException:
             self._lock.release()
@@ -230,6 +234,8 @@ class Pipeline:
                 if status == "ok":
                     self._record_duplicate(doc, page, last, rec.page_count)
             rec.paths.add(str(doc.path))
+        else:
+            self.progress.already_done += len(rec.units)
         return False
 
     def _complete(self, rec: store.DoneIndex | Any) -> bool:
@@ -251,8 +257,11 @@ class Pipeline:
         if status == "ok":
             if str(unit.doc.path) not in rec.paths:
                 self._record_duplicate(unit.doc, unit.page, unit.page_last, unit.page_count)
+            else:
+                self.progress.already_done += 1
             return False
         if status in store.FINAL and not self.opts.retry_failed:
+            self.progress.already_done += 1
             return False
         return True
 
@@ -520,6 +529,7 @@ class Pipeline:
             exit_code=EXIT_CODES.get(outcome, 1), error=self.stop_error,
             documents=p.documents, units_ok=p.ok, units_failed=p.failed,
             units_skipped=p.skipped, units_duplicate=p.duplicate, units_not_sent=self.not_sent,
+            units_already_done=p.already_done,
             requests=p.requests, rate_limited=p.rate_limited, credits=credits, usd=usd,
             duration_s=(finished - self.started_at).total_seconds(), output=str(self.root),
             discovery_skipped=dict(self.discovery.skipped),

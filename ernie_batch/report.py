@@ -16,6 +16,7 @@ def summary_rows(s: RunSummary) -> list[tuple[str, str]]:
         ("pages failed", str(s.units_failed)),
         ("pages skipped", str(s.units_skipped)),
         ("duplicates (no request)", str(s.units_duplicate)),
+        ("done by earlier runs", str(s.units_already_done)),
         ("requests", f"{s.requests} ({s.rate_limited} rate-limited)"),
         ("credits", f"{s.credits:,.4f}"),
         ("USD", f"{s.usd:.6f}"),

@@ -100,6 +100,7 @@ def test_second_run_sends_nothing(prefect_harness, sim_factory, api_env, tmp_pat
     assert first["requests"] == sample_pages()
     second = run_ingest(tmp_path, sim.url)
     assert second["requests"] == 0
+    assert second["units_already_done"] == sample_pages()
     assert second["outcome"] == "completed"
     assert len(ledger(sim)["entries"]) == sample_pages()
 
