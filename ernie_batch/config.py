@@ -118,6 +118,9 @@ class LimitOptions(_Section):
     rpm: float = Field(default=60.0, ge=0)
     tpm: float = Field(default=0.0, ge=0)
     adaptive: bool = True  # lower the rate on 429s, climb back after successes
+    # the server's limit window; rpm and tpm stay per minute (rpm * window_s / 60 per window).
+    # Shorter windows compress time for benchmarks and tests against the simulator
+    window_s: float = Field(default=60.0, gt=0)
 
 
 class RetryOptions(_Section):
