@@ -11,7 +11,7 @@ import asyncio
 import contextvars
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,11 +71,11 @@ class Progress:
     credits: float = 0.0
     usd: float = 0.0
     started: float = field(default_factory=time.monotonic)
-    request_times: list[float] = field(default_factory=list)
+    request_times: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
 
     def rpm(self, window_s: float = 60.0) -> float:
         now = time.monotonic()
-        recent = [t for t in self.request_times[-5000:] if now - t <= window_s]
+        recent = [t for t in self.request_times if now - t <= window_s]
         span = min(window_s, max(now - self.started, 1e-6))
         return len(recent) * 60.0 / span
 
@@ -238,7 +238,7 @@ class Pipeline:
             self.progress.already_done += len(rec.units)
         return False
 
-    def _complete(self, rec: store.DoneIndex | Any) -> bool:
+    def _complete(self, rec: store.DocRecord) -> bool:
         final_ok = {"ok"} if self.opts.retry_failed else {"ok", *store.FINAL}
         if not rec.units or any(s not in final_ok for s in rec.units.values()):
             return False
@@ -294,8 +294,7 @@ class Pipeline:
         cap = self.cfg.budget.max_credits
         if cap is None:
             return False
-        spent = store.sum_exact(self._attempt_credits)
-        return spent + self._credits_in_flight + est_credits > cap
+        return self.progress.credits + self._credits_in_flight + est_credits > cap
 
     async def _send_unit(self, unit: PageUnit) -> None:
         key = prompt.unit_key(unit.doc.sha256, unit.page, unit.page_last, self.fp)

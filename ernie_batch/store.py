@@ -204,8 +204,8 @@ class OutputLock:
             {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
              "since": datetime.now(UTC).isoformat()}
         ).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, payload, 0)
+        os.pwrite(fd, payload, 0)  # then cut: a reader never sees an empty file
+        os.ftruncate(fd, len(payload))
         self._fd = fd
         return True
 

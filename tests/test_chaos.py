@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from ernie_batch.store import OutputLock
 from tests.conftest import CORPUS, PROJECT, TEST_KEY
 
 CONCURRENCY = 4  # [limits] concurrency of the kill runs: the in-flight bound per kill
@@ -76,8 +77,7 @@ def make_corpus(folder: Path, images: int = IMAGES, pdf_pages: int = PDF_PAGES,
 
 
 def write_config(path: Path, sources: Path, output: Path, base_url: str, *,
-                 concurrency: int, workers: int = -1, flush_rows: int = 5,
-                 adaptive: bool = True) -> Path:
+                 concurrency: int, workers: int = -1, flush_rows: int = 5) -> Path:
     q = json.dumps  # a JSON string is a valid TOML basic string
     path.write_text(f"""name = "chaos"
 [sources]
@@ -90,7 +90,6 @@ schema_file = {q(str(PROJECT / "configs" / "schemas" / "page.json"))}
 [limits]
 concurrency = {concurrency}
 rpm = 6000
-adaptive = {str(adaptive).lower()}
 [retries]
 backoff_base_s = 0.1
 backoff_max_s = 1.0
@@ -303,10 +302,8 @@ def _run_campaign(root: Path) -> Campaign:
                                faults=FaultRates(**FAULTS))) as sim:
         src, out = root / "faults" / "in", root / "faults" / "out"
         units = make_corpus(src, images=54, pdf_pages=6, seed=2)
-        # adaptive off: a random 429 early in a run drops the adaptive rate to ~0.8 x the
-        # requests of the last minute (a few), and the run would crawl (see the README)
         cfg = write_config(root / "faults" / "job.toml", src, out, sim.url, concurrency=8,
-                           flush_rows=10, adaptive=False)
+                           flush_rows=10)
         rc = run_cli(cfg, env, log_file("faults"))
         wait_idle(sim)
         c.faults = {"output": out, "units": units, "rc": rc, "ledger": ledger_of(sim),
@@ -360,7 +357,7 @@ def _kill_resume(root: Path, sim: Any, env: dict[str, str]) -> dict[str, Any]:
         kills.append({
             "k": k, "pid": proc.pid, "at": t_kill, "ledger_at_kill": at_kill,
             "ledger_settled": len(sim.simulator.ledger),
-            "lock_pid": json.loads(lock.read_text()).get("pid") if lock.exists() else None,
+            "lock_pid": OutputLock(out, "").owner().get("pid") if lock.exists() else None,
             "journals": sorted(p.name for p in (out / "_journal").glob("*.jsonl")),
             "parts": len(list((out / "pages").rglob("*.parquet"))),
         })
