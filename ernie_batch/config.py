@@ -318,6 +318,6 @@ def _secret_from_block(name: str) -> str:
     try:
         from prefect.blocks.system import Secret
 
-        return str(Secret.load(name).get())
+        return str(Secret.load(name, _sync=True).get())  # sync even inside the flow's loop
     except Exception as exc:  # noqa: BLE001 - any failure to load is one clear line
         raise ConfigError(f"cannot load the Prefect Secret block {name!r}: {type(exc).__name__}") from None

@@ -126,3 +126,38 @@ def test_fatal_api_errors_stop_the_run_and_keep_what_was_done(
         assert len(ok) >= 1
     assert math.fsum(pages["credits"]) == math.fsum(e["credits"] for e in book["entries"])
     assert pages["status"].isin(["ok", "api_error"]).all()
+
+
+def test_each_run_leaves_a_table_and_a_report_artifact(prefect_harness, sim_factory, api_env,
+                                                        tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    sim = sim_factory()
+    summary = run_ingest(tmp_path, sim.url)
+
+    async def read() -> list:
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["ernie-batch-ingest-table",
+                                            "ernie-batch-ingest-report"])))
+
+    mine = [a for a in asyncio.run(read()) if summary["run_id"] in (a.description or "")]
+    by_type = {a.type: a for a in mine}
+    assert set(by_type) == {"table", "markdown"}
+    assert f"pages ok**: {summary['units_ok']}" in by_type["markdown"].data
+    assert "credits" in str(by_type["table"].data)
+
+
+def test_the_key_can_come_from_a_prefect_secret_block(prefect_harness, sim_factory, tmp_path,
+                                                       monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from tests.conftest import TEST_KEY
+
+    monkeypatch.delenv("AIMLAPI_API_KEY", raising=False)
+    Secret(value=TEST_KEY).save("ernie-test-key", overwrite=True)
+    sim = sim_factory()
+    summary = run_ingest(tmp_path, sim.url, overrides={"api.secret_block": "ernie-test-key"})
+    assert summary["outcome"] == "completed"
+    assert summary["units_ok"] == sample_pages()
