@@ -1,0 +1,37 @@
+"""A field added to the schema later is a new nullable column; old and new parts read together."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+from pydantic import SecretStr
+
+from ernie_batch.engine import run_job
+from ernie_batch.store import read_table
+from tests.conftest import PROJECT, SAMPLES, TEST_KEY, job_config
+
+
+def test_a_new_schema_field_reads_with_old_parts(sim_factory, tmp_path):
+    sim = sim_factory()
+    receipt = tmp_path / "in"
+    receipt.mkdir()
+    (receipt / "r.png").write_bytes((SAMPLES / "receipt-cafe-aurora.png").read_bytes())
+    run_job(job_config(sim.url, tmp_path / "out", [receipt]), SecretStr(TEST_KEY))
+
+    schema = json.loads((PROJECT / "configs" / "schemas" / "page.json").read_text())
+    schema["properties"]["author"] = {"type": "string"}
+    schema["required"].append("author")
+    grown = tmp_path / "page-v2.json"
+    grown.write_text(json.dumps(schema))
+    run_job(job_config(sim.url, tmp_path / "out", [receipt],
+                       **{"prompt.schema_file": str(grown)}), SecretStr(TEST_KEY))
+
+    table = read_table(tmp_path / "out", "pages")
+    assert table.num_rows == 2
+    assert table.schema.field("answer_author").type == pa.string()
+    assert table.schema.field("answer_total_amount").type == pa.float64()
+    rows = sorted(table.to_pylist(), key=lambda r: r["started_at"])
+    assert rows[0]["answer_author"] is None  # the old part has no such column
+    assert rows[1]["answer_author"].startswith("author-")
+    assert rows[0]["fingerprint"] != rows[1]["fingerprint"]
