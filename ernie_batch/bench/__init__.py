@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-SCENARIOS = ("intake",)
+SCENARIOS = ("intake", "rate", "adaptive", "overhead")
 
 
 def scenario(name: str) -> Callable[[float], dict[str, Any]]:
