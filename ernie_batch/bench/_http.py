@@ -201,7 +201,7 @@ def count_429(stats: dict[str, int]) -> int:
 WINDOW_S = 4.0
 LATENCY_S = 0.4
 PER_WINDOW = 200  # the limit: 3,000 a minute in the simulator's terms (2,000 requests: 10 windows)
-CONCURRENCY = 64  # > 3 x rate x latency: the in-flight cap never binds before the rate does
+CONCURRENCY = 40  # 2 x rate x latency: the in-flight cap never binds before the rate does
 REQUESTS = 2000
 
 
