@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from ernie_batch.bench import max_in_any_window
 from ernie_batch.limits import MAX_RETRY_AFTER_S, BudgetStopped, Lease, RequestBudget, parse_retry_after
 
 T = TypeVar("T")
@@ -45,15 +46,6 @@ async def now_or_fail(awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, 1.0)
 
 
-def max_in_any_window(times: list[float], window: float) -> int:
-    """The most events inside any half-open interval [t, t + window)."""
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def max_weight_in_any_window(events: list[tuple[float, float]], window: float) -> float:

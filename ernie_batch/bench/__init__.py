@@ -18,3 +18,15 @@ def scenario(name: str) -> Callable[[float], dict[str, Any]]:
     if name not in SCENARIOS:
         raise KeyError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
     return importlib.import_module(f"ernie_batch.bench.{name}").run
+
+
+def max_in_any_window(times: list[float], window: float) -> int:
+    """The most events inside any half-open interval [t, t + window): what a sliding-window
+    limiter counts, so benchmarks and tests read a rate the way the server does."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best

@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from ernie_batch.bench import max_in_any_window
+
 KEY = "sk-bench-0123456789abcdef"
 
 
@@ -182,13 +184,7 @@ def arrival_rate(entries: list[dict[str, Any]], window_s: float) -> float:
 
 def busiest_window(entries: list[dict[str, Any]], window_s: float) -> int:
     """Most billed answers within any `window_s` (answer times: arrivals shifted by latency)."""
-    times = sorted(e["at"] for e in entries)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - window_s:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
+    return max_in_any_window([e["at"] for e in entries], window_s)
 
 
 def count_429(stats: dict[str, int]) -> int:
