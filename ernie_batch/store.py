@@ -102,9 +102,9 @@ RUNS_SCHEMA = pa.schema(
     ]
 )
 
-PAGE_STATUSES = ("ok", "invalid_answer", "api_error", "input_error", "skipped", "duplicate")
-RETRYABLE = {"invalid_answer", "api_error"}  # a later run tries these again by itself
-FINAL = {"input_error", "skipped"}  # only with --retry-failed
+# invalid_answer and api_error rows are retried by later runs by themselves; these only
+# with --retry-failed
+FINAL = {"input_error", "skipped"}
 
 
 def pages_schema(answer_fields: list[pa.Field]) -> pa.Schema:
