@@ -143,6 +143,7 @@ class Pipeline:
         self._lock = store.OutputLock(self.root, self.run_id)
         await asyncio.to_thread(self._lock.acquire, self.opts.wait_lock_s)
         try:
+            store.remove_temp_files(self.root)
             self.recovered = store.recover_journals(
                 self.root, lambda _header: self.pages_schema, skip_run=self.run_id
             )

@@ -150,6 +150,18 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_temp_files(root: Path) -> int:
+    """Delete half-written parts a killed run left (call with the lock held: no writer is live)."""
+    removed = 0
+    for table in ("pages", "attempts", "runs"):
+        folder = root / table
+        if folder.is_dir():
+            for tmp in folder.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def check_writable(root: Path) -> None:
     """Create the folder and prove a file can be written and synced there."""
     probe = root / f".write-probe-{os.getpid()}"

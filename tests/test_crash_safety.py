@@ -321,3 +321,14 @@ def test_a_full_disk_is_found_before_any_request(job, monkeypatch):
     out = Path(cfg.output.path)
     assert not (out / ".lock").exists()
     assert list(out.iterdir()) == []  # not even the probe file is left behind
+
+
+def test_a_part_left_half_written_by_a_kill_is_cleaned_up(job):
+    sim, cfg, units = job
+    run_job(cfg, SecretStr(TEST_KEY))
+    folder = next((cfg.output.path / "pages").glob("date=*"))
+    leftover = folder / ".part-20260101T000000Z-dead00-0000.parquet.123.tmp"
+    leftover.write_bytes(b"PAR1 half a file")
+    summary = run_job(cfg, SecretStr(TEST_KEY))
+    assert summary.requests == 0
+    assert not leftover.exists()
