@@ -280,11 +280,10 @@ class Pipeline:
 
     # ------------------------------------------------------------ one unit
 
-    def _estimate(self, unit: PageUnit) -> tuple[int, float]:
+    def _estimate(self, unit: PageUnit, body: dict[str, Any]) -> tuple[int, float]:
         images = [(p.width or 0, p.height or 0) for p in unit.parts if not p.is_pdf]
         pdf_pages = sum(p.pages for p in unit.parts if p.is_pdf)
-        est = tokens.prompt_tokens(prompt.prompt_chars(self.cfg, unit, self.format_mode),
-                                   images, pdf_pages)
+        est = tokens.prompt_tokens(prompt.text_chars(body), images, pdf_pages)
         b = self.cfg.budget
         credits = est * b.credits_per_prompt_token + (
             min(b.expected_completion_tokens, self.cfg.request.max_tokens)
@@ -308,7 +307,9 @@ class Pipeline:
         t0 = time.perf_counter()
         status, error, verdict, last = "api_error", "not sent", None, None
         while True:
-            est_tokens, est_credits = self._estimate(unit)
+            mode = self.format_mode
+            body = prompt.build_body(self.cfg, unit, mode, temperature)
+            est_tokens, est_credits = self._estimate(unit, body)
             if self._over_budget(est_credits):
                 self._stop("budget_stopped", "max_credits reached: stopped dispatching")
             if self.stop_reason:
@@ -317,8 +318,6 @@ class Pipeline:
                     return
                 error = f"run stopped ({self.stop_reason}) before this unit finished"
                 break
-            mode = self.format_mode
-            body = prompt.build_body(self.cfg, unit, mode, temperature)
             try:
                 lease = await self.budget.acquire(est_tokens)
             except BudgetStopped:

@@ -128,9 +128,13 @@ def build_body(cfg: JobConfig, unit: PageUnit, mode: str, temperature: float) ->
     return body
 
 
-def prompt_chars(cfg: JobConfig, unit: PageUnit, mode: str) -> int:
-    """Length of the text the unit's request carries (for token estimates)."""
-    text = render(cfg.template_text, unit, cfg.prompt.variables)
-    if mode != "json_schema":
-        text += SCHEMA_INSTRUCTION.format(json.dumps(cfg.schema_obj, indent=1))
-    return len(text)
+def text_chars(body: dict[str, Any]) -> int:
+    """Length of the text a built request carries (for token estimates)."""
+    total = 0
+    for message in body["messages"]:
+        content = message["content"]
+        if isinstance(content, str):
+            total += len(content)
+        else:
+            total += sum(len(part["text"]) for part in content if part.get("type") == "text")
+    return total
