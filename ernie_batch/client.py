@@ -18,16 +18,10 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import SecretStr
 
-from ernie_batch.config import CREDITS_PER_USD, ConfigError
-from ernie_batch.limits import parse_retry_after
-
-# outcomes, as the `attempts` table records them
-OK = "ok"
-RATE_LIMITED = "rate_limited"
-SERVER_ERROR = "server_error"
-TRANSPORT_ERROR = "transport_error"
-BAD_REQUEST = "bad_request"
-FATAL = "fatal"
+from ernie_batch.config import CREDITS_PER_USD
+from ernie_batch.errors import ConfigError, one_line
+from ernie_batch.retry_after import parse_retry_after
+from ernie_batch.vocab import AttemptOutcome
 
 FATAL_CODES = {401: "invalid or missing API key", 403: "out of credits or forbidden",
                404: "wrong endpoint or base URL"}
@@ -35,7 +29,7 @@ FATAL_CODES = {401: "invalid or missing API key", 403: "out of credits or forbid
 
 @dataclass(slots=True)
 class CallResult:
-    outcome: str
+    outcome: AttemptOutcome
     status_code: int | None
     started_at: datetime
     latency_s: float
@@ -51,7 +45,7 @@ class CallResult:
 
     @property
     def billed(self) -> bool:
-        return self.outcome == OK
+        return self.outcome == AttemptOutcome.OK
 
 
 def is_loopback(host: str) -> bool:
@@ -75,22 +69,17 @@ def check_base_url(base_url: str, allow_insecure_http: bool) -> None:
         )
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _api_message(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        return _one_line(response.text or response.reason_phrase)
+        return one_line(response.text or response.reason_phrase)
     if isinstance(body, dict):
         msg = body.get("message") or body.get("error") or body
         if isinstance(msg, dict):
             msg = msg.get("message") or json.dumps(msg)
-        return _one_line(str(msg))
-    return _one_line(str(body))
+        return one_line(str(msg))
+    return one_line(str(body))
 
 
 def parse_completion(body: Any) -> tuple[str, str | None, str | None, int, int, float, float]:
@@ -134,7 +123,9 @@ class ApiClient:
         connect_timeout_s: float = 10.0,
         max_connections: int = 16,
         allow_insecure_http: bool = False,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport` replaces the network (tests mount the simulator with httpx.ASGITransport)."""
         check_base_url(base_url, allow_insecure_http)
         self.base_url = base_url.rstrip("/")
         # the pool never makes a request wait: one connection per request in flight
@@ -147,6 +138,7 @@ class ApiClient:
             headers={"Authorization": f"Bearer {api_key.get_secret_value()}"},
             limits=limits,
             timeout=timeout,
+            transport=transport,
         )
 
     def __repr__(self) -> str:
@@ -161,15 +153,17 @@ class ApiClient:
         try:
             response = await self._http.post("/chat/completions", json=body)
         except httpx.TimeoutException as exc:
-            return self._fail(TRANSPORT_ERROR, None, started, t0, f"timeout ({type(exc).__name__})")
+            error = f"timeout ({type(exc).__name__})"
+            return self._fail(AttemptOutcome.TRANSPORT_ERROR, None, started, t0, error)
         except httpx.HTTPError as exc:
-            return self._fail(TRANSPORT_ERROR, None, started, t0, f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            return self._fail(AttemptOutcome.TRANSPORT_ERROR, None, started, t0, error)
         return self._classify(response, started, t0)
 
-    def _fail(self, outcome: str, code: int | None, started: datetime, t0: float, error: str,
-              retry_after: float | None = None) -> CallResult:
+    def _fail(self, outcome: AttemptOutcome, code: int | None, started: datetime, t0: float,
+              error: str, retry_after: float | None = None) -> CallResult:
         return CallResult(outcome, code, started, time.perf_counter() - t0,
-                          error=_one_line(error), retry_after=retry_after)
+                          error=one_line(error), retry_after=retry_after)
 
     def _classify(self, response: httpx.Response, started: datetime, t0: float) -> CallResult:
         code = response.status_code
@@ -177,19 +171,21 @@ class ApiClient:
             try:
                 content, finish, rid, pt, ct, credits, usd = parse_completion(response.json())
             except ValueError as exc:
-                return self._fail(TRANSPORT_ERROR, code, started, t0, f"unreadable 200 response: {exc}")
-            return CallResult(OK, code, started, time.perf_counter() - t0, content=content,
-                              finish_reason=finish, response_id=rid, prompt_tokens=pt,
-                              completion_tokens=ct, credits=credits, usd=usd)
+                return self._fail(AttemptOutcome.TRANSPORT_ERROR, code, started, t0,
+                                  f"unreadable 200 response: {exc}")
+            return CallResult(AttemptOutcome.OK, code, started, time.perf_counter() - t0,
+                              content=content, finish_reason=finish, response_id=rid,
+                              prompt_tokens=pt, completion_tokens=ct, credits=credits, usd=usd)
         message = _api_message(response)
         if code == 429:
-            return self._fail(RATE_LIMITED, code, started, t0, f"HTTP 429: {message}",
+            return self._fail(AttemptOutcome.RATE_LIMITED, code, started, t0, f"HTTP 429: {message}",
                               parse_retry_after(response.headers))
         if code in FATAL_CODES:
-            return self._fail(FATAL, code, started, t0, f"HTTP {code} ({FATAL_CODES[code]}): {message}")
+            return self._fail(AttemptOutcome.FATAL, code, started, t0,
+                              f"HTTP {code} ({FATAL_CODES[code]}): {message}")
         if 400 <= code < 500:
-            return self._fail(BAD_REQUEST, code, started, t0, f"HTTP {code}: {message}")
-        return self._fail(SERVER_ERROR, code, started, t0, f"HTTP {code}: {message}",
+            return self._fail(AttemptOutcome.BAD_REQUEST, code, started, t0, f"HTTP {code}: {message}")
+        return self._fail(AttemptOutcome.SERVER_ERROR, code, started, t0, f"HTTP {code}: {message}",
                           parse_retry_after(response.headers))
 
     async def balance(self) -> dict[str, Any] | None:

@@ -22,6 +22,11 @@ from pydantic import (
     model_validator,
 )
 
+from ernie_batch.errors import ConfigError
+from ernie_batch.template import ResolvedPrompt, check_template
+
+__all__ = ["ConfigError", "JobConfig", "load_config", "api_key"]
+
 DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
 DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
 CREDITS_PER_USD = 2_000_000  # the vendor's published conversion
@@ -41,10 +46,6 @@ DEFAULT_SCHEMA: dict[str, Any] = {
     "required": ["title", "language", "summary"],
     "additionalProperties": False,
 }
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased as one line: where, which field, what is wrong."""
 
 
 class _Section(BaseModel):
@@ -193,10 +194,10 @@ class JobConfig(_Section):
     budget: BudgetOptions = Field(default_factory=BudgetOptions)
     schedule: ScheduleOptions = Field(default_factory=ScheduleOptions)
 
-    # resolved, not read from the file
+    # resolved by load_config, not read from the file
     config_path: Path | None = Field(default=None, exclude=True)
-    template_text: str = Field(default="", exclude=True)
-    schema_obj: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    resolved: ResolvedPrompt = Field(
+        default_factory=lambda: ResolvedPrompt(DEFAULT_TEMPLATE, DEFAULT_SCHEMA), exclude=True)
 
     @field_validator("name")
     @classmethod
@@ -253,39 +254,38 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(where, exc)) from None
     base = Path(path).resolve().parent if path is not None else Path.cwd()
-    cfg.config_path = Path(path).resolve() if path is not None else None
-    cfg.template_text = _read_template(cfg, base, where)
-    cfg.schema_obj = _read_schema(cfg, base, where)
-    _check_schema(cfg.schema_obj, where)
-    from ernie_batch.prompt import check_template
-
-    check_template(cfg.template_text, cfg.prompt.variables, f"{where}: prompt.template")
-    return cfg
+    resolved = _resolve_prompt(cfg.prompt, base, where)
+    check_template(resolved.template, cfg.prompt.variables, f"{where}: prompt.template")
+    return cfg.model_copy(update={
+        "config_path": Path(path).resolve() if path is not None else None,
+        "resolved": resolved,
+    })
 
 
-def _read_template(cfg: JobConfig, base: Path, where: Path | str) -> str:
-    p = cfg.prompt
+def _resolve_prompt(p: PromptOptions, base: Path, where: Path | str) -> ResolvedPrompt:
+    """Read the template and schema files (relative to the config file) and check the schema."""
+    template = p.template if p.template is not None else DEFAULT_TEMPLATE
+    template_path = None
     if p.template_file is not None:
-        f = _resolve(base, p.template_file)
+        template_path = _resolve(base, p.template_file)
         try:
-            return f.read_text(encoding="utf-8")
+            template = template_path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"{where}: prompt.template_file: cannot read {f}: {exc.strerror}") from None
-    return p.template if p.template is not None else DEFAULT_TEMPLATE
-
-
-def _read_schema(cfg: JobConfig, base: Path, where: Path | str) -> dict[str, Any]:
-    p = cfg.prompt
+            raise ConfigError(f"{where}: prompt.template_file: cannot read {template_path}: "
+                              f"{exc.strerror}") from None
+    schema = p.output_schema if p.output_schema is not None else DEFAULT_SCHEMA
+    schema_path = None
     if p.schema_file is not None:
-        f = _resolve(base, p.schema_file)
+        schema_path = _resolve(base, p.schema_file)
         try:
-            schema = json.loads(f.read_text(encoding="utf-8"))
+            schema = json.loads(schema_path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError(f"{where}: prompt.schema_file: cannot read {f}: {exc.strerror}") from None
+            raise ConfigError(f"{where}: prompt.schema_file: cannot read {schema_path}: "
+                              f"{exc.strerror}") from None
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: prompt.schema_file: {f} is not JSON: {exc}") from None
-        return schema
-    return p.output_schema if p.output_schema is not None else DEFAULT_SCHEMA
+            raise ConfigError(f"{where}: prompt.schema_file: {schema_path} is not JSON: {exc}") from None
+    _check_schema(schema, where)
+    return ResolvedPrompt(template, schema, template_path, schema_path)
 
 
 def _check_schema(schema: Any, where: Path | str) -> None:

@@ -12,7 +12,10 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from ernie_batch.errors import ContentError
 from ernie_batch.units import MediaPart
+
+__all__ = ["ContentError", "content_sha256", "decode_media", "media_part_json", "parts_sha256"]
 
 
 def media_part_json(part: MediaPart, detail: str | None = None) -> dict[str, Any]:
@@ -24,10 +27,6 @@ def media_part_json(part: MediaPart, detail: str | None = None) -> dict[str, Any
     if detail:
         image_url["detail"] = detail
     return {"type": "image_url", "image_url": image_url}
-
-
-class ContentError(ValueError):
-    """A content part whose media cannot be decoded (the API answers 400)."""
 
 
 def decode_media(part: dict[str, Any]) -> tuple[str, bytes] | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageCms, ImageFile
 
 from ernie_batch.config import ImageOptions
+from ernie_batch.errors import ImageError, one_line
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half an image
 
@@ -37,10 +38,6 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SRGB = None  # created lazily, once per process
-
-
-class ImageError(Exception):
-    """An image (or one frame) that cannot be prepared; the message is the row's error."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +87,9 @@ def open_image(path: Path, max_pixels: int) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise ImageError("unreadable image: no decoder recognises the content") from None
     except ValueError as exc:  # e.g. a PNG text chunk that decompresses past the limit
-        raise ImageError(f"unreadable image: {_one_line(exc)}") from None
+        raise ImageError(f"unreadable image: {one_line(exc)}") from None
     except (OSError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"unreadable image: {_one_line(exc)}") from None
+        raise ImageError(f"unreadable image: {one_line(exc)}") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -101,11 +98,6 @@ def open_image(path: Path, max_pixels: int) -> Image.Image:
         im.close()
         raise ImageError(f"image has no pixels ({w}x{h})")
     return im
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
 
 
 def frames_to_send(im: Image.Image, all_frames: bool) -> list[int]:
@@ -149,7 +141,7 @@ def load_frame(im: Image.Image, index: int, max_side: int) -> tuple[Image.Image,
             im.draft(im.mode, target_size(im.size, max_side))
         im.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = _one_line(exc)
+        text = one_line(exc)
         if "truncated" in text.lower():
             raise ImageError(f"truncated {fmt or 'image'}: {text}") from None
         raise ImageError(f"undecodable {fmt or 'image'}: {text}") from None
@@ -273,7 +265,7 @@ def prepare_frames(path: Path, opts: ImageOptions) -> tuple[list[EncodedImage | 
         try:
             indices = frames_to_send(im, opts.all_frames)
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError(f"unreadable {fmt or 'image'}: {_one_line(exc)}") from None
+            raise ImageError(f"unreadable {fmt or 'image'}: {one_line(exc)}") from None
         out: list[EncodedImage | ImageError] = []
         for index in indices:
             out.append(_one_frame(im, index, opts, fmt in _LOSSLESS_SOURCES))
@@ -290,5 +282,5 @@ def _one_frame(
     except ImageError as exc:
         return exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        return ImageError(f"cannot convert image: {_one_line(exc)}")
+        return ImageError(f"cannot convert image: {one_line(exc)}")
     return EncodedImage(data, mime, final.width, final.height, index)

@@ -43,22 +43,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import math
 import random
-import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-MAX_RETRY_AFTER_S = 300.0
+from ernie_batch.errors import BudgetStopped
+from ernie_batch.pacer import Pacer
+from ernie_batch.retry_after import MAX_RETRY_AFTER_S
+
+__all__ = ["BudgetStopped", "Lease", "RequestBudget"]
+
 OUTCOMES = ("ok", "rate_limited", "error")
-
-
-class BudgetStopped(Exception):
-    """The run is stopping: no more requests may be sent."""
 
 
 @dataclass(eq=False)
@@ -97,127 +96,6 @@ class Lease:
             self._budget.release(self, outcome="error" if exc_type is not None else "ok")
 
 
-class _Pacer:
-    """One limit: a sliding-window log (never more than `limit` per span) plus a small bucket.
-
-    The bucket refills at `rate` per span (`rate <= limit`): after a 429 the rate drops at
-    once while the log keeps the cap the server is known to accept, so sending slows down
-    instead of stopping until the log has drained to the new rate. With `limit=None` it only
-    keeps the log, so the achieved rate can still be measured. Log entries are
-    `[time, cost, alive]` lists so a lease can correct its own cost later.
-    """
-
-    BURST_COSTS = 2.0  # the bucket holds at least two typical requests
-
-    def __init__(self, window_s: float, margin: float, limit: float | None) -> None:
-        self.window = window_s
-        self.typical_cost = 1.0  # recent largest cost, decaying
-        self.span = window_s * (1.0 + margin)
-        self.limit: float | None = None
-        self.rate = 0.0
-        self.level = 0.0
-        self.last: float | None = None
-        self.log: deque[list[float]] = deque()
-        self.total = 0.0
-        self.set_limit(limit, limit, None)
-
-    @property
-    def capacity(self) -> float:
-        """About a second's worth (1/60 of a window), and at least two typical requests.
-
-        Two, so that a wake-up that comes a little late (a busy event loop, compressed
-        time) is caught up instead of lost; the log still caps every window.
-        """
-        return max(self.BURST_COSTS * self.typical_cost, self.rate / 60.0)
-
-    def set_limit(self, limit: float | None, rate: float | None, now: float | None) -> None:
-        """Cap the log at `limit` per span and refill the bucket at `rate` (<= limit)."""
-        if now is not None:
-            self._refill(now)
-        self.limit = limit
-        if limit is None:
-            self.rate, self.last = 0.0, None
-            return
-        self.rate = min(limit, rate if rate is not None else limit)
-        if self.last is None:
-            self.level = self.capacity  # a fresh bucket starts with its (small) burst
-        else:
-            self.level = min(self.level, self.capacity)
-
-    def _refill(self, now: float) -> None:
-        if self.limit is None:
-            return
-        if self.last is None:
-            self.last, self.level = now, self.capacity
-            return
-        self.level = min(self.capacity, self.level + (now - self.last) * self.rate / self.span)
-        self.last = max(self.last, now)
-
-    def _prune(self, now: float) -> None:
-        cutoff = now - self.span
-        while self.log and self.log[0][0] <= cutoff:
-            entry = self.log.popleft()
-            self.total -= entry[1]
-            entry[2] = 0.0
-        if not self.log:
-            self.total = 0.0  # no float drift left behind
-
-    def delay(self, now: float, cost: float) -> float:
-        """Seconds until `cost` may be taken (0 = now)."""
-        self._prune(now)
-        if self.limit is None:
-            return 0.0
-        self._refill(now)
-        need = min(cost, self.capacity)
-        wait = 0.0 if self.level >= need else (need - self.level) * self.span / self.rate
-        if self.log and self.total + cost > self.limit + 1e-9:
-            # Wait for the oldest entries to leave the span; a cost above the whole
-            # limit goes alone, once the log is empty.
-            excess = min(self.total + cost - self.limit, self.total)
-            freed = 0.0
-            for t, c, _ in self.log:
-                freed += c
-                if freed >= excess - 1e-9:
-                    wait = max(wait, t + self.span - now)
-                    break
-        return wait
-
-    def take(self, now: float, cost: float) -> list[float]:
-        self.typical_cost = max(cost, 0.95 * self.typical_cost, 1.0)
-        if self.limit is not None:
-            self._refill(now)
-            self.level -= cost
-        entry = [now, float(cost), 1.0]
-        self.log.append(entry)
-        self.total += cost
-        return entry
-
-    def adjust(self, entry: list[float], cost: float) -> None:
-        """Correct an earlier charge to what it really cost (refund or extra debt)."""
-        delta = cost - entry[1]
-        entry[1] = float(cost)
-        if entry[2]:
-            self.total += delta
-        if self.limit is not None:
-            self.level = min(self.capacity, self.level - delta)
-
-    def count_within(self, now: float) -> int:
-        """Entries in the last `window` seconds (the log keeps a little more: the margin).
-
-        The log is in time order, so only its head, the margin's few entries, is walked:
-        without a limit it holds a whole window, and counting it all on every acquire
-        cost O(requests per window) each (0.4 ms at 1,000 a window).
-        """
-        self._prune(now)
-        cutoff = now - self.window
-        older = 0
-        for t, _, _ in self.log:
-            if t > cutoff:
-                break
-            older += 1
-        return len(self.log) - older
-
-
 class RequestBudget:
     """One per run, shared by all its requests: see the module docstring for the design."""
 
@@ -249,8 +127,8 @@ class RequestBudget:
         self._clock = clock
         self._rng = rng or random.Random()
 
-        self._requests = _Pacer(self._window, self.WINDOW_MARGIN, self._configured_rpm)
-        self._tokens = _Pacer(self._window, self.WINDOW_MARGIN, self._tpm)
+        self._requests = Pacer(self._window, self.WINDOW_MARGIN, self._configured_rpm)
+        self._tokens = Pacer(self._window, self.WINDOW_MARGIN, self._tpm)
         self._rate = self._configured_rpm  # the enforced rate; None = unlimited
         self._bound = self._configured_rpm  # upper bound learnt from the last 429 burst
         self._probe = 0.0
@@ -510,80 +388,3 @@ class RequestBudget:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-# ---- Retry-After ----------------------------------------------------------------------
-
-_NUMBER = re.compile(r"\s*\+?(\d+(?:\.\d*)?|\.\d+)\s*")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
-_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_RESET_HEADERS = (("x-ratelimit-reset-requests", "x-ratelimit-remaining-requests"),
-                  ("x-ratelimit-reset-tokens", "x-ratelimit-remaining-tokens"),
-                  ("x-ratelimit-reset", "x-ratelimit-remaining"))
-
-
-def _duration(text: str) -> float | None:
-    """'1.5', '250ms', '6m0s', '1h2m3.5s' -> seconds; None if it is none of those."""
-    number = _NUMBER.fullmatch(text)
-    if number:
-        return float(number.group(1))
-    text = text.strip()
-    if not text:
-        return None
-    total, pos = 0.0, 0
-    for part in _DURATION_PART.finditer(text):
-        if part.start() != pos:
-            return None
-        total += float(part.group(1)) * _UNIT_S[part.group(2)]
-        pos = part.end()
-    return total if pos == len(text) and pos > 0 else None
-
-
-def _cap(seconds: float) -> float | None:
-    if not math.isfinite(seconds):
-        return None
-    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
-
-
-def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds to wait before retrying, from a 429's headers; None when they do not say.
-
-    `Retry-After` (seconds or an HTTP date; `retry-after-ms` first where sent), else the
-    `x-ratelimit-reset-*` headers ("1s", "250ms", "6m0s", "0.5", or an epoch timestamp for
-    the bare `x-ratelimit-reset`), preferring the limits whose `remaining` is 0. `now` is
-    epoch seconds for dates (default: the current time). Capped at 300 s.
-    """
-    lower = {k.lower(): v for k, v in headers.items()}
-    wall = time.time() if now is None else now
-
-    ms = lower.get("retry-after-ms")
-    if ms is not None and (m := _NUMBER.fullmatch(ms)):
-        return _cap(float(m.group(1)) / 1000.0)
-
-    value = lower.get("retry-after")
-    if value is not None:
-        if m := _NUMBER.fullmatch(value):
-            return _cap(float(m.group(1)))
-        try:
-            when = email.utils.parsedate_to_datetime(value.strip())
-        except (TypeError, ValueError, IndexError, OverflowError):
-            when = None
-        if when is not None and when.tzinfo is not None:
-            return _cap(when.timestamp() - wall)
-
-    found: list[tuple[float, bool]] = []
-    for reset_name, remaining_name in _RESET_HEADERS:
-        raw = lower.get(reset_name)
-        if raw is None:
-            continue
-        seconds = _duration(raw)
-        if seconds is None:
-            continue
-        if reset_name == "x-ratelimit-reset" and seconds > 1e9:
-            seconds -= wall  # an epoch timestamp (GitHub style), not a duration
-        exhausted = lower.get(remaining_name, "").strip() in ("0", "0.0")
-        found.append((seconds, exhausted))
-    if not found:
-        return None
-    exhausted = [s for s, e in found if e]
-    return _cap(max(exhausted or [s for s, _ in found]))

@@ -25,17 +25,8 @@ from pathlib import Path
 import pikepdf
 
 from ernie_batch.config import ImageOptions, PdfOptions
-
-
-class PdfError(Exception):
-    """A PDF (or page) that cannot be prepared: `status` is the row status, str() its error."""
-
-    def __init__(
-        self, message: str, status: str = "input_error", page: int = 1, page_last: int = 1
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.page, self.page_last = page, max(page, page_last)  # 1-based, for per-page rows
+from ernie_batch.errors import PdfError, one_line
+from ernie_batch.vocab import UnitStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +43,6 @@ class PageImage:
     width: int
     height: int
     page: int  # 1-based
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
 
 
 def _password(opts: PdfOptions) -> str:
@@ -223,13 +209,13 @@ def open_pdf(path: Path, opts: PdfOptions) -> pikepdf.Pdf:
             empty = empty or pdf
             reasons.append(f"{name}: no pages")
         except PdfError as exc:
-            if exc.status != "input_error" or "password" in str(exc):
+            if exc.status != UnitStatus.INPUT_ERROR or "password" in str(exc):
                 raise
             reasons.append(f"{name}: {exc}")
         except Exception as exc:  # noqa: BLE001 - each library raises its own zoo
             if _is_password_problem(exc):
                 raise _password_error(opts) from None
-            reasons.append(f"{name}: {_one_line(exc).replace(f'{path}: ', '')}")
+            reasons.append(f"{name}: {one_line(exc, 200).replace(f'{path}: ', '')}")
     if empty is not None:
         return empty
     raise PdfError("unreadable PDF (" + "; ".join(reasons) + ")")
@@ -243,14 +229,14 @@ def select_pages(count: int, opts: PdfOptions) -> range:
     if count == 0:
         raise PdfError("PDF has no pages")
     if opts.max_pages is not None and count > opts.max_pages:
-        raise PdfError(f"{count} pages, over the cap of {opts.max_pages}", status="skipped")
+        raise PdfError(f"{count} pages, over the cap of {opts.max_pages}", status=UnitStatus.SKIPPED)
     first = opts.first_page - 1
     last = count if opts.last_page is None else min(opts.last_page, count)
     if first >= last:
         raise PdfError(
             f"page range {opts.first_page}-{opts.last_page or 'end'} is empty "
             f"(the PDF has {count} pages)",
-            status="skipped",
+            status=UnitStatus.SKIPPED,
         )
     return range(first, last)
 
@@ -293,7 +279,7 @@ def split_pdf(path: Path, opts: PdfOptions) -> tuple[list[PagePdf | PdfError], i
                 out.append(PagePdf(page_pdf(src, chunk), first, last))
             except Exception as exc:  # noqa: BLE001 - one damaged page must not lose the rest
                 out.append(
-                    PdfError(f"cannot extract page {first}: {_one_line(exc)}", page=first, page_last=last)
+                    PdfError(f"cannot extract page {first}: {one_line(exc, 200)}", page=first, page_last=last)
                 )
     return out, count
 
@@ -346,7 +332,7 @@ def render_pdf(
             except (PdfError, ImageError) as exc:
                 out.append(PdfError(f"page {i + 1}: {exc}", page=i + 1))
             except Exception as exc:  # noqa: BLE001 - one page must not lose the rest
-                out.append(PdfError(f"cannot render page {i + 1}: {_one_line(exc)}", page=i + 1))
+                out.append(PdfError(f"cannot render page {i + 1}: {one_line(exc, 200)}", page=i + 1))
     finally:
         doc.close()
     return out, count

@@ -18,6 +18,7 @@ from ernie_batch.discover import discover
 from ernie_batch.images import ImageError, frames_to_send, open_image, target_size
 from ernie_batch.pdf import PdfError, chunks, open_pdf, select_pages
 from ernie_batch.units import Document
+from ernie_batch.vocab import UnitStatus
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _calibrated(cfg: JobConfig, fp: str) -> tuple[float, int] | None:
     if table is None:
         return None
     rows = [r for r in table.to_pylist()
-            if r["fingerprint"] == fp and r["status"] == "ok" and r["attempts"] == 1]
+            if r["fingerprint"] == fp and r["status"] == UnitStatus.OK and r["attempts"] == 1]
     if not rows:
         return None
     return (statistics.median(r["credits"] for r in rows),
@@ -93,7 +94,7 @@ def make_plan(cfg: JobConfig, sources: list[Path] | None = None) -> Plan:
     if calibrated:
         plan.price_source = "median of earlier runs with this prompt"
         completion = calibrated[1]
-    text_chars = len(cfg.template_text) + 40  # rendered variables: a file name, page numbers
+    text_chars = len(cfg.resolved.template) + 40  # rendered variables: a file name, page numbers
     for doc in docs:
         if doc.doc_type == "unknown":
             continue
@@ -102,10 +103,9 @@ def make_plan(cfg: JobConfig, sources: list[Path] | None = None) -> Plan:
         except (PdfError, ImageError, OSError):
             plan.documents_unreadable += 1
             continue
-        rec = done.get(doc.sha256, fp)
         for page, last, images, pdf_pages in units:
             plan.pages += last - page + 1
-            if rec and rec.units.get((page, last)) == "ok":
+            if done.status(doc.sha256, fp, page, last) == UnitStatus.OK:
                 plan.requests_done_before += 1
                 continue
             plan.requests += 1
@@ -123,6 +123,27 @@ def make_plan(cfg: JobConfig, sources: list[Path] | None = None) -> Plan:
         plan.warnings.append(f"the estimate ({plan.credits:,.0f} credits) exceeds "
                              f"budget.max_credits ({b.max_credits:,.0f}): the run will stop early")
     return plan
+
+
+def plan_rows(plan: Plan) -> list[tuple[str, str]]:
+    """The plan as (name, value) lines for a terminal table."""
+    return [
+        ("documents", f"{plan.documents} ({plan.documents_unreadable} unreadable)"),
+        ("pages", str(plan.pages)),
+        ("requests to send", f"{plan.requests} ({plan.requests_done_before} done before)"),
+        ("prompt tokens (est.)", f"{plan.prompt_tokens:,}"),
+        ("completion tokens (est.)", f"{plan.completion_tokens:,}"),
+        ("credits (est.)", f"{plan.credits:,.0f}  ({plan.price_source})"),
+        ("USD (est.)", f"{plan.usd:.4f}"),
+        ("time at the rate limit", _duration(plan.minutes_at_rate_limit)),
+        ("balance", "unknown" if plan.balance is None else f"{plan.balance:,.0f} credits"),
+    ]
+
+
+def _duration(minutes: float | None) -> str:
+    if minutes is None:
+        return "no limit set"
+    return f"{minutes * 60:.0f} s" if minutes < 2 else f"{minutes:.1f} min"
 
 
 async def read_balance(cfg: JobConfig, key) -> float | None:  # noqa: ANN001 - SecretStr

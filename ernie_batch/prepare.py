@@ -22,7 +22,9 @@ from types import TracebackType
 
 from ernie_batch.config import ImageOptions, PdfOptions, PrepareOptions
 from ernie_batch.discover import describe_unknown, read_head
+from ernie_batch.errors import one_line
 from ernie_batch.units import Document, MediaPart, PageUnit, Prepared, UnitFailure
+from ernie_batch.vocab import UnitStatus
 
 IMAGE_TYPES = {"jpeg", "png", "webp", "gif", "tiff", "bmp"}
 INLINE = -1  # PrepareOptions.workers: prepare in the calling process (tests, tiny jobs)
@@ -48,21 +50,17 @@ def _prepare(doc: Document, images: ImageOptions, pdf: PdfOptions) -> list[Prepa
             return _prepare_pdf(doc, images, pdf)
         if doc.doc_type in IMAGE_TYPES:
             return _prepare_image(doc, images)
-        return [_fail(doc, f"unsupported format: {_sniff_name(doc.path)}", "skipped")]
+        return [_fail(doc, f"unsupported format: {_sniff_name(doc.path)}", UnitStatus.SKIPPED)]
     except MemoryError:
         return [_fail(doc, "out of memory while preparing")]
     except Exception as exc:  # noqa: BLE001 - the contract: a row, never an exception
-        return [_fail(doc, f"cannot prepare {doc.doc_type}: {type(exc).__name__}: {_line(exc)}")]
-
-
-def _line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+        return [_fail(doc, f"cannot prepare {doc.doc_type}: {type(exc).__name__}: {one_line(str(exc))}")]
 
 
 def _fail(
     doc: Document,
     error: str,
-    status: str = "input_error",
+    status: UnitStatus = UnitStatus.INPUT_ERROR,
     page: int = 1,
     page_last: int | None = None,
     page_count: int | None = None,
@@ -193,7 +191,7 @@ def failure_from_exception(doc: Document, exc: BaseException, timeout_s: float) 
         return _fail(doc, f"preparation timed out after {timeout_s:g}s")
     if isinstance(exc, ProcessExpired):
         return _fail(doc, f"preparation crashed the worker process (exit code {exc.exitcode})")
-    return _fail(doc, f"preparation failed: {type(exc).__name__}: {_line(exc)}")
+    return _fail(doc, f"preparation failed: {type(exc).__name__}: {one_line(str(exc))}")
 
 
 class PreparePool:

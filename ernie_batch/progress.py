@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from ernie_batch.engine import Progress
+from ernie_batch.summary import Progress
 
 
 def _eta(p: Progress) -> str:
@@ -27,7 +27,7 @@ def _eta(p: Progress) -> str:
 
 def line(p: Progress) -> str:
     return (f"files {p.documents}/{p.documents_total}  pages {p.units_done} done "
-            f"({p.ok} ok, {p.failed} failed, {p.skipped + p.duplicate} skipped)  "
+            f"({p.units.ok} ok, {p.units.failed} failed, {p.units.skipped + p.units.duplicate} skipped)  "
             f"{p.rpm():.0f} req/min  {p.credits:,.0f} credits  ${p.usd:.4f}  ETA {_eta(p)}")
 
 

@@ -1,75 +1,32 @@
-"""The job's one prompt template, rendered per unit, and the request body built around it.
+"""The request body for one unit, built around the job's one template, and the keys that name answers.
 
-Templates use `$name` / `${name}` placeholders (string.Template), so JSON examples in a
-prompt need no escaping. The fingerprint covers the template's text, never its rendered
-text: a file's name or path never changes a unit's key.
+The fingerprint covers the template's text, never its rendered text: a file's name or path
+never changes a unit's key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from string import Template
 from typing import Any
 
-from ernie_batch.config import ConfigError, JobConfig
+from ernie_batch.config import JobConfig
 from ernie_batch.content import media_part_json
+from ernie_batch.template import render
 from ernie_batch.units import PageUnit
 
 # response_format modes, best first; a 400 rejecting one moves the run to the next, for good
 FORMAT_MODES = ("json_schema", "json_object", "text")
 
-BUILTIN_VARIABLES = (
-    "file_name",
-    "relative_path",
-    "folder",
-    "page",
-    "page_last",
-    "page_count",
-    "doc_type",
-)
-
 SCHEMA_INSTRUCTION = "Answer with one JSON object only, following this JSON Schema:\n```json\n{}\n```"
-
-
-def unit_variables(unit: PageUnit, extra: dict[str, str]) -> dict[str, str]:
-    doc = unit.doc
-    rel = doc.relative_path
-    folder = rel.rpartition("/")[0]
-    values = {
-        "file_name": doc.path.name,
-        "relative_path": rel,
-        "folder": folder,
-        "page": str(unit.page),
-        "page_last": str(unit.page_last),
-        "page_count": "?" if unit.page_count is None else str(unit.page_count),
-        "doc_type": doc.doc_type,
-    }
-    return {**extra, **values}
-
-
-def check_template(template: str, extra: dict[str, str], where: str = "prompt.template") -> None:
-    """Fail before any request is sent if the template names an unknown variable."""
-    sample = {name: "x" for name in (*BUILTIN_VARIABLES, *extra)}
-    try:
-        Template(template).substitute(sample)
-    except KeyError as exc:
-        known = ", ".join(sorted(sample))
-        raise ConfigError(f"{where}: unknown variable ${exc.args[0]} (known: {known})") from None
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def render(template: str, unit: PageUnit, extra: dict[str, str]) -> str:
-    return Template(template).substitute(unit_variables(unit, extra))
 
 
 def fingerprint(cfg: JobConfig) -> str:
     """sha256 of everything that shapes an answer: template, schema, model, parameters, preprocessing."""
     shaping = {
-        "template": cfg.template_text,
+        "template": cfg.resolved.template,
         "variables": cfg.prompt.variables,
-        "schema": cfg.schema_obj,
+        "schema": cfg.resolved.schema,
         "model": cfg.api.model,
         "request": cfg.request.model_dump(mode="json"),
         "images": cfg.images.model_dump(mode="json"),
@@ -89,7 +46,7 @@ def response_format(cfg: JobConfig, mode: str) -> dict[str, Any] | None:
             "type": "json_schema",
             "json_schema": {
                 "name": cfg.prompt.schema_name,
-                "schema": cfg.schema_obj,
+                "schema": cfg.resolved.schema,
                 "strict": cfg.request.strict,
             },
         }
@@ -100,9 +57,9 @@ def response_format(cfg: JobConfig, mode: str) -> dict[str, Any] | None:
 
 def build_body(cfg: JobConfig, unit: PageUnit, mode: str, temperature: float) -> dict[str, Any]:
     """The chat-completions body for one unit; instructions in the user message by default."""
-    text = render(cfg.template_text, unit, cfg.prompt.variables)
+    text = render(cfg.resolved.template, unit, cfg.prompt.variables)
     if mode != "json_schema":
-        text = text + "\n\n" + SCHEMA_INSTRUCTION.format(json.dumps(cfg.schema_obj, indent=1))
+        text = text + "\n\n" + SCHEMA_INSTRUCTION.format(json.dumps(cfg.resolved.schema, indent=1))
     media = [media_part_json(p, cfg.request.image_detail) for p in unit.parts]
     messages: list[dict[str, Any]]
     if cfg.request.system_message:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ernie_batch.engine import RunSummary
+from ernie_batch.summary import RunSummary
+from ernie_batch.vocab import FAILED, UnitStatus
 
 
 def summary_rows(s: RunSummary) -> list[tuple[str, str]]:
@@ -46,6 +47,10 @@ def summary_markdown(s: RunSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the columns of dataset_report's tables that hold numbers (right-aligned on a terminal)
+NUMERIC = ("units", "ok", "failed", "requests", "credits", "usd")
+
+
 def dataset_report(root: Any, run_id: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """Totals from the Parquet output: by run, day, folder, status and document."""
     import math
@@ -63,14 +68,14 @@ def dataset_report(root: Any, run_id: str | None = None) -> dict[str, list[dict[
         pages = pages[pages["run_id"] == run_id]
     pages["date"] = pages["date"].astype(str)
     pages["folder"] = pages["source_path"].map(lambda p: str(Path(p).parent))
-    pages["units_ok"] = pages["status"] == "ok"
+    pages["units_ok"] = pages["status"] == UnitStatus.OK
 
     def totals(by: str) -> list[dict[str, Any]]:
         rows = []
         for value, g in pages.groupby(by, sort=True):
             rows.append({
                 by: value, "units": len(g), "ok": int(g["units_ok"].sum()),
-                "failed": int((~g["status"].isin(["ok", "skipped", "duplicate"])).sum()),
+                "failed": int(g["status"].isin(FAILED).sum()),
                 "requests": int(g["attempts"].sum()),
                 "credits": math.fsum(g["credits"]), "usd": math.fsum(g["usd"]),
             })

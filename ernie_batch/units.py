@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ernie_batch.vocab import UnitStatus
+
 DOC_TYPES = ("pdf", "jpeg", "png", "webp", "gif", "tiff", "bmp")
 
 
@@ -63,7 +65,7 @@ class UnitFailure:
     """A unit (or a whole document, page=1) that could not be prepared or is not sent on purpose."""
 
     doc: Document
-    status: str  # "input_error" or "skipped"
+    status: UnitStatus  # INPUT_ERROR or SKIPPED
     error: str  # one line: what and why
     page: int = 1
     page_last: int = 1

@@ -16,8 +16,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from ernie_batch.config import api_key, load_config
-from ernie_batch.engine import Pipeline, RunOptions, RunSummary, batches
+from ernie_batch.engine import Pipeline, RunOptions, batches
 from ernie_batch.report import summary_markdown, summary_table
+from ernie_batch.summary import RunSummary
 
 _RUNS: dict[str, tuple[Pipeline, list[list[Any]]]] = {}
 
@@ -36,7 +37,8 @@ async def process_batch(run_id: str, batch_no: int) -> dict[str, int]:
     run, groups = _RUNS[run_id]
     await run.process(groups[batch_no])
     p = run.progress
-    return {"units_done": p.units_done, "ok": p.ok, "failed": p.failed, "requests": p.requests}
+    return {"units_done": p.units_done, "ok": p.units.ok, "failed": p.units.failed,
+            "requests": p.requests}
 
 
 async def run_flow(kind: str, config_path: str | None, sources: list[str] | None,

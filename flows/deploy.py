@@ -31,25 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ernie_batch.config import ConfigError, JobConfig, load_config
+from ernie_batch.config import JobConfig, load_config
+from ernie_batch.errors import ConfigError, ScheduleError, ServerStartError
+from ernie_batch.vocab import ExitCode
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
     from prefect.schedules import Schedule
 
-EXIT_OK, EXIT_SERVER, EXIT_USAGE = 0, 1, 2
 LOOPBACK = "127.0.0.1"
 # A fresh PREFECT_HOME migrates its database first: ~20 s on a small machine, more under load.
 HEALTH_TIMEOUT_S = 180.0
 STOP_GRACE_S = 15.0
-
-
-class ScheduleError(ValueError):
-    """The config's [schedule] cannot be served; the message is one line."""
-
-
-class ServerStartError(RuntimeError):
-    """The local Prefect server did not become healthy; the message says where its log is."""
 
 
 # --- the deployment -----------------------------------------------------------------------
@@ -292,14 +285,14 @@ def serve_schedule(config_path: Path) -> int:
     """Serve the ingest flow on the config's schedule until Ctrl-C or SIGTERM.
 
     Returns 0 after a clean stop, 2 when the config cannot be served (one line on stderr),
-    1 when the local Prefect server does not come up.
+    7 when the local Prefect server does not come up.
     """
     try:
         cfg = load_config(config_path)
         deployment = build_deployment(cfg, config_path)
     except (ConfigError, ScheduleError) as exc:
         _say(f"error: {exc}")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     when = (f"cron {cfg.schedule.cron!r} ({cfg.schedule.timezone})" if cfg.schedule.cron
             else f"every {cfg.schedule.interval_minutes:g} min")
     try:
@@ -318,8 +311,8 @@ def serve_schedule(config_path: Path) -> int:
                     serve_deployment(deployment)
     except ServerStartError as exc:
         _say(f"error: {exc}")
-        return EXIT_SERVER
+        return ExitCode.SERVER
     except KeyboardInterrupt:
         pass
     _say("stopped")
-    return EXIT_OK
+    return ExitCode.OK

@@ -25,6 +25,7 @@ from pydantic import SecretStr
 
 from ernie_batch import store
 from ernie_batch.engine import Pipeline, RunOptions, run_job
+from ernie_batch.recovery import recover_journals
 from tests import test_chaos as chaos
 from tests.conftest import PROJECT, TEST_KEY, job_config
 
@@ -49,18 +50,18 @@ def killed_run(cfg, *, lose_last_pages_part: bool) -> Pipeline:
     async def go() -> Pipeline:
         run = Pipeline(cfg, SecretStr(TEST_KEY), RunOptions())
         await run.__aenter__()
-        flush = run._maybe_flush
-        run._maybe_flush = lambda force=False: flush(False)  # the end-of-run flush never comes
+        flush = run.recorder.maybe_flush
+        run.recorder.maybe_flush = lambda force=False: flush(False)  # no end-of-run flush
         await run.process(run.discover())
         await run.pool.aclose()
         await run.client.aclose()
-        run.journal._fh.close()
+        run.recorder.journal._fh.close()
         return run
 
     run = asyncio.run(go())
     if lose_last_pages_part:
-        run.pages.parts[-1].unlink()
-    journal = run.journal.path
+        run.recorder.pages.parts[-1].unlink()
+    journal = run.recorder.journal.path
     with open(journal, "a", encoding="utf-8") as fh:  # a line cut by the kill
         fh.write('{"t":"page","run_id":"' + run.run_id + '","key":"ab')
     lock = run.root / ".lock"
@@ -101,7 +102,7 @@ def test_a_killed_runs_journal_is_folded_in_once_and_nothing_is_asked_again(
     sim, cfg, units = job
     dead = killed_run(cfg, lose_last_pages_part=lose_last_pages_part)
     out = dead.root
-    assert len(dead.pages.rows) == units % 4 > 0  # rows only the journal holds
+    assert len(dead.recorder.pages.rows) == units % 4 > 0  # rows only the journal holds
     summary = run_job(cfg, SecretStr(TEST_KEY))
 
     assert summary.recovered_runs == [dead.run_id]
@@ -120,10 +121,10 @@ def test_a_killed_runs_journal_is_folded_in_once_and_nothing_is_asked_again(
 def test_recovery_cut_short_by_another_kill_does_not_double_count(job):
     sim, cfg, units = job
     dead = killed_run(cfg, lose_last_pages_part=True)
-    journal = dead.journal.path
+    journal = dead.recorder.journal.path
     saved = journal.read_bytes()
     # a resume folds the journal into parts, then is killed before it can delete the journal
-    store.recover_journals(dead.root, lambda _header: dead.pages_schema)
+    recover_journals(dead.root, dead.pages_schema)
     journal.write_bytes(saved)
     summary = run_job(cfg, SecretStr(TEST_KEY))
     assert summary.recovered_runs == [dead.run_id] and summary.requests == 0
@@ -168,7 +169,7 @@ def test_a_part_cut_before_its_rename_stays_invisible(tmp_path, monkeypatch):
     def killed(*_args):
         raise KeyboardInterrupt("killed between write and rename")
 
-    monkeypatch.setattr(store.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         store.write_parquet_atomic(pa.table({"run_id": ["b"], "key": ["half"]}),
                                    tmp_path / "pages" / "date=2026-01-01" / "part-b-0000.parquet")
@@ -313,7 +314,7 @@ def test_a_full_disk_is_found_before_any_request(job, monkeypatch):
     def full(_fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(store.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(store.OutputError, match="not writable: No space left on device"):
         run_job(cfg, SecretStr(TEST_KEY))
     monkeypatch.undo()

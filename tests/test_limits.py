@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import pytest
 
 from ernie_batch.bench import max_in_any_window
-from ernie_batch.limits import MAX_RETRY_AFTER_S, BudgetStopped, Lease, RequestBudget, parse_retry_after
+from ernie_batch.limits import BudgetStopped, Lease, RequestBudget
+from ernie_batch.retry_after import MAX_RETRY_AFTER_S, parse_retry_after
 
 T = TypeVar("T")
 

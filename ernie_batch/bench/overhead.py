@@ -69,9 +69,7 @@ async def pipeline(cfg: Any, docs: list[Any], units: dict[Path, list[Any]]) -> t
     from ernie_batch.engine import Pipeline
 
     t = time.perf_counter()
-    async with Pipeline(cfg, SecretStr(KEY)) as run:
-        await run.pool.aclose()
-        run.pool = ReadyUnits(units)
+    async with Pipeline(cfg, SecretStr(KEY), pool=ReadyUnits(units)) as run:
         await run.process(docs)
         summary = await run.finish()
     return time.perf_counter() - t, summary

@@ -1,0 +1,5 @@
+"""`python -m ernie_batch.cli`: the same as the `ernie-batch` command."""
+
+from ernie_batch.cli import main
+
+main()

@@ -1,0 +1,121 @@
+"""What every command shares: the consoles, the options, one-line errors, checks before Prefect starts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ernie_batch.vocab import ExitCode
+
+app = typer.Typer(
+    help="Folders of PDFs and images -> a vision-language model -> validated rows in Parquet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def prefect_defaults() -> None:
+    """Settings a fresh machine needs before Prefect is imported (the user's own values win)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Job config (TOML).")]
+SourcesArg = Annotated[list[Path] | None, typer.Argument(
+    help="Folders or files to read instead of the config's sources.")]
+BaseUrlOpt = Annotated[str | None, typer.Option(
+    help="API base URL, e.g. https://api.aimlapi.com/v1 or a local OpenAI-compatible server.")]
+OutputOpt = Annotated[Path | None, typer.Option(help="Output folder for the Parquet dataset.")]
+ConcurrencyOpt = Annotated[int | None, typer.Option(help="Requests in flight at most.")]
+RpmOpt = Annotated[float | None, typer.Option(help="Requests per minute at most (0 = adapt).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+ForceOpt = Annotated[bool, typer.Option(help="Re-send pages already answered.")]
+RetryFailedOpt = Annotated[bool, typer.Option(
+    help="Also retry inputs recorded as input_error or skipped.")]
+WaitOpt = Annotated[float, typer.Option(
+    help="Seconds to wait for another run's lock on the output folder.")]
+
+
+def overrides(base_url: str | None, output: Path | None, concurrency: int | None = None,
+              rpm: float | None = None) -> dict[str, Any]:
+    """The flags that override config fields, by dotted name (None: not given)."""
+    return {
+        "api.base_url": base_url,
+        "output.path": str(output) if output else None,
+        "limits.concurrency": concurrency,
+        "limits.rpm": rpm,
+    }
+
+
+def load(config: Path | None, flags: dict[str, Any]) -> Any:
+    """The job config, or exit 2 with its one-line error."""
+    from ernie_batch.config import ConfigError, load_config
+
+    try:
+        return load_config(config, flags)
+    except ConfigError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+
+
+def check_before_start(config: Path | None, flags: dict[str, Any], need_key: bool = True,
+                       wait: float | None = None) -> None:
+    """Everything that can be checked before Prefect starts (seconds): config, key, output.
+
+    With `wait` given, the output folder must be writable and not locked by a live run
+    (unless the caller is willing to wait for it).
+    """
+    from ernie_batch import store
+    from ernie_batch.client import check_base_url
+    from ernie_batch.config import ConfigError, api_key
+
+    cfg = load(config, flags)
+    try:
+        check_base_url(cfg.api.base_url, cfg.api.allow_insecure_http)
+        if need_key:
+            api_key(cfg)
+    except ConfigError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+    if wait is None:
+        return
+    try:
+        store.check_writable(Path(cfg.output.path))
+        store.wait_until_unlocked(Path(cfg.output.path), wait)  # Prefect starts once it is free
+    except store.OutputError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+    except store.LockedError as exc:
+        raise fail(str(exc), ExitCode.LOCKED) from None
+
+
+def kv_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """A two-column table of names and values (summaries, plans)."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+@contextlib.contextmanager
+def nothing() -> Iterator[None]:
+    yield

@@ -1,0 +1,167 @@
+"""`run`, `backfill` and `demo`: one run of a flow, its progress on the terminal, its summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ernie_batch.cli.common import (
+    PROJECT_ROOT,
+    BaseUrlOpt,
+    ConcurrencyOpt,
+    ConfigOpt,
+    ForceOpt,
+    JsonOpt,
+    OutputOpt,
+    QuietOpt,
+    RetryFailedOpt,
+    RpmOpt,
+    SourcesArg,
+    WaitOpt,
+    app,
+    check_before_start,
+    console,
+    fail,
+    kv_table,
+    nothing,
+    out,
+    overrides,
+    prefect_defaults,
+)
+from ernie_batch.vocab import ExitCode, RunOutcome
+
+
+def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
+             flags: dict[str, Any], force: bool, retry_failed: bool, wait: float,
+             as_json: bool, quiet: bool) -> None:
+    flags = {k: v for k, v in flags.items() if v is not None}
+    check_before_start(config, flags, wait=wait)
+    prefect_defaults()
+    import asyncio
+
+    from ernie_batch.engine import PROGRESS_OBSERVER
+    from ernie_batch.errors import ConfigError, LockedError, OutputError
+    from ernie_batch.progress import ProgressView
+    from ernie_batch.summary import RunSummary
+
+    common = {"config_path": str(config) if config else None, "force": force,
+              "retry_failed": retry_failed, "wait_lock_s": wait}
+    folders = [str(s) for s in sources] if sources else None
+    if kind == "backfill":
+        from flows.backfill import backfill as backfill_flow
+
+        call = backfill_flow(folders=folders, overrides=flags, **common)
+    else:
+        from flows.ingest import ingest
+
+        call = ingest(sources=folders, overrides=flags, kind=kind, **common)
+    view = ProgressView(console)
+    token = PROGRESS_OBSERVER.set(None if (quiet or as_json) else view)
+    try:
+        with view if not (quiet or as_json) else nothing():
+            result = asyncio.run(call)
+    except LockedError as exc:
+        raise fail(str(exc), ExitCode.LOCKED) from None
+    except (ConfigError, OutputError) as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+    finally:
+        PROGRESS_OBSERVER.reset(token)
+    summary = RunSummary.model_validate(result)
+    print_summary(summary, as_json, quiet)
+    if summary.outcome == RunOutcome.FATAL_API_ERROR:
+        console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
+    raise typer.Exit(summary.exit_code)
+
+
+def print_summary(summary: Any, as_json: bool, quiet: bool) -> None:
+    from ernie_batch.report import summary_rows
+
+    if as_json:
+        out.print_json(json.dumps(summary.model_dump(mode="json")))
+        return
+    if quiet:
+        return
+    out.print(kv_table("ernie-batch run", summary_rows(summary)))
+    for msg, n in summary.top_errors:
+        out.print(f"  {n} × {msg}", highlight=False)
+
+
+@app.command()
+def run(
+    sources: SourcesArg = None,
+    config: ConfigOpt = None,
+    base_url: BaseUrlOpt = None,
+    output: OutputOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    rpm: RpmOpt = None,
+    force: ForceOpt = False,
+    retry_failed: RetryFailedOpt = False,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the job once (the ingest flow): new and changed pages only."""
+    run_flow("run", config, sources, overrides(base_url, output, concurrency, rpm), force,
+             retry_failed, wait, as_json, quiet)
+
+
+@app.command()
+def backfill(
+    folders: Annotated[list[Path] | None, typer.Argument(
+        help="Folders to backfill (default: the config's sources).")] = None,
+    config: ConfigOpt = None,
+    since: Annotated[str | None, typer.Option(
+        help="Only files dated on or after this day (YYYY-MM-DD).")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="Only files dated before this day (YYYY-MM-DD).")] = None,
+    date_from: Annotated[str, typer.Option(
+        help="Where a file's date comes from: mtime, or path (a YYYY-MM-DD in its path).")
+    ] = "mtime",
+    prompt_file: Annotated[Path | None, typer.Option(
+        "--prompt", help="A new prompt template file (a new fingerprint: pages run again).")
+    ] = None,
+    base_url: BaseUrlOpt = None,
+    output: OutputOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    rpm: RpmOpt = None,
+    force: ForceOpt = False,
+    retry_failed: RetryFailedOpt = False,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-run a folder or a date range (the backfill flow), perhaps with a new prompt."""
+    flags = overrides(base_url, output, concurrency, rpm)
+    flags.update({"sources.since": since, "sources.until": until, "sources.date_from": date_from})
+    if prompt_file is not None:
+        flags["prompt.template_file"] = str(prompt_file.resolve())
+        flags["prompt.template"] = None
+    run_flow("backfill", config, folders, flags, force, retry_failed, wait, as_json, quiet)
+
+
+@app.command()
+def demo(
+    output: OutputOpt = None,
+    latency: Annotated[float, typer.Option(help="Simulated API latency, seconds.")] = 0.2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the sample documents in data/samples through the built-in API simulator."""
+    from ernie_batch.simulator import SimServer, SimSettings
+
+    key = "sim-" + secrets.token_hex(16)
+    with SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:
+        os.environ["AIMLAPI_API_KEY"] = key  # this process only: the demo needs no real key
+        flags = {
+            "api.base_url": sim.url,
+            "sources.paths": [str(PROJECT_ROOT / "data" / "samples")],
+            "output.path": str(output or PROJECT_ROOT / "data" / "output"),
+        }
+        if not as_json:
+            console.print(f"simulator on {sim.url}; samples from {PROJECT_ROOT / 'data/samples'}")
+        run_flow("demo", PROJECT_ROOT / "configs" / "demo.toml", None, flags, False,
+                 False, 0.0, as_json, False)

@@ -1,0 +1,87 @@
+"""Every error ernie-batch raises on purpose, under one base, each phrased as one line.
+
+A caller that wants "anything ernie-batch refused" catches `ErnieBatchError`; one that
+catches a builtin today (a `ValueError` for bad media or a bad schedule) still can:
+
+    ErnieBatchError
+    ├── ConfigError           a config, flag or key problem: file, field, what is wrong
+    │   └── ScheduleError     (also ValueError) the [schedule] cannot be served
+    ├── InputError            a document, page or media part that cannot be used
+    │   ├── ContentError      (also ValueError) a request's media part cannot be decoded
+    │   ├── PdfError          a PDF or page that cannot be prepared (row status, pages)
+    │   └── ImageError        an image or frame that cannot be prepared
+    ├── OutputError           the output folder cannot be used (found before any request)
+    ├── LockedError           another live run holds the output folder
+    ├── BudgetStopped         the run is stopping: no more requests may be sent
+    └── ServerStartError      (also RuntimeError) the local Prefect server did not come up
+
+The simulator's HTTP control-flow exception (`ernie_batch.sim.app.ApiError`) is not a user
+error and stays outside this tree.
+"""
+
+from __future__ import annotations
+
+from ernie_batch.vocab import UnitStatus
+
+
+class ErnieBatchError(Exception):
+    """Base of every error ernie-batch raises on purpose; str() is one line."""
+
+
+class ConfigError(ErnieBatchError):
+    """A configuration problem, already phrased as one line: where, which field, what is wrong."""
+
+
+class ScheduleError(ConfigError, ValueError):
+    """The config's [schedule] cannot be served; the message is one line."""
+
+
+class InputError(ErnieBatchError):
+    """A document, page or media part that cannot be used; str() is the row's error."""
+
+
+class ContentError(InputError, ValueError):
+    """A content part whose media cannot be decoded (the API answers 400)."""
+
+
+class PdfError(InputError):
+    """A PDF (or page) that cannot be prepared: `status` is the row status, str() its error."""
+
+    def __init__(
+        self, message: str, status: UnitStatus = UnitStatus.INPUT_ERROR, page: int = 1, page_last: int = 1
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.page, self.page_last = page, max(page, page_last)  # 1-based, for per-page rows
+
+
+class ImageError(InputError):
+    """An image (or one frame) that cannot be prepared; the message is the row's error."""
+
+
+class OutputError(ErnieBatchError):
+    """The output folder cannot be used (unwritable, full): found before any request is sent."""
+
+
+class LockedError(ErnieBatchError):
+    """Another live run holds the output folder's lock."""
+
+
+class BudgetStopped(ErnieBatchError):
+    """The run is stopping: no more requests may be sent."""
+
+
+class ServerStartError(ErnieBatchError, RuntimeError):
+    """The local Prefect server did not become healthy; the message says where its log is."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """Whitespace collapsed to single spaces, cut at `limit` characters (an ellipsis marks a cut).
+
+    An exception with an empty message gives its class name, so a row never says nothing.
+    """
+    if isinstance(text, BaseException):
+        line = " ".join(str(text).split()) or type(text).__name__
+    else:
+        line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -1,0 +1,85 @@
+"""Folding what killed runs left in `_journal/` into Parquet, exactly once, by the next lock holder.
+
+A killed run's journal holds every row that reached it; some of them may already be in
+Parquet parts (flushed before the kill), so rows are added only when the run's parts lack
+them. Its manifest is built by the same `RunRecorder` as a finished run's, with outcome
+`interrupted`. A recovery cut short by another kill is simply done again: the journal is
+deleted only after its rows and manifest are written.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ernie_batch.recorder import RunRecorder
+from ernie_batch.store import (
+    ATTEMPTS_SCHEMA,
+    decode_schema,
+    from_journal,
+    read_journal,
+    rows_of_run,
+    run_row_path,
+)
+from ernie_batch.vocab import RunOutcome
+
+
+def recover_journals(root: Path, fallback_schema: pa.Schema, skip_run: str | None = None) -> list[str]:
+    """Fold every journal but `skip_run`'s into Parquet; returns the recovered run ids.
+
+    A journal's header carries its run's pages schema (the answer columns may have changed
+    since the kill); `fallback_schema` serves journals written before headers carried it.
+    """
+    folder = root / "_journal"
+    if not folder.is_dir():
+        return []
+    recovered = []
+    for path in sorted(folder.glob("*.jsonl")):
+        run_id = path.stem
+        if run_id == skip_run:
+            continue
+        records = read_journal(path)
+        header = next((r for r in records if r.get("t") == "run"), None)
+        if header is None:
+            path.unlink(missing_ok=True)
+            continue
+        schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")
+                  else fallback_schema)
+        _fold_run(root, run_id, header, records, schema)
+        path.unlink(missing_ok=True)
+        recovered.append(run_id)
+    return recovered
+
+
+def _fold_run(root: Path, run_id: str, header: dict[str, Any], records: list[dict[str, Any]],
+              schema: pa.Schema) -> None:
+    date = header["date"]
+    have_pages = rows_of_run(root, "pages", run_id, ["key", "source_path", "page"])
+    have_attempts = rows_of_run(root, "attempts", run_id, ["key", "attempt"])
+    recorder = RunRecorder(root, run_id, date, schema, prefix="part-recovered",
+                           flush_rows=sys.maxsize, flush_seconds=math.inf)  # one part each
+    paths: set[str] = set()
+    for rec in records:
+        kind = rec.get("t")
+        if kind == "page":
+            row = from_journal(rec, schema)
+            paths.add(row["source_path"])
+            recorder.add_page(row, write=(row["key"], row["source_path"], row["page"])
+                              not in have_pages)
+        elif kind == "attempt":
+            row = from_journal(rec, ATTEMPTS_SCHEMA)
+            recorder.add_attempt(row, write=(row["key"], row["attempt"]) not in have_attempts)
+    manifest = None
+    if not run_row_path(root, date, run_id).exists():
+        manifest = recorder.manifest(
+            kind=header.get("kind"), config_path=header.get("config_path"),
+            fingerprint=header.get("fingerprint"),
+            started_at=datetime.fromisoformat(header["started_at"]), finished_at=None,
+            documents=len(paths), outcome=RunOutcome.INTERRUPTED,
+            error="the run was killed; recovered from its journal")
+    recorder.close(manifest)

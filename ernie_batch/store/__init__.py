@@ -1,0 +1,51 @@
+"""The Parquet dataset: the answer store and the ledger of what is done.
+
+Layout (DESIGN.md's output contract), append-only, Hive partitions by the run's UTC date:
+
+    OUTPUT/pages/date=D/part-<run_id>-<nnnn>.parquet
+    OUTPUT/attempts/date=D/part-<run_id>-<nnnn>.parquet
+    OUTPUT/runs/date=D/run-<run_id>.parquet       written last
+    OUTPUT/_journal/<run_id>.jsonl                every record the moment it exists
+    OUTPUT/.lock                                  one run at a time
+
+Every file is written to a temporary name, fsynced and renamed, so a reader never sees half
+a file. The journal makes a kill -9 cost nothing that reached us: the next run folds it in
+(`ernie_batch.recovery`). The modules: `records` (schemas and typed rows), `files` (atomic
+writes), `lock`, `journal`, `tables` (writing and reading parts), `done` (what earlier runs
+did, and the skip decisions).
+"""
+
+from ernie_batch.errors import LockedError, OutputError
+from ernie_batch.store.done import DocumentDecision, DoneIndex, UnitDecision, load_done
+from ernie_batch.store.files import check_writable, remove_temp_files, write_parquet_atomic
+from ernie_batch.store.journal import Journal, from_journal, read_journal
+from ernie_batch.store.lock import OutputLock, live_lock_owner, wait_until_unlocked
+from ernie_batch.store.records import (
+    ATTEMPTS_SCHEMA,
+    RUNS_SCHEMA,
+    AttemptRow,
+    PageRow,
+    RunRow,
+    decode_schema,
+    encode_schema,
+    new_run_id,
+    pages_schema,
+)
+from ernie_batch.store.tables import (
+    TableWriter,
+    read_columns,
+    read_table,
+    rows_of_run,
+    run_row_path,
+    sum_exact,
+    write_run_row,
+)
+
+__all__ = [
+    "ATTEMPTS_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision", "DoneIndex", "Journal",
+    "LockedError", "OutputError", "OutputLock", "PageRow", "RunRow", "TableWriter",
+    "UnitDecision", "check_writable", "decode_schema", "encode_schema", "from_journal",
+    "live_lock_owner", "load_done", "new_run_id", "pages_schema", "read_columns", "read_journal",
+    "read_table", "remove_temp_files", "rows_of_run", "run_row_path", "sum_exact",
+    "wait_until_unlocked", "write_parquet_atomic", "write_run_row",
+]

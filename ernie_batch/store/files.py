@@ -1,0 +1,69 @@
+"""Files that appear whole or not at all: temp name, fsync, rename; and a probe of the folder.
+
+A reader never sees half a file, and a kill leaves at worst a dot-named temporary part
+that the next holder of the lock removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ernie_batch.errors import OutputError
+
+TABLES = ("pages", "attempts", "runs")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def remove_temp_files(root: Path) -> int:
+    """Delete half-written parts a killed run left (call with the lock held: no writer is live)."""
+    removed = 0
+    for table in TABLES:
+        folder = root / table
+        if folder.is_dir():
+            for tmp in folder.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def check_writable(root: Path) -> None:
+    """Create the folder and prove a file can be written and synced there."""
+    probe = root / f".write-probe-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise OutputError(f"output folder {root} is not writable: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)  # also when the disk was full: leave nothing behind

@@ -1,0 +1,198 @@
+"""The rows of each table as typed records, beside the Arrow schemas they are written with.
+
+The engine builds `PageRow`, `AttemptRow` and `RunRow`; `as_dict()` gives the one dict that
+goes, unchanged, into the journal and into the Parquet buffer.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+PAGE_HEAD = [
+    pa.field("run_id", pa.string()),
+    pa.field("key", pa.string()),
+    pa.field("fingerprint", pa.string()),
+    pa.field("source_path", pa.string()),
+    pa.field("source_sha256", pa.string()),
+    pa.field("doc_type", pa.string()),
+    pa.field("page", pa.int32()),
+    pa.field("page_last", pa.int32()),
+    pa.field("page_count", pa.int32()),
+    pa.field("content_sha256", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("answer_json", pa.string()),
+    pa.field("raw_answer", pa.string()),
+]
+PAGE_TAIL = [
+    pa.field("response_id", pa.string()),
+    pa.field("attempts", pa.int16()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("credits", pa.float64()),
+    pa.field("usd", pa.float64()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("model", pa.string()),
+    pa.field("started_at", TS),
+    pa.field("finished_at", TS),
+]
+
+ATTEMPTS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("attempt", pa.int16()),
+        pa.field("status_code", pa.int16()),
+        pa.field("outcome", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("response_id", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("credits", pa.float64()),
+        pa.field("usd", pa.float64()),
+        pa.field("temperature", pa.float64()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("started_at", TS),
+    ]
+)
+
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("config_path", pa.string()),
+        pa.field("fingerprint", pa.string()),
+        pa.field("started_at", TS),
+        pa.field("finished_at", TS),
+        pa.field("documents", pa.int64()),
+        pa.field("units_ok", pa.int64()),
+        pa.field("units_failed", pa.int64()),
+        pa.field("units_skipped", pa.int64()),
+        pa.field("requests", pa.int64()),
+        pa.field("credits", pa.float64()),
+        pa.field("usd", pa.float64()),
+        pa.field("outcome", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+_HEAD = tuple(f.name for f in PAGE_HEAD)
+_TAIL = tuple(f.name for f in PAGE_TAIL)
+
+
+def pages_schema(answer_fields: list[pa.Field]) -> pa.Schema:
+    """The pages schema of one answer schema: its `answer_<field>` columns between head and tail."""
+    return pa.schema([*PAGE_HEAD, *answer_fields, *PAGE_TAIL])
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def encode_schema(schema: pa.Schema) -> str:
+    """A schema as text for a journal header (Arrow IPC, base64)."""
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def decode_schema(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
+def _columns(row: object, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in names}
+
+
+@dataclass(slots=True)
+class PageRow:
+    """One request unit's row (`pages`): what was asked, what came back, what it cost."""
+
+    run_id: str
+    key: str
+    fingerprint: str
+    source_path: str
+    source_sha256: str
+    doc_type: str
+    page: int
+    page_last: int
+    page_count: int | None
+    status: str
+    error: str | None
+    model: str
+    started_at: datetime
+    finished_at: datetime
+    content_sha256: str | None = None
+    answer_json: str | None = None
+    raw_answer: str | None = None
+    answers: dict[str, Any] = field(default_factory=dict)  # answer_<field> -> cell
+    response_id: str | None = None
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    credits: float = 0.0
+    usd: float = 0.0
+    latency_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**_columns(self, _HEAD), **self.answers, **_columns(self, _TAIL)}
+
+
+ATTEMPT_COLUMNS = tuple(f.name for f in ATTEMPTS_SCHEMA)
+
+
+@dataclass(slots=True)
+class AttemptRow:
+    """One HTTP request's row (`attempts`): its outcome, tokens, credits and timing."""
+
+    run_id: str
+    key: str
+    attempt: int
+    status_code: int | None
+    outcome: str
+    error: str | None
+    response_id: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    credits: float
+    usd: float
+    temperature: float
+    latency_s: float
+    started_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return _columns(self, ATTEMPT_COLUMNS)
+
+
+RUN_COLUMNS = tuple(f.name for f in RUNS_SCHEMA)
+
+
+@dataclass(slots=True)
+class RunRow:
+    """A run's manifest (`runs`), written last: what it saw, did and spent, and how it ended."""
+
+    run_id: str
+    kind: str | None
+    config_path: str | None
+    fingerprint: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    documents: int
+    units_ok: int
+    units_failed: int
+    units_skipped: int
+    requests: int
+    credits: float
+    usd: float
+    outcome: str
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return _columns(self, RUN_COLUMNS)

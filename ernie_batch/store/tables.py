@@ -1,0 +1,100 @@
+"""Parquet tables: rows buffered and written as numbered parts; tables read across parts and schemas."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from ernie_batch.store.files import write_parquet_atomic
+from ernie_batch.store.records import RUNS_SCHEMA, RunRow
+
+
+class TableWriter:
+    """Buffers rows of one table and writes them as numbered, atomically renamed parts."""
+
+    def __init__(self, root: Path, table: str, schema: pa.Schema, run_id: str, date: str,
+                 prefix: str = "part") -> None:
+        self.folder = root / table / f"date={date}"
+        self.schema = schema
+        self.run_id = run_id
+        self.prefix = prefix
+        self.rows: list[dict[str, Any]] = []
+        self.parts: list[Path] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        path = self.folder / f"{self.prefix}-{self.run_id}-{len(self.parts):04d}.parquet"
+        while path.exists():  # a recovered run may already have parts
+            path = path.with_name(path.stem + "r.parquet")
+        write_parquet_atomic(table, path)
+        self.parts.append(path)
+        self.rows = []
+
+
+def _dataset(folder: Path) -> pads.Dataset | None:
+    if not folder.is_dir():
+        return None
+    files = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return None
+    return pads.dataset(files, format="parquet", partitioning="hive",
+                        partition_base_dir=str(folder))
+
+
+def read_columns(root: Path, table: str, columns: list[str]) -> pa.Table | None:
+    """Only the named columns of a table, across all its parts (files may differ in answer columns)."""
+    ds = _dataset(root / table)
+    if ds is None:
+        return None
+    present = [c for c in columns if c in ds.schema.names]
+    return ds.to_table(columns=present)
+
+
+def read_table(root: Path, table: str) -> pa.Table | None:
+    """A whole table with the union of all parts' schemas (new answer columns read as null)."""
+    folder = root / table
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return None
+    schema = pa.unify_schemas([pq.read_schema(p) for p in files])
+    ds = pads.dataset([str(p) for p in files], schema=schema, format="parquet",
+                      partitioning="hive", partition_base_dir=str(folder))
+    return ds.to_table()
+
+
+def rows_of_run(root: Path, table: str, run_id: str, cols: list[str]) -> set[tuple]:
+    """The `cols` of the rows a run already wrote to `table`, as a set of tuples."""
+    folder = root / table
+    files = [str(p) for p in folder.rglob(f"*-{run_id}-*.parquet")] if folder.is_dir() else []
+    if not files:
+        return set()
+    t = pq.ParquetDataset(files).read(columns=cols)
+    return set(zip(*(t[c].to_pylist() for c in cols), strict=True))
+
+
+def sum_exact(values: Iterable[float | None]) -> float:
+    """Order-independent, correctly rounded sum: totals match the API's to the last bit."""
+    return math.fsum(v for v in values if v is not None)
+
+
+def run_row_path(root: Path, date: str, run_id: str) -> Path:
+    return root / "runs" / f"date={date}" / f"run-{run_id}.parquet"
+
+
+def write_run_row(root: Path, date: str, row: RunRow) -> Path:
+    path = run_row_path(root, date, row.run_id)
+    write_parquet_atomic(pa.Table.from_pylist([row.as_dict()], schema=RUNS_SCHEMA), path)
+    return path

@@ -1,0 +1,63 @@
+"""What a run tells its watchers: live `Progress` counters while it works, a `RunSummary` at the end.
+
+Plain values: progress displays, reports, Prefect artifacts and `--json` depend on these,
+never on the engine that fills them in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from ernie_batch.vocab import Tally
+
+
+@dataclass
+class Progress:
+    """Counters for progress displays; updated in place as units finish."""
+
+    documents_total: int = 0
+    documents: int = 0
+    units_queued: int = 0
+    units_done: int = 0
+    units: Tally = field(default_factory=Tally)  # finished units by status
+    already_done: int = 0  # answered (or given up on) by earlier runs: no row, no request
+    requests: int = 0
+    rate_limited: int = 0
+    credits: float = 0.0
+    usd: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    request_times: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
+
+    def rpm(self, window_s: float = 60.0) -> float:
+        now = time.monotonic()
+        recent = [t for t in self.request_times if now - t <= window_s]
+        span = min(window_s, max(now - self.started, 1e-6))
+        return len(recent) * 60.0 / span
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    kind: str
+    outcome: str
+    exit_code: int
+    error: str | None = None
+    documents: int = 0
+    units_ok: int = 0
+    units_failed: int = 0
+    units_skipped: int = 0
+    units_duplicate: int = 0
+    units_not_sent: int = 0
+    units_already_done: int = 0
+    requests: int = 0
+    rate_limited: int = 0
+    credits: float = 0.0
+    usd: float = 0.0
+    duration_s: float = 0.0
+    output: str = ""
+    discovery_skipped: dict[str, int] = {}
+    top_errors: list[tuple[str, int]] = []
+    recovered_runs: list[str] = []

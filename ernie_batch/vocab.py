@@ -1,0 +1,100 @@
+"""The words every table, summary and exit shares: unit statuses, attempt and run outcomes, exit codes.
+
+Each is defined once here. They are `StrEnum`s, so the values written to Parquet, the
+journal and `--json` are the plain strings users filter on (`status == "ok"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+
+
+class UnitStatus(StrEnum):
+    """What became of one request unit (the `pages.status` column)."""
+
+    OK = "ok"
+    INVALID_ANSWER = "invalid_answer"  # answers kept failing validation
+    API_ERROR = "api_error"  # transport, 429, 5xx or 4xx until retries ran out
+    INPUT_ERROR = "input_error"  # the file or page could not be prepared
+    SKIPPED = "skipped"  # not sent by rule (unsupported type, pdf.max_pages)
+    DUPLICATE = "duplicate"  # same content already answered under another path
+
+
+# retried by later runs by themselves: invalid_answer, api_error; these only with --retry-failed
+FINAL_FAILURES = frozenset({UnitStatus.INPUT_ERROR, UnitStatus.SKIPPED})
+FAILED = frozenset({UnitStatus.INVALID_ANSWER, UnitStatus.API_ERROR, UnitStatus.INPUT_ERROR})
+
+
+class AttemptOutcome(StrEnum):
+    """How one HTTP request ended (the `attempts.outcome` column)."""
+
+    OK = "ok"
+    INVALID_ANSWER = "invalid_answer"  # billed, but the answer failed validation
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 5xx
+    TRANSPORT_ERROR = "transport_error"  # timeout, reset, unreadable body
+    BAD_REQUEST = "bad_request"  # another 4xx: the request is wrong
+    FATAL = "fatal"  # 401, 403, 404: the whole run stops
+
+
+class RunOutcome(StrEnum):
+    """How a run ended (the `runs.outcome` column and the summary)."""
+
+    COMPLETED = "completed"
+    PARTIAL = "partial"  # some units failed
+    FATAL_API_ERROR = "fatal_api_error"
+    BUDGET_STOPPED = "budget_stopped"
+    INTERRUPTED = "interrupted"
+
+
+class ExitCode(IntEnum):
+    """The process exit codes of every command (README "Exit codes")."""
+
+    OK = 0  # everything selected ended ok, or nothing was due
+    FAILED = 1  # some units failed
+    USAGE = 2  # usage or config error, missing key, unusable output folder
+    FATAL = 3  # 401, 403, 404 from the API
+    BUDGET = 4  # stopped by budget.max_credits
+    LOCKED = 5  # output folder locked by another run
+    GATE = 6  # eval --gate: the gated version is worse than allowed
+    SERVER = 7  # the Prefect server did not become healthy
+    SIGINT = 130
+    SIGTERM = 143
+
+
+RUN_EXIT = {
+    RunOutcome.COMPLETED: ExitCode.OK,
+    RunOutcome.PARTIAL: ExitCode.FAILED,
+    RunOutcome.FATAL_API_ERROR: ExitCode.FATAL,
+    RunOutcome.BUDGET_STOPPED: ExitCode.BUDGET,
+    RunOutcome.INTERRUPTED: ExitCode.FAILED,
+}
+
+
+@dataclass(slots=True)
+class Tally:
+    """Units by status: the one place statuses are counted (progress, manifest, recovery)."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    duplicate: int = 0
+
+    def add(self, status: str) -> None:
+        if status == UnitStatus.OK:
+            self.ok += 1
+        elif status == UnitStatus.DUPLICATE:
+            self.duplicate += 1
+        elif status == UnitStatus.SKIPPED:
+            self.skipped += 1
+        elif status in FAILED:
+            self.failed += 1
+
+    @classmethod
+    def of(cls, statuses: Iterable[str]) -> Tally:
+        tally = cls()
+        for status in statuses:
+            tally.add(status)
+        return tally
