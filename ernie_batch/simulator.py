@@ -358,18 +358,6 @@ def check_structure(body: Any, settings: SimSettings) -> list[dict[str, Any]]:
     return messages
 
 
-def text_chars(messages: list[dict[str, Any]]) -> int:
-    """Characters of text in all messages (string contents and text parts)."""
-    total = 0
-    for msg in messages:
-        content = msg.get("content")
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(p.get("text", "")) for p in content if p.get("type") == "text")
-    return total
-
-
 def _image_size(data: bytes, where: str) -> tuple[int, int]:
     from PIL import Image
 
@@ -886,7 +874,7 @@ class Simulator:
         limits = [int(body[k]) for k in ("max_tokens", "max_completion_tokens") if k in body]
         return Checked(
             body=body, messages=messages, digest=digest,
-            prompt_tokens=tokens.prompt_tokens(text_chars(messages), images, pages),
+            prompt_tokens=tokens.prompt_tokens(tokens.text_chars(messages), images, pages),
             schema=answer_schema(body, messages), max_tokens=min(limits) if limits else None,
         )
 
