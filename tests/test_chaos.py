@@ -287,7 +287,7 @@ def campaign() -> Campaign:
 
 
 def _run_campaign(root: Path) -> Campaign:
-    from ernie_batch.simulator import FaultRates, SimServer, SimSettings
+    from ernie_batch.sim import FaultRates, SimServer, SimSettings
 
     c = Campaign(root=root, home=prefect_home(), logs=root / "logs")
     env = cli_env(c.home)

@@ -10,7 +10,7 @@ import pandas as pd
 from pydantic import SecretStr
 
 from ernie_batch.engine import run_job
-from ernie_batch.simulator import FaultRates
+from ernie_batch.sim import FaultRates
 from tests.conftest import TEST_KEY, job_config
 
 

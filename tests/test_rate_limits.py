@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 
 from ernie_batch.bench._http import KEY, job_config, make_images, run_pipeline
-from ernie_batch.simulator import FaultRates, SimServer, SimSettings, error_response
+from ernie_batch.sim import FaultRates, SimServer, SimSettings, error_response
 
 WINDOW_S = 3.0
 

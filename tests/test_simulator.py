@@ -20,7 +20,7 @@ from pypdf import PdfWriter
 
 from ernie_batch import tokens
 from ernie_batch.content import content_sha256
-from ernie_batch.simulator import (
+from ernie_batch.sim import (
     DEFAULT_MODEL,
     FaultRates,
     SimServer,

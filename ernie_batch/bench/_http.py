@@ -86,7 +86,7 @@ def _warm_up(server: Any) -> None:
 
     from PIL import Image
 
-    from ernie_batch.simulator import DEFAULT_MODEL
+    from ernie_batch.sim import DEFAULT_MODEL
 
     png = io.BytesIO()
     Image.new("RGB", (4, 4)).save(png, "PNG")
@@ -104,7 +104,7 @@ def _warm_up(server: Any) -> None:
 
 
 def _serve_child(settings: dict[str, Any]) -> None:
-    from ernie_batch.simulator import FaultRates, SimServer, SimSettings
+    from ernie_batch.sim import FaultRates, SimServer, SimSettings
 
     faults = FaultRates(**settings.pop("faults", {}))
     with SimServer(SimSettings(faults=faults, **settings)) as server:
