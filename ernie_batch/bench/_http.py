@@ -26,6 +26,7 @@ import httpx
 from pydantic import SecretStr
 
 from ernie_batch.bench import max_in_any_window
+from ernie_batch.sim import SimControl
 
 KEY = "sk-bench-0123456789abcdef"
 
@@ -33,7 +34,7 @@ KEY = "sk-bench-0123456789abcdef"
 # --- the simulator in a child process -----------------------------------------------------------
 
 
-class SimProcess:
+class SimProcess(SimControl):
     """A `SimServer` in a child process: `url`, `ledger()`, `reset()`; stop by leaving."""
 
     def __init__(self, **settings: Any) -> None:
@@ -66,16 +67,6 @@ class SimProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-    def _root(self) -> str:
-        return self.url.removesuffix("/v1")
-
-    def ledger(self) -> dict[str, Any]:
-        """{entries, totals, stats} as `GET /_sim/ledger` gives them."""
-        return httpx.get(self._root() + "/_sim/ledger", timeout=60).json()
-
-    def reset(self) -> None:
-        httpx.post(self._root() + "/_sim/reset", timeout=10).raise_for_status()
 
 
 def _warm_up(server: Any) -> None:

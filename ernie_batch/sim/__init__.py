@@ -8,12 +8,13 @@ The pipeline's tests, demo and benchmarks run against it. Modules: `validation` 
 from ernie_batch.sim.answers import generate_value
 from ernie_batch.sim.app import DEFAULT_MODEL, SimSettings, Simulator, error_response
 from ernie_batch.sim.faults import FaultRates
-from ernie_batch.sim.server import SimServer, serve
+from ernie_batch.sim.server import SimControl, SimServer, serve
 from ernie_batch.sim.window import SlidingWindow
 
 __all__ = [
     "DEFAULT_MODEL",
     "FaultRates",
+    "SimControl",
     "SimServer",
     "SimSettings",
     "Simulator",

@@ -3,7 +3,7 @@
 It behaves like the real API (see shared/API-FACTS.md): Bearer auth, request validation with
 the vendor's 400 body, RPM/TPM sliding windows and a concurrency cap answered with 429 +
 Retry-After, credits billed per request, and faults injected at seeded rates. Every billed
-request goes into a ledger that tests read back (`GET /_sim/ledger`).
+request goes into a ledger that tests read back (`GET /_sim/ledger`, `SimServer.ledger()`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ import logging
 import socket
 import threading
 import time
+from typing import Any
 
+import httpx
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
@@ -32,8 +34,32 @@ def _uvicorn_config(sim: Simulator, host: str, port: int, *, quiet: bool) -> uvi
     )
 
 
-class SimServer:
-    """Runs a Simulator under uvicorn in a background thread (tests, demo, benchmarks)."""
+class SimControl:
+    """The `_sim/*` routes over HTTP, for a simulator served at `url` (ending in /v1).
+
+    Over HTTP, so a server in this process (SimServer) and one in a child process (the
+    benchmarks' SimProcess) are read the same way.
+    """
+
+    url: str
+
+    def _root(self) -> str:
+        return self.url.removesuffix("/v1")
+
+    def ledger(self) -> dict[str, Any]:
+        """{entries, totals, stats} as `GET /_sim/ledger` gives them."""
+        return httpx.get(self._root() + "/_sim/ledger", timeout=60).json()
+
+    def reset(self) -> None:
+        """Empty the ledger and the stats, as `POST /_sim/reset` does."""
+        httpx.post(self._root() + "/_sim/reset", timeout=10).raise_for_status()
+
+
+class SimServer(SimControl):
+    """Runs a Simulator under uvicorn in a background thread (tests, demo, benchmarks).
+
+    `ledger()` and `reset()` (from SimControl) work once it has started.
+    """
 
     def __init__(self, settings: SimSettings, host: str = "127.0.0.1", port: int = 0) -> None:
         self.simulator = Simulator(settings)
