@@ -9,6 +9,7 @@ size) plus 8 for its frame; a PDF page as an image of 1288 px on its longer side
 from __future__ import annotations
 
 import math
+from typing import Any
 
 PATCH = 28
 PDF_PAGE_TOKENS = math.ceil(1288 * 1000 / (PATCH * PATCH)) + 8  # a letter-size page at 1288 px
@@ -20,6 +21,18 @@ def text_tokens(text: str) -> int:
 
 def image_tokens(width: int, height: int) -> int:
     return math.ceil(width / PATCH) * math.ceil(height / PATCH) + 8
+
+
+def text_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of text in all messages (string contents and text parts)."""
+    total = 0
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content if p.get("type") == "text")
+    return total
 
 
 def prompt_tokens(text_chars: int, images: list[tuple[int, int]], pdf_pages: int) -> int:

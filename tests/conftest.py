@@ -35,7 +35,7 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture
 def sim_factory():
     """Start simulators with the given settings; all are stopped after the test."""
-    from ernie_batch.simulator import SimServer, SimSettings
+    from ernie_batch.sim import SimServer, SimSettings
 
     started: list[SimServer] = []
 

@@ -172,12 +172,6 @@ def wait_idle(sim: Any, timeout: float = 10) -> None:
     time.sleep(0.05)
 
 
-def ledger_of(sim: Any) -> list[dict[str, Any]]:
-    from dataclasses import asdict
-
-    return [asdict(e) for e in list(sim.simulator.ledger)]
-
-
 def table(out: Path, name: str) -> pd.DataFrame:
     from ernie_batch.store import read_table
 
@@ -287,7 +281,7 @@ def campaign() -> Campaign:
 
 
 def _run_campaign(root: Path) -> Campaign:
-    from ernie_batch.simulator import FaultRates, SimServer, SimSettings
+    from ernie_batch.sim import FaultRates, SimServer, SimSettings
 
     c = Campaign(root=root, home=prefect_home(), logs=root / "logs")
     env = cli_env(c.home)
@@ -306,7 +300,7 @@ def _run_campaign(root: Path) -> Campaign:
                            flush_rows=10)
         rc = run_cli(cfg, env, log_file("faults"))
         wait_idle(sim)
-        c.faults = {"output": out, "units": units, "rc": rc, "ledger": ledger_of(sim),
+        c.faults = {"output": out, "units": units, "rc": rc, "ledger": sim.ledger()["entries"],
                     "stats": dict(sim.simulator.stats)}
     c.timings["faults"] = time.monotonic() - t0
 
@@ -319,7 +313,7 @@ def _run_campaign(root: Path) -> Campaign:
                            workers=2)
         rc = run_cli(cfg, env, log_file("hostile"))
         c.hostile = {"output": out, "src": src, "units": units, "hostile": hostile, "rc": rc,
-                     "ledger": ledger_of(sim)}
+                     "ledger": sim.ledger()["entries"]}
     c.timings["hostile"] = time.monotonic() - t0
     return c
 
@@ -366,7 +360,7 @@ def _kill_resume(root: Path, sim: Any, env: dict[str, str]) -> dict[str, Any]:
                  timeout=max(90.0, deadline - time.monotonic()))
     wait_idle(sim)
     return {"output": out, "units": units, "seed": seed, "kills": kills, "rc": rc,
-            "finished_early": finished_early, "ledger": ledger_of(sim),
+            "finished_early": finished_early, "ledger": sim.ledger()["entries"],
             "final_s": time.monotonic() - final_started}
 
 

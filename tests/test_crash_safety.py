@@ -18,7 +18,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 from pydantic import SecretStr
@@ -28,10 +27,6 @@ from ernie_batch.engine import Pipeline, RunOptions, run_job
 from ernie_batch.recovery import recover_journals
 from tests import test_chaos as chaos
 from tests.conftest import PROJECT, TEST_KEY, job_config
-
-
-def ledger(sim) -> list[dict]:
-    return httpx.get(sim.url.removesuffix("/v1") + "/_sim/ledger").json()["entries"]
 
 
 def dead_pid() -> int:
@@ -85,7 +80,7 @@ def job(sim_factory, tmp_path):
 def check_exactly_once(sim, out: Path, units: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     pages = store.read_table(out, "pages").to_pandas()
     attempts = store.read_table(out, "attempts").to_pandas()
-    book = ledger(sim)
+    book = sim.ledger()["entries"]
     assert len(book) == units  # nothing received was asked for again
     assert len(pages) == units and pages["key"].is_unique
     assert set(pages["status"]) == {"ok"}
@@ -112,7 +107,7 @@ def test_a_killed_runs_journal_is_folded_in_once_and_nothing_is_asked_again(
     killed = runs.loc[dead.run_id]
     assert killed["outcome"] == "interrupted" and killed["units_ok"] == units
     assert killed["requests"] == units
-    assert killed["credits"] == math.fsum(e["credits"] for e in ledger(sim))
+    assert killed["credits"] == math.fsum(e["credits"] for e in sim.ledger()["entries"])
     assert runs.loc[summary.run_id, "requests"] == 0
     assert not list((out / "_journal").glob("*.jsonl"))
     assert not (out / ".lock").exists()
@@ -234,7 +229,7 @@ def test_a_second_run_exits_5_while_the_first_holds_the_folder(sim_factory, tmp_
     [line] = error_lines(text)
     assert "is locked by run holder-run" in line and f"pid {holder.pid}" in line
     assert "--wait" in line
-    assert ledger(sim) == []
+    assert sim.ledger()["entries"] == []
     assert not (out / "pages").exists()
 
 
@@ -246,7 +241,7 @@ def test_wait_queues_behind_the_lock_and_a_dead_owner_is_taken_over(job, tmp_pat
     try:
         with pytest.raises(store.LockedError, match=f"pid {holder.pid}.*--wait"):
             run_job(cfg, SecretStr(TEST_KEY))
-        assert ledger(sim) == []
+        assert sim.ledger()["entries"] == []
         t0 = time.monotonic()
         subprocess.Popen([sys.executable, "-c",
                           f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(release)!r})"
@@ -279,7 +274,7 @@ def test_cli_wait_queues_behind_a_live_run(sim_factory, tmp_path):
     try:
         time.sleep(4)  # the CLI queues at the lock before it even starts Prefect
         assert proc.poll() is None, log.read_text()
-        assert ledger(sim) == []  # still waiting, nothing sent
+        assert sim.ledger()["entries"] == []  # still waiting, nothing sent
         release.touch()
         assert proc.wait(timeout=60) == 0, log.read_text()
     finally:
@@ -287,7 +282,7 @@ def test_cli_wait_queues_behind_a_live_run(sim_factory, tmp_path):
         holder.wait(timeout=10)
         if proc.poll() is None:
             chaos.kill_group(proc)
-    assert len(ledger(sim)) == units
+    assert len(sim.ledger()["entries"]) == units
 
 
 # ---------------------------------------------------------------- unusable output folders
@@ -305,7 +300,7 @@ def test_an_unwritable_output_folder_stops_the_cli_before_any_request(sim_factor
     assert rc == 2, text
     [line] = error_lines(text)
     assert f"output folder {out} is not writable" in line
-    assert ledger(sim) == []
+    assert sim.ledger()["entries"] == []
 
 
 def test_a_full_disk_is_found_before_any_request(job, monkeypatch):
@@ -318,7 +313,7 @@ def test_a_full_disk_is_found_before_any_request(job, monkeypatch):
     with pytest.raises(store.OutputError, match="not writable: No space left on device"):
         run_job(cfg, SecretStr(TEST_KEY))
     monkeypatch.undo()
-    assert ledger(sim) == []
+    assert sim.ledger()["entries"] == []
     out = Path(cfg.output.path)
     assert not (out / ".lock").exists()
     assert list(out.iterdir()) == []  # not even the probe file is left behind

@@ -6,7 +6,6 @@ import asyncio
 import math
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 from pypdf import PdfReader
@@ -22,10 +21,6 @@ def sample_pages() -> int:
         elif f.suffix in (".png", ".jpg"):
             total += 1
     return total
-
-
-def ledger(sim) -> dict:
-    return httpx.get(sim.url.removesuffix("/v1") + "/_sim/ledger").json()
 
 
 def run_ingest(output: Path, sim_url: str, **kwargs) -> dict:
@@ -55,7 +50,7 @@ def test_ingest_flow_writes_one_row_per_page_and_reconciles_credits(
         n = len(PdfReader(path).pages) if path.endswith(".pdf") else 1
         assert got == list(range(1, n + 1))
 
-    book = ledger(sim)
+    book = sim.ledger()
     entries = {e["response_id"]: e for e in book["entries"]}
     for row in pages.itertuples():
         entry = entries[row.response_id]
@@ -102,7 +97,7 @@ def test_second_run_sends_nothing(prefect_harness, sim_factory, api_env, tmp_pat
     assert second["requests"] == 0
     assert second["units_already_done"] == sample_pages()
     assert second["outcome"] == "completed"
-    assert len(ledger(sim)["entries"]) == sample_pages()
+    assert len(sim.ledger()["entries"]) == sample_pages()
 
 
 @pytest.mark.parametrize("code", [401, 403])
@@ -120,7 +115,7 @@ def test_fatal_api_errors_stop_the_run_and_keep_what_was_done(
     assert str(code) in summary["error"]
     pages = pd.read_parquet(tmp_path / "pages")
     ok = pages[pages["status"] == "ok"]
-    book = ledger(sim)
+    book = sim.ledger()
     assert len(ok) == len([e for e in book["entries"] if e["delivered"]])
     if code == 403:
         assert len(ok) >= 1

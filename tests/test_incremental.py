@@ -7,7 +7,6 @@ import os
 import shutil
 from datetime import datetime
 
-import httpx
 import pandas as pd
 import pytest
 
@@ -17,7 +16,7 @@ CONFIG = str(PROJECT / "configs" / "demo.toml")
 
 
 def billed(sim) -> int:
-    return len(httpx.get(sim.url.removesuffix("/v1") + "/_sim/ledger").json()["entries"])
+    return len(sim.ledger()["entries"])
 
 
 @pytest.fixture

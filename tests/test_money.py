@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import math
 
-import httpx
 import pandas as pd
 from pydantic import SecretStr
 
 from ernie_batch.engine import run_job
-from ernie_batch.simulator import FaultRates
+from ernie_batch.sim import FaultRates
 from tests.conftest import TEST_KEY, job_config
 
 
-def ledger(sim) -> list[dict]:
-    return httpx.get(sim.url.removesuffix("/v1") + "/_sim/ledger").json()["entries"]
-
-
 def delivered_credits(sim) -> float:
-    return math.fsum(e["credits"] for e in ledger(sim) if e["delivered"])
+    return math.fsum(e["credits"] for e in sim.ledger()["entries"] if e["delivered"])
 
 
 def run(sim, tmp_path, **overrides):
@@ -85,6 +80,6 @@ def test_budget_stops_dispatch_within_the_in_flight_bound(sim_factory, tmp_path)
     spent = delivered_credits(sim)
     assert summary.credits == spent
     # overshoot at most what was already in flight when dispatch stopped
-    worst_request = max(e["credits"] for e in ledger(sim))
+    worst_request = max(e["credits"] for e in sim.ledger()["entries"])
     assert spent <= 5000.0 + concurrency * worst_request
-    assert (pages["status"] == "ok").sum() == len(ledger(sim))
+    assert (pages["status"] == "ok").sum() == len(sim.ledger()["entries"])

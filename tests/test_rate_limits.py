@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 
 from ernie_batch.bench._http import KEY, job_config, make_images, run_pipeline
-from ernie_batch.simulator import FaultRates, SimServer, SimSettings, error_response
+from ernie_batch.sim import FaultRates, SimServer, SimSettings, error_response
 
 WINDOW_S = 3.0
 
@@ -99,10 +99,6 @@ def recorded_sim() -> Iterator[Callable[..., tuple[SimServer, Recorder]]]:
         server.stop()
 
 
-def ledger(server: SimServer) -> dict[str, Any]:
-    return httpx.get(server.url.removesuffix("/v1") + "/_sim/ledger").json()
-
-
 def warm(server: SimServer, tmp: Path) -> None:
     """A 2-page run, then a quiet window and an empty ledger: a cold process sends (and a
     cold simulator admits) its first requests tens of ms late, a burst to a short window."""
@@ -123,7 +119,7 @@ def test_a_configured_limit_is_used_but_not_overrun(recorded_sim, tmp_path):
     cfg = job_config(server.url, make_images(tmp_path / "in", n), tmp_path / "out",
                      rpm=rpm, window_s=WINDOW_S, concurrency=16)
     summary, _ = run_pipeline(cfg)
-    book = ledger(server)
+    book = server.ledger()
     assert summary.outcome == "completed" and summary.units_ok == n
     assert book["stats"].get("rate_limited", 0) <= 1, book["stats"]
     times = sorted(e["at"] for e in book["entries"])
@@ -183,7 +179,7 @@ def test_a_fatal_code_mid_run_stops_dispatch_and_keeps_what_was_answered(
     assert len(fatal) <= 4  # at most the requests in flight
 
     pages, attempts = table(tmp_path / "out", "pages"), table(tmp_path / "out", "attempts")
-    book = ledger(server)
+    book = server.ledger()
     delivered = [e for e in book["entries"] if e["delivered"]]
     ok = pages[pages["status"] == "ok"]
     assert len(ok) >= 5
@@ -206,7 +202,7 @@ def test_faults_end_as_ok_pages_or_error_rows_and_credits_reconcile(recorded_sim
                      rpm=0, concurrency=8, adaptive=False)
     cfg.api.timeout_s = 0.5  # a slow answer times out: billed by the API, never received
     summary, _ = run_pipeline(cfg)
-    stats = ledger(server)["stats"]
+    stats = server.ledger()["stats"]
     for kind in ("fault_rate_limited", "server_error", "reset", "truncated", "non_json", "slow"):
         assert stats.get(kind, 0) >= 1, stats
 
@@ -217,7 +213,7 @@ def test_faults_end_as_ok_pages_or_error_rows_and_credits_reconcile(recorded_sim
     assert (failed["error"].str.len() > 0).all()
     assert summary.outcome == ("completed" if failed.empty else "partial")
 
-    book = ledger(server)["entries"]
+    book = server.ledger()["entries"]
     delivered = [e for e in book if e["delivered"]]
     undelivered = [e for e in book if not e["delivered"]]
     assert len(undelivered) >= stats["truncated"] + 1  # truncated, and slow ones timed out

@@ -20,7 +20,7 @@ from pypdf import PdfWriter
 
 from ernie_batch import tokens
 from ernie_batch.content import content_sha256
-from ernie_batch.simulator import (
+from ernie_batch.sim import (
     DEFAULT_MODEL,
     FaultRates,
     SimServer,
@@ -116,10 +116,6 @@ def post(server: SimServer, body: Any, headers: dict[str, str] | None = None,
     return httpx.post(f"{server.url}/chat/completions", headers=headers, timeout=timeout, **kwargs)
 
 
-def ledger(server: SimServer) -> dict[str, Any]:
-    return httpx.get(f"http://127.0.0.1:{server.port}/_sim/ledger").json()
-
-
 def assert_vendor_error(r: httpx.Response, status: int) -> dict[str, Any]:
     assert r.status_code == status, r.text
     body = r.json()
@@ -173,7 +169,7 @@ def test_good_request_answers_schema_bills_and_records(server: SimServer) -> Non
         "credits_used": credits,
         "usd_spent": round(credits / 2_000_000, 10),
     }
-    entries = [e for e in ledger(server)["entries"] if e["response_id"] == body["id"]]
+    entries = [e for e in server.ledger()["entries"] if e["response_id"] == body["id"]]
     assert len(entries) == 1
     entry = entries[0]
     assert entry["content_sha256"] == digest and entry["delivered"] is True
@@ -272,9 +268,9 @@ def test_wrong_key_is_401(server: SimServer) -> None:
     ],
 )
 def test_bad_requests_are_400(server: SimServer, case: str, body: Any) -> None:
-    before = len(ledger(server)["entries"])
+    before = len(server.ledger()["entries"])
     assert_vendor_error(post(server, body), 400)
-    assert len(ledger(server)["entries"]) == before  # 400s are not billed
+    assert len(server.ledger()["entries"]) == before  # 400s are not billed
 
 
 def test_rejected_system_role_and_response_format() -> None:
@@ -332,7 +328,7 @@ def test_rpm_window_rejects_exactly_the_excess() -> None:
                 assert 0 < wait <= 1.0 and len(r.headers["Retry-After"].split(".")[1]) == 3
                 assert r.headers["x-ratelimit-limit-requests"] == "10"
                 assert r.headers["x-ratelimit-remaining-requests"] == "0"
-        assert len(ledger(srv)["entries"]) == 10
+        assert len(srv.ledger()["entries"]) == 10
 
 
 def test_concurrency_cap() -> None:
@@ -362,7 +358,7 @@ def test_connection_faults_break_the_transport(kind: str) -> None:
     with _only(kind) as srv:
         with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
             post(srv, request_body(messages(image_part(png()))))
-        data = ledger(srv)
+        data = srv.ledger()
         if kind == "reset":
             assert data["entries"] == [] and data["stats"]["reset"] == 1
         else:
@@ -377,16 +373,16 @@ def test_rejecting_faults_are_not_billed() -> None:
         r = post(srv, body)
         assert_vendor_error(r, 429)
         assert float(r.headers["Retry-After"]) > 0
-        assert ledger(srv)["entries"] == []
+        assert srv.ledger()["entries"] == []
     with _only("server_error") as srv:
         assert post(srv, body).status_code in (500, 502, 503, 504)
-        assert ledger(srv)["entries"] == []
+        assert srv.ledger()["entries"] == []
     with _only("non_json") as srv:
         r = post(srv, body)
         assert r.status_code == 200
         with pytest.raises(ValueError):
             r.json()
-        assert ledger(srv)["entries"] == []
+        assert srv.ledger()["entries"] == []
 
 
 def test_billed_answer_faults() -> None:
@@ -396,19 +392,19 @@ def test_billed_answer_faults() -> None:
         assert choice["finish_reason"] == "length"
         with pytest.raises(ValueError):
             json.loads(choice["message"]["content"])
-        assert ledger(srv)["entries"][0]["fault"] == "length"
+        assert srv.ledger()["entries"][0]["fault"] == "length"
     with _only("invalid_answer") as srv:
         content = post(srv, request_body(msgs)).json()["choices"][0]["message"]["content"]
         answer = json.loads(content)
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(answer, SCHEMA)
-        assert len(ledger(srv)["entries"]) == 1
+        assert len(srv.ledger()["entries"]) == 1
     with _only("fenced") as srv:
         content = post(srv, request_body(msgs)).json()["choices"][0]["message"]["content"]
         assert not content.startswith("{") and "```json" in content
         inner = content.split("```json", 1)[1].split("```", 1)[0]
         jsonschema.validate(json.loads(inner), SCHEMA, format_checker=CHECKER)
-        assert len(ledger(srv)["entries"]) == 1
+        assert len(srv.ledger()["entries"]) == 1
 
 
 def test_slow_answer_is_billed_but_not_delivered_after_timeout() -> None:
@@ -416,7 +412,7 @@ def test_slow_answer_is_billed_but_not_delivered_after_timeout() -> None:
         with pytest.raises(httpx.ReadTimeout):
             post(srv, request_body(messages(image_part(png()))), timeout=0.2)
         for _ in range(100):  # the server bills once it notices the client has gone
-            entries = ledger(srv)["entries"]
+            entries = srv.ledger()["entries"]
             if entries:
                 break
             time.sleep(0.02)
@@ -424,7 +420,7 @@ def test_slow_answer_is_billed_but_not_delivered_after_timeout() -> None:
         assert entry["fault"] == "slow" and entry["delivered"] is False
         r = post(srv, request_body(messages(image_part(png()))), timeout=5)
         assert r.status_code == 200
-        assert ledger(srv)["entries"][-1]["delivered"] is True
+        assert srv.ledger()["entries"][-1]["delivered"] is True
 
 
 # ----------------------------------------------------------------------------- ledger
@@ -434,7 +430,7 @@ def test_ledger_totals_and_reset() -> None:
     with run_server() as srv:
         for color in [(1, 1, 1), (2, 2, 2), (3, 3, 3)]:
             assert post(srv, request_body(messages(image_part(png(color))))).status_code == 200
-        data = ledger(srv)
+        data = srv.ledger()
         credits = [e["credits"] for e in data["entries"]]
         assert data["totals"]["credits"] == math.fsum(credits)
         assert data["totals"]["credits_delivered"] == math.fsum(credits)
@@ -442,5 +438,5 @@ def test_ledger_totals_and_reset() -> None:
         assert data["totals"]["requests"] == 3
         assert data["stats"]["ok"] == 3 and data["stats"]["requests"] == 3
         assert httpx.post(f"http://127.0.0.1:{srv.port}/_sim/reset").status_code == 200
-        assert ledger(srv)["entries"] == [] and srv.simulator.stats == {}
+        assert srv.ledger()["entries"] == [] and srv.simulator.stats == {}
     assert not [t for t in threading.enumerate() if t.name == f"sim-{srv.port}"]

@@ -26,6 +26,7 @@ import httpx
 from pydantic import SecretStr
 
 from ernie_batch.bench import max_in_any_window
+from ernie_batch.sim import SimControl
 
 KEY = "sk-bench-0123456789abcdef"
 
@@ -33,7 +34,7 @@ KEY = "sk-bench-0123456789abcdef"
 # --- the simulator in a child process -----------------------------------------------------------
 
 
-class SimProcess:
+class SimProcess(SimControl):
     """A `SimServer` in a child process: `url`, `ledger()`, `reset()`; stop by leaving."""
 
     def __init__(self, **settings: Any) -> None:
@@ -67,16 +68,6 @@ class SimProcess:
             proc.kill()
             proc.wait()
 
-    def _root(self) -> str:
-        return self.url.removesuffix("/v1")
-
-    def ledger(self) -> dict[str, Any]:
-        """{entries, totals, stats} as `GET /_sim/ledger` gives them."""
-        return httpx.get(self._root() + "/_sim/ledger", timeout=60).json()
-
-    def reset(self) -> None:
-        httpx.post(self._root() + "/_sim/reset", timeout=10).raise_for_status()
-
 
 def _warm_up(server: Any) -> None:
     """One request answered and forgotten: a cold simulator answers its first ones ~150 ms
@@ -86,7 +77,7 @@ def _warm_up(server: Any) -> None:
 
     from PIL import Image
 
-    from ernie_batch.simulator import DEFAULT_MODEL
+    from ernie_batch.sim import DEFAULT_MODEL
 
     png = io.BytesIO()
     Image.new("RGB", (4, 4)).save(png, "PNG")
@@ -104,7 +95,7 @@ def _warm_up(server: Any) -> None:
 
 
 def _serve_child(settings: dict[str, Any]) -> None:
-    from ernie_batch.simulator import FaultRates, SimServer, SimSettings
+    from ernie_batch.sim import FaultRates, SimServer, SimSettings
 
     faults = FaultRates(**settings.pop("faults", {}))
     with SimServer(SimSettings(faults=faults, **settings)) as server:

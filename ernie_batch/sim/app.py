@@ -1,0 +1,366 @@
+"""The simulator's ASGI app: settings, routes, auth, admission, billing and the ledger.
+
+It behaves like the real API (see shared/API-FACTS.md): Bearer auth, request validation with
+the vendor's 400 body, RPM/TPM sliding windows and a concurrency cap answered with 429 +
+Retry-After, credits billed per request, and faults injected at seeded rates. Every billed
+request goes into a ledger that tests read back (`GET /_sim/ledger`, `SimServer.ledger()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ernie_batch import tokens
+from ernie_batch.config import CREDITS_PER_USD
+from ernie_batch.content import content_sha256
+from ernie_batch.sim.answers import answer_schema, compose_answer
+from ernie_batch.sim.faults import (
+    FAULT_KINDS,
+    NON_JSON_BODY,
+    DroppedResponse,
+    FaultRates,
+    TransportLookup,
+)
+from ernie_batch.sim.validation import (
+    ApiError,
+    Checked,
+    bad_request,
+    check_structure,
+    inspect_media,
+)
+from ernie_batch.sim.window import SlidingWindow, retry_after
+
+DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
+LOW_BALANCE_THRESHOLD = 10_000.0
+UNLIMITED_BALANCE = 1_000_000_000_000.0
+
+
+@dataclass
+class SimSettings:
+    """How the simulated endpoint behaves: key, models, limits, balance, faults, prices."""
+
+    api_key: str
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    latency_s: float = 0.0
+    latency_jitter_s: float = 0.0
+    rpm: float = 0.0  # 0 = no limit; at most rpm * window_s / 60 accepted per window
+    tpm: float = 0.0  # 0 = no limit; prompt tokens accepted per window, scaled the same way
+    window_s: float = 60.0  # shorter windows compress time for benchmarks
+    max_concurrency: int = 0  # 0 = no limit
+    balance_credits: float | None = None  # None = unlimited
+    faults: FaultRates = field(default_factory=FaultRates)
+    seed: int = 0
+    slow_s: float = 30.0
+    reject_response_formats: tuple[str, ...] = ()
+    reject_system_role: bool = False
+    credits_per_prompt_token: float = 0.882
+    credits_per_completion_token: float = 2.625
+    send_usd: bool = True
+
+
+@dataclass
+class LedgerEntry:
+    """One billed request, as the vendor would charge it."""
+
+    response_id: str
+    content_sha256: str
+    prompt_tokens: int
+    completion_tokens: int
+    credits: float
+    usd: float
+    delivered: bool
+    status_code: int
+    fault: str | None
+    at: float
+
+
+def error_body(status: int, message: str, path: str) -> dict[str, Any]:
+    """The vendor's error body: {message, path, requestId, statusCode, timestamp}."""
+    now = datetime.now(UTC)
+    return {
+        "message": message,
+        "path": path,
+        "requestId": str(uuid.uuid4()),
+        "statusCode": status,
+        "timestamp": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+
+
+def error_response(
+    status: int, message: str, path: str, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(error_body(status, message, path), status_code=status, headers=headers)
+
+
+class Simulator:
+    """The ASGI app and its state (ledger, stats, windows, balance); no threads of its own."""
+
+    def __init__(self, settings: SimSettings) -> None:
+        self.settings = settings
+        self.ledger: list[LedgerEntry] = []
+        self.stats: dict[str, int] = {}
+        self.balance = settings.balance_credits
+        self.window = SlidingWindow(settings.rpm, settings.tpm, settings.window_s)
+        self.in_flight = 0
+        self.closing = False  # set on shutdown: slow answers stop waiting
+        self.transport_lookup: TransportLookup | None = None
+        self._fault_rng = random.Random(settings.seed)
+        self._latency_rng = random.Random(settings.seed + 1)
+        self._id_rng = random.Random()  # ids unique across simulator instances
+        chat = self.chat_completions
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", chat, methods=["POST"]),
+                Route("/chat/completions", chat, methods=["POST"]),
+                Route("/v1/billing/balance", self.billing_balance, methods=["GET"]),
+                Route("/_sim/ledger", self.ledger_view, methods=["GET"]),
+                Route("/_sim/reset", self.reset, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: self._http_exception},
+        )
+
+    # --- bookkeeping
+
+    def count(self, outcome: str) -> None:
+        self.stats[outcome] = self.stats.get(outcome, 0) + 1
+
+    def totals(self) -> dict[str, Any]:
+        entries = list(self.ledger)
+        return {
+            "credits": math.fsum(e.credits for e in entries),
+            "credits_delivered": math.fsum(e.credits for e in entries if e.delivered),
+            "usd": math.fsum(e.usd for e in entries),
+            "requests": len(entries),
+        }
+
+    def bill(self, response_id: str, checked: Checked, completion: int, *, delivered: bool,
+             fault: str | None) -> tuple[float, float]:
+        """Charge one request: ledger entry and balance; returns (credits, usd)."""
+        s = self.settings
+        credits = round(
+            checked.prompt_tokens * s.credits_per_prompt_token
+            + completion * s.credits_per_completion_token,
+            4,
+        )
+        usd = round(credits / CREDITS_PER_USD, 10)
+        self.ledger.append(LedgerEntry(
+            response_id=response_id, content_sha256=checked.digest,
+            prompt_tokens=checked.prompt_tokens, completion_tokens=completion,
+            credits=credits, usd=usd, delivered=delivered, status_code=200,
+            fault=fault, at=time.time(),
+        ))
+        if self.balance is not None:
+            self.balance -= credits
+        return credits, usd
+
+    def new_id(self) -> str:
+        alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+        return "chatcmpl-" + "".join(self._id_rng.choices(alphabet, k=24))
+
+    # --- checks in front of the model
+
+    def authorized(self, request: Request) -> bool:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and key.strip() == self.settings.api_key
+
+    async def validate(self, request: Request) -> Checked:
+        """Parse and check the body (400 on anything wrong); media decoded off the loop."""
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):
+            raise bad_request("Request body is not valid JSON") from None
+        messages = check_structure(body, self.settings)
+        has_media = any(
+            isinstance(m.get("content"), list)
+            and any(p.get("type") in ("image_url", "file") for p in m["content"])
+            for m in messages
+        )
+        if has_media:
+            digest, images, pages = await anyio.to_thread.run_sync(inspect_media, messages)
+        else:
+            digest, images, pages = content_sha256(messages), [], 0
+        limits = [int(body[k]) for k in ("max_tokens", "max_completion_tokens") if k in body]
+        return Checked(
+            body=body, messages=messages, digest=digest,
+            prompt_tokens=tokens.prompt_tokens(tokens.text_chars(messages), images, pages),
+            schema=answer_schema(body, messages), max_tokens=min(limits) if limits else None,
+        )
+
+    def admit(self, prompt_tokens: int) -> None:
+        """RPM/TPM sliding window: record the request or raise 429 (rejections not recorded)."""
+        now = time.monotonic()
+        wait = self.window.try_admit(now, prompt_tokens)
+        if wait is not None:
+            headers = {"Retry-After": retry_after(wait), **self.window.headers(now)}
+            raise ApiError(429, "Too many requests: rate limit exceeded, retry later",
+                           "rate_limited", headers)
+
+    def draw_fault(self) -> str | None:
+        rates = self.settings.faults
+        for kind in FAULT_KINDS:
+            rate = getattr(rates, kind)
+            if rate > 0 and self._fault_rng.random() < rate:
+                return kind
+        return None
+
+    def fault_error(self, fault: str) -> ApiError:
+        """The error answer of the rate_limited and server_error faults (not billed)."""
+        if fault == "rate_limited":
+            wait = min(1.0, self.settings.window_s / 60) * self._fault_rng.uniform(0.5, 2.0)
+            return ApiError(429, "Too many requests: the provider is busy, retry later",
+                            "fault_rate_limited", {"Retry-After": retry_after(wait)})
+        status = self._fault_rng.choice((500, 502, 503, 504))
+        return ApiError(status, "Upstream provider error, please retry", "server_error")
+
+    async def pause(self) -> None:
+        s = self.settings
+        delay = s.latency_s + s.latency_jitter_s * self._latency_rng.random()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def wait_slow(self, request: Request) -> bool:
+        """Sleep slow_s (or until the client leaves); True if the client is still there.
+
+        Approximation: delivery is judged by `is_disconnected()` just before sending, which
+        sees a client that closed its socket but not bytes lost after the send.
+        """
+        deadline = time.monotonic() + self.settings.slow_s
+        while (left := deadline - time.monotonic()) > 0 and not self.closing:
+            await asyncio.sleep(min(0.05, left))
+            if await request.is_disconnected():
+                return False
+        return not await request.is_disconnected()
+
+    # --- endpoints
+
+    async def chat_completions(self, request: Request) -> Response:
+        self.count("requests")
+        try:
+            if not self.authorized(request):
+                raise ApiError(401, "Unauthorized: invalid or missing API key", "unauthorized")
+            if self.balance is not None and self.balance <= 0:
+                raise ApiError(403, "You've run out of credits. Please top up your balance "
+                               "to continue: https://aimlapi.com/app/billing", "out_of_credits")
+            cap = self.settings.max_concurrency
+            if cap and self.in_flight >= cap:
+                wait = self.settings.latency_s + self.settings.latency_jitter_s / 2
+                raise ApiError(429, f"Too many concurrent requests (limit {cap})",
+                               "rate_limited", {"Retry-After": retry_after(max(0.01, wait))})
+            self.in_flight += 1
+            try:
+                return await self.answer(request)
+            finally:
+                self.in_flight -= 1
+        except ApiError as exc:
+            self.count(exc.outcome)
+            return error_response(exc.status, exc.message, request.url.path, exc.headers)
+
+    async def answer(self, request: Request) -> Response:
+        """Validate, admit, draw a fault, wait, then answer and bill."""
+        checked = await self.validate(request)
+        self.admit(checked.prompt_tokens)
+        fault = self.draw_fault()
+        if fault == "rate_limited":  # a busy provider answers at once
+            raise self.fault_error(fault)
+        delivered = True
+        if fault == "slow":
+            delivered = await self.wait_slow(request)
+        else:
+            await self.pause()
+        if fault == "server_error":
+            raise self.fault_error(fault)
+        headers = self.window.headers(time.monotonic())
+        if fault == "reset":
+            self.count("reset")
+            return DroppedResponse(self.transport_lookup)
+        if fault == "non_json":
+            self.count("non_json")
+            return Response(NON_JSON_BODY, 200, headers, media_type="text/html")
+        body = self.completion(checked, fault, delivered=delivered and fault != "truncated")
+        self.count(fault or "ok")
+        if fault == "truncated":
+            return DroppedResponse(self.transport_lookup, self._render(body), headers)
+        return JSONResponse(body, headers=headers)
+
+    @staticmethod
+    def _render(body: dict[str, Any]) -> bytes:
+        return JSONResponse(body).body
+
+    def completion(self, checked: Checked, fault: str | None, *, delivered: bool) -> dict[str, Any]:
+        """The 200 body of the vendor's response schema; bills the request."""
+        content, finish = compose_answer(checked, fault)
+        completion = tokens.completion_tokens(content)
+        response_id = self.new_id()
+        credits, usd = self.bill(response_id, checked, completion, delivered=delivered, fault=fault)
+        meta_usage: dict[str, float] = {"credits_used": credits}
+        if self.settings.send_usd:
+            meta_usage["usd_spent"] = usd
+        return {
+            "id": response_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": checked.body["model"],
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "finish_reason": finish,
+                "logprobs": None,
+            }],
+            "usage": {
+                "prompt_tokens": checked.prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": checked.prompt_tokens + completion,
+                "prompt_tokens_details": None,
+                "completion_tokens_details": None,
+            },
+            "meta": {"usage": meta_usage},
+        }
+
+    async def billing_balance(self, request: Request) -> Response:
+        if not self.authorized(request):
+            return error_response(401, "Unauthorized: invalid or missing API key", request.url.path)
+        balance = UNLIMITED_BALANCE if self.balance is None else self.balance
+        exhausted = balance <= 0
+        return JSONResponse({
+            "balance": balance,
+            "lowBalance": balance < LOW_BALANCE_THRESHOLD,
+            "lowBalanceThreshold": LOW_BALANCE_THRESHOLD,
+            "lastUpdated": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "autoDebitStatus": "disabled",
+            "status": "exhausted" if exhausted else "current",
+            "statusExplanation": "Balance is exhausted: top up to continue" if exhausted
+            else "Balance is current and up to date",
+        })
+
+    async def ledger_view(self, request: Request) -> Response:
+        return JSONResponse({
+            "entries": [asdict(e) for e in list(self.ledger)],
+            "totals": self.totals(),
+            "stats": dict(self.stats),
+        })
+
+    async def reset(self, request: Request) -> Response:
+        self.ledger.clear()
+        self.stats.clear()
+        return JSONResponse({"ok": True})
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = "Not found" if status == 404 else str(getattr(exc, "detail", "error"))
+        path = request.url.path
+        return error_response(status, f"{message}: {request.method} {path}", path)
