@@ -83,15 +83,3 @@ def build_body(cfg: JobConfig, unit: PageUnit, mode: str, temperature: float) ->
     if fmt is not None:
         body["response_format"] = fmt
     return body
-
-
-def text_chars(body: dict[str, Any]) -> int:
-    """Length of the text a built request carries (for token estimates)."""
-    total = 0
-    for message in body["messages"]:
-        content = message["content"]
-        if isinstance(content, str):
-            total += len(content)
-        else:
-            total += sum(len(part["text"]) for part in content if part.get("type") == "text")
-    return total

@@ -179,7 +179,7 @@ class UnitSender:
     def _estimate(self, unit: PageUnit, body: dict) -> tuple[int, float]:
         images = [(p.width or 0, p.height or 0) for p in unit.parts if not p.is_pdf]
         pdf_pages = sum(p.pages for p in unit.parts if p.is_pdf)
-        est = tokens.prompt_tokens(prompt.text_chars(body), images, pdf_pages)
+        est = tokens.prompt_tokens(tokens.text_chars(body["messages"]), images, pdf_pages)
         b = self.cfg.budget
         credits = est * b.credits_per_prompt_token + (
             min(b.expected_completion_tokens, self.cfg.request.max_tokens)

@@ -35,10 +35,10 @@ def text_chars(messages: list[dict[str, Any]]) -> int:
     return total
 
 
-def prompt_tokens(text_chars: int, images: list[tuple[int, int]], pdf_pages: int) -> int:
+def prompt_tokens(chars: int, images: list[tuple[int, int]], pdf_pages: int) -> int:
     """Estimated prompt tokens for a request with this much text, these images, these PDF pages."""
     return (
-        math.ceil(text_chars / 4)
+        math.ceil(chars / 4)
         + sum(image_tokens(w, h) for w, h in images)
         + pdf_pages * PDF_PAGE_TOKENS
     )

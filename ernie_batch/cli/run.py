@@ -151,7 +151,7 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the sample documents in data/samples through the built-in API simulator."""
-    from ernie_batch.simulator import SimServer, SimSettings
+    from ernie_batch.sim import SimServer, SimSettings
 
     key = "sim-" + secrets.token_hex(16)
     with SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:

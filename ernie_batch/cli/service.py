@@ -23,7 +23,7 @@ def sim(
     rpm: Annotated[float, typer.Option(help="Requests per minute enforced (0 = none).")] = 0.0,
 ) -> None:
     """Serve the AI/ML API simulator on loopback (for trying configs without a real key)."""
-    from ernie_batch.simulator import SimSettings, serve
+    from ernie_batch.sim import SimSettings, serve
 
     key = api_key or os.environ.get("AIMLAPI_API_KEY") or "sim-" + secrets.token_hex(16)
     if not (api_key or os.environ.get("AIMLAPI_API_KEY")):
