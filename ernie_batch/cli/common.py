@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
-from collections.abc import Iterable, Iterator
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,6 +69,48 @@ def overrides(base_url: str | None, output: Path | None, concurrency: int | None
         "limits.concurrency": concurrency,
         "limits.rpm": rpm,
     }
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """The options every run command shares, declared once (typer has no option groups)."""
+
+    base_url: BaseUrlOpt = None
+    output: OutputOpt = None
+    concurrency: ConcurrencyOpt = None
+    rpm: RpmOpt = None
+    force: ForceOpt = False
+    retry_failed: RetryFailedOpt = False
+    wait: WaitOpt = 0.0
+    as_json: JsonOpt = False
+    quiet: QuietOpt = False
+
+    def overrides(self) -> dict[str, Any]:
+        return overrides(self.base_url, self.output, self.concurrency, self.rpm)
+
+
+def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Add `RunFlags`' options to a command; it receives them as one `flags: RunFlags` argument.
+
+    Typer reads a command's options from its signature, so the wrapper's signature is the
+    command's own parameters followed by the shared ones.
+    """
+    hints = {f.name: typing.get_type_hints(RunFlags, include_extras=True)[f.name]
+             for f in fields(RunFlags)}
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                annotation=hints[f.name]) for f in fields(RunFlags)]
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name != "flags"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        flags = RunFlags(**{name: kwargs.pop(name) for name in hints})
+        return command(**kwargs, flags=flags)
+
+    wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items()
+                                  if k != "flags"}, **hints}
+    return wrapper
 
 
 def load(config: Path | None, flags: dict[str, Any]) -> Any:

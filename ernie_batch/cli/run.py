@@ -12,17 +12,11 @@ import typer
 
 from ernie_batch.cli.common import (
     PROJECT_ROOT,
-    BaseUrlOpt,
-    ConcurrencyOpt,
     ConfigOpt,
-    ForceOpt,
     JsonOpt,
     OutputOpt,
-    QuietOpt,
-    RetryFailedOpt,
-    RpmOpt,
+    RunFlags,
     SourcesArg,
-    WaitOpt,
     app,
     check_before_start,
     console,
@@ -30,17 +24,19 @@ from ernie_batch.cli.common import (
     kv_table,
     nothing,
     out,
-    overrides,
     prefect_defaults,
+    with_run_flags,
 )
 from ernie_batch.vocab import ExitCode, RunOutcome
 
 
 def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
-             flags: dict[str, Any], force: bool, retry_failed: bool, wait: float,
-             as_json: bool, quiet: bool) -> None:
-    flags = {k: v for k, v in flags.items() if v is not None}
-    check_before_start(config, flags, wait=wait)
+             overrides: dict[str, Any], flags: RunFlags) -> None:
+    """Check what can be checked, run the flow with a progress display, print the summary, exit."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    force, retry_failed, wait = flags.force, flags.retry_failed, flags.wait
+    as_json, quiet = flags.as_json, flags.quiet
+    check_before_start(config, overrides, wait=wait)
     prefect_defaults()
     import asyncio
 
@@ -55,11 +51,11 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
     if kind == "backfill":
         from flows.backfill import backfill as backfill_flow
 
-        call = backfill_flow(folders=folders, overrides=flags, **common)
+        call = backfill_flow(folders=folders, overrides=overrides, **common)
     else:
         from flows.ingest import ingest
 
-        call = ingest(sources=folders, overrides=flags, kind=kind, **common)
+        call = ingest(sources=folders, overrides=overrides, kind=kind, **common)
     view = ProgressView(console)
     token = PROGRESS_OBSERVER.set(None if (quiet or as_json) else view)
     try:
@@ -92,25 +88,14 @@ def print_summary(summary: Any, as_json: bool, quiet: bool) -> None:
 
 
 @app.command()
-def run(
-    sources: SourcesArg = None,
-    config: ConfigOpt = None,
-    base_url: BaseUrlOpt = None,
-    output: OutputOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    rpm: RpmOpt = None,
-    force: ForceOpt = False,
-    retry_failed: RetryFailedOpt = False,
-    wait: WaitOpt = 0.0,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@with_run_flags
+def run(sources: SourcesArg = None, config: ConfigOpt = None, *, flags: RunFlags) -> None:
     """Run the job once (the ingest flow): new and changed pages only."""
-    run_flow("run", config, sources, overrides(base_url, output, concurrency, rpm), force,
-             retry_failed, wait, as_json, quiet)
+    run_flow("run", config, sources, flags.overrides(), flags)
 
 
 @app.command()
+@with_run_flags
 def backfill(
     folders: Annotated[list[Path] | None, typer.Argument(
         help="Folders to backfill (default: the config's sources).")] = None,
@@ -125,23 +110,17 @@ def backfill(
     prompt_file: Annotated[Path | None, typer.Option(
         "--prompt", help="A new prompt template file (a new fingerprint: pages run again).")
     ] = None,
-    base_url: BaseUrlOpt = None,
-    output: OutputOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    rpm: RpmOpt = None,
-    force: ForceOpt = False,
-    retry_failed: RetryFailedOpt = False,
-    wait: WaitOpt = 0.0,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Re-run a folder or a date range (the backfill flow), perhaps with a new prompt."""
-    flags = overrides(base_url, output, concurrency, rpm)
-    flags.update({"sources.since": since, "sources.until": until, "sources.date_from": date_from})
+    overrides = flags.overrides()
+    overrides.update({"sources.since": since, "sources.until": until,
+                      "sources.date_from": date_from})
     if prompt_file is not None:
-        flags["prompt.template_file"] = str(prompt_file.resolve())
-        flags["prompt.template"] = None
-    run_flow("backfill", config, folders, flags, force, retry_failed, wait, as_json, quiet)
+        overrides["prompt.template_file"] = str(prompt_file.resolve())
+        overrides["prompt.template"] = None
+    run_flow("backfill", config, folders, overrides, flags)
 
 
 @app.command()
@@ -156,12 +135,12 @@ def demo(
     key = "sim-" + secrets.token_hex(16)
     with SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:
         os.environ["AIMLAPI_API_KEY"] = key  # this process only: the demo needs no real key
-        flags = {
+        overrides = {
             "api.base_url": sim.url,
             "sources.paths": [str(PROJECT_ROOT / "data" / "samples")],
             "output.path": str(output or PROJECT_ROOT / "data" / "output"),
         }
         if not as_json:
             console.print(f"simulator on {sim.url}; samples from {PROJECT_ROOT / 'data/samples'}")
-        run_flow("demo", PROJECT_ROOT / "configs" / "demo.toml", None, flags, False,
-                 False, 0.0, as_json, False)
+        run_flow("demo", PROJECT_ROOT / "configs" / "demo.toml", None, overrides,
+                 RunFlags(as_json=as_json))
