@@ -155,8 +155,9 @@ class UnitSender:
                 return None
             try:
                 lease = await self.budget.acquire(est_tokens)
-            except BudgetStopped:
-                continue  # the stop's reason is set: the check above ends it
+            except BudgetStopped:  # stopped by this run (reason set) or by its owner
+                self.stop.set(RunOutcome.INTERRUPTED, "the request budget was stopped")
+                continue
             break
         self._credits_in_flight += est_credits
         try:
