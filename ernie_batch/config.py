@@ -100,6 +100,7 @@ class PromptOptions(_Section):
     output_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     schema_file: Path | None = None
     schema_name: str = "page_extraction"
+    label: str | None = None  # a name for this prompt version in runs and reports (not hashed)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

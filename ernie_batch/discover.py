@@ -19,7 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from ernie_batch.config import SourceOptions
+from ernie_batch.errors import ConfigError
 from ernie_batch.units import DiscoveryStats, Document
+from ernie_batch.vocab import PassedOver
 
 HEAD_BYTES = 1024  # PDF readers accept junk before "%PDF-" within the first KiB
 
@@ -154,12 +156,12 @@ def glob_match(rel: str, pattern: str) -> bool:
 def name_skip_reason(rel_parts: tuple[str, ...]) -> str | None:
     """Why a file is not a document by its name alone: hidden, temporary or partial."""
     if any(part.startswith(".") for part in rel_parts):
-        return "hidden"
+        return PassedOver.HIDDEN
     name = rel_parts[-1].lower()
     if name.startswith("~$") or name.startswith("~lock") or name.endswith(_TEMP_SUFFIXES):
-        return "temporary"
+        return PassedOver.TEMPORARY
     if name.endswith(_PARTIAL_SUFFIXES):
-        return "partial"
+        return PassedOver.PARTIAL
     return None
 
 
@@ -209,26 +211,26 @@ def _walk(root: Path, follow: bool, stats: DiscoveryStats) -> Iterator[Path]:
         try:
             real = folder.resolve()
             if real in ancestors:
-                stats.skip("symlink loop")
+                stats.skip(PassedOver.SYMLINK)
                 continue
             ancestors = ancestors | {real}
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
-            stats.skip("unreadable folder")
+            stats.skip(PassedOver.UNREADABLE)
             continue
         for entry in entries:
             path = Path(entry.path)
             if entry.is_symlink():
                 if not follow:
-                    stats.skip("symlink")
+                    stats.skip(PassedOver.SYMLINK)
                     continue
                 try:
                     target = path.resolve(strict=True)
                 except (OSError, RuntimeError):
-                    stats.skip("broken symlink")
+                    stats.skip(PassedOver.SYMLINK)
                     continue
                 if not target.is_relative_to(real_root):
-                    stats.skip("symlink out of the source")
+                    stats.skip(PassedOver.SYMLINK)
                     continue
             try:
                 if entry.is_dir(follow_symlinks=follow):
@@ -236,9 +238,9 @@ def _walk(root: Path, follow: bool, stats: DiscoveryStats) -> Iterator[Path]:
                 elif entry.is_file(follow_symlinks=follow):
                     yield path
                 else:
-                    stats.skip("not a regular file")
+                    stats.skip(PassedOver.NOT_A_FILE)
             except OSError:
-                stats.skip("unreadable")
+                stats.skip(PassedOver.UNREADABLE)
 
 
 def _skip_reason(
@@ -248,22 +250,22 @@ def _skip_reason(
     if not any(glob_match(rel, p) for p in opts.include) or any(
         glob_match(rel, p) for p in opts.exclude
     ):
-        return "excluded"
+        return PassedOver.EXCLUDED
     reason = name_skip_reason(tuple(rel.split("/")))
     if reason:
         return reason
     if opts.settle_seconds > 0 and st.st_mtime > now - opts.settle_seconds:
-        return "still growing"
+        return PassedOver.STILL_GROWING
     since, until = bounds
     if since is None and until is None:
         return None
     if opts.date_from == "path":
         when = path_date(rel, opts.path_date_pattern)
         if when is None:
-            return "no date in path"
+            return PassedOver.OUTSIDE_DATES
     else:
         when = datetime.fromtimestamp(st.st_mtime, UTC)
-    return None if in_range(when, since, until) else "out of date range"
+    return None if in_range(when, since, until) else PassedOver.OUTSIDE_DATES
 
 
 def discover(
@@ -272,8 +274,8 @@ def discover(
     """Every file of the sources that passes the filters, as Documents sorted by path.
 
     `now` (epoch seconds) decides which files are still growing; tests pass it explicitly.
-    Raises ValueError only for an unparseable since/until. A missing source folder is counted
-    (reason "missing source") rather than raised, so one unmounted share does not stop the others.
+    Raises ValueError for an unparseable since/until and ConfigError for a source that does
+    not exist: a scheduled run over an unmounted share must fail loudly, not find nothing.
     """
     now = time.time() if now is None else now
     bounds = (parse_bound(opts.since, "sources.since"), parse_bound(opts.until, "sources.until"))
@@ -287,8 +289,7 @@ def discover(
         elif root.is_dir():
             candidates = _walk(root, opts.follow_symlinks, stats)
         else:
-            stats.skip("missing source")
-            continue
+            raise ConfigError(f"sources.paths: {source} does not exist")
         for path in candidates:
             if path in found:
                 continue
@@ -309,11 +310,13 @@ def _document(
         reason = _skip_reason(rel, st, opts, now, bounds)
         if reason:
             stats.skip(reason)
+            if reason == PassedOver.STILL_GROWING:
+                stats.still_growing.append(path)
             return None
         head = read_head(path)
         digest = sha256_file(path)
     except OSError:
-        stats.skip("unreadable")
+        stats.skip(PassedOver.UNREADABLE)
         return None
     return Document(
         path=path,

@@ -26,7 +26,7 @@ from ernie_batch.config import JobConfig
 from ernie_batch.discover import discover
 from ernie_batch.limits import RequestBudget
 from ernie_batch.prepare import PreparePool
-from ernie_batch.recorder import RunRecorder
+from ernie_batch.recorder import RunInfo, RunRecorder
 from ernie_batch.recovery import recover_journals
 from ernie_batch.rows import RowMaker
 from ernie_batch.sender import RunStop, UnitSender
@@ -86,10 +86,18 @@ class Pipeline:
             rpm=limits.rpm * per_window, tpm=limits.tpm * per_window,
             max_in_flight=limits.concurrency, adaptive=limits.adaptive, window_s=limits.window_s)
         self.pool: Preparer = pool or PreparePool(cfg.images, cfg.pdf, cfg.prepare)
+        resolved = cfg.resolved
+        self.info = RunInfo(
+            run_id=self.run_id, kind=self.opts.kind, started_at=self.started_at,
+            fingerprint=self.fp, config_path=str(cfg.config_path) if cfg.config_path else None,
+            template_path=str(resolved.template_path) if resolved.template_path else None,
+            schema_path=str(resolved.schema_path) if resolved.schema_path else None,
+            prompt_label=cfg.prompt.label)
         self.recorder = RunRecorder(
-            self.root, self.run_id, self.date, self.pages_schema,
+            self.root, self.info, self.pages_schema,
             flush_rows=cfg.output.flush_rows, flush_seconds=cfg.output.flush_seconds,
-            on_progress=self.opts.on_progress or PROGRESS_OBSERVER.get())
+            on_progress=self.opts.on_progress or PROGRESS_OBSERVER.get(),
+            on_page=self._note_answer)
         self.rows = RowMaker(self.run_id, self.fp, cfg.api.model,
                              answer_fields(cfg.resolved.schema))
         self.stop = RunStop(self.budget)
@@ -100,6 +108,10 @@ class Pipeline:
         self.recovered: list[str] = []
         self._lock = store.OutputLock(self.root, self.run_id)
         self._docs_seen: set[str] = set()
+        # same content at several paths of this selection: sent once, for the first path
+        self._leaders: dict[str, str] = {}  # sha256 -> the path sent
+        self._followers: list[Document] = []
+        self._answered: dict[str, list[tuple[int, int, int | None]]] = {}  # ok units, this run
         self._finished: RunSummary | None = None
 
     @property
@@ -120,12 +132,7 @@ class Pipeline:
             self.recovered = recover_journals(self.root, self.pages_schema, skip_run=self.run_id)
             if not self.opts.force:
                 self.done = store.load_done(self.root, self.fp)
-            config_path = str(self.cfg.config_path) if self.cfg.config_path else None
-            self.recorder.open_journal({
-                "run_id": self.run_id, "date": self.date, "kind": self.opts.kind,
-                "fingerprint": self.fp, "started_at": self.started_at, "config_path": config_path,
-                "pages_schema": store.encode_schema(self.pages_schema),
-            })
+            self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema)})
         except BaseException:
             self._lock.release()
             raise
@@ -144,6 +151,7 @@ class Pipeline:
         self.discovery.found += stats.found
         for reason, n in stats.skipped.items():
             self.discovery.skipped[reason] = self.discovery.skipped.get(reason, 0) + n
+        self.discovery.still_growing.extend(stats.still_growing)
         return docs
 
     # ------------------------------------------------------------ processing
@@ -186,7 +194,8 @@ class Pipeline:
                 self.progress.units_queued += 1
                 await queue.put(item)
             elif decision == UnitDecision.DUPLICATE:
-                self._record_duplicate(doc, item.page, item.page_last, item.page_count)
+                of = self.done.answered_by(doc.sha256, self.fp, item.page, item.page_last)
+                self._record_duplicate(doc, item.page, item.page_last, item.page_count, *of)
             else:
                 self.progress.already_done += 1
 
@@ -196,20 +205,42 @@ class Pipeline:
         pdf = self.cfg.pdf
         decision = self.done.for_document(doc.sha256, self.fp, str(doc.path), pdf.first_page,
                                           pdf.last_page, self.opts.retry_failed)
-        for page, last in decision.duplicates:
-            self._record_duplicate(doc, page, last, decision.page_count)
+        for page, last, of_path, of_run in decision.duplicates:
+            self._record_duplicate(doc, page, last, decision.page_count, of_path, of_run)
         self.progress.already_done += decision.already_done
-        return decision.prepare
+        if not decision.prepare:
+            return False
+        if self._leaders.setdefault(doc.sha256, str(doc.path)) != str(doc.path):
+            self._followers.append(doc)  # answered once, for the first path: see finish()
+            return False
+        return True
+
+    def _note_answer(self, row: dict[str, Any]) -> None:
+        if row["status"] == UnitStatus.OK and row["source_sha256"] in self._leaders:
+            self._answered.setdefault(row["source_sha256"], []).append(
+                (row["page"], row["page_last"], row["page_count"]))
+
+    def _record_followers(self) -> None:
+        """Duplicate rows for the other paths of content sent once in this run (ok units only:
+        a unit that failed is tried again, for every path, by the next run)."""
+        for doc in self._followers:
+            leader = self._leaders[doc.sha256]
+            for page, last, count, of_path, of_run in self.done.answered_units(doc.sha256, self.fp):
+                self._record_duplicate(doc, page, last, count, of_path, of_run)
+            for page, last, count in self._answered.get(doc.sha256, []):
+                self._record_duplicate(doc, page, last, count, leader, self.run_id)
 
     def _count_document(self, doc: Document) -> None:
         if str(doc.path) not in self._docs_seen:
             self._docs_seen.add(str(doc.path))
             self.progress.documents += 1
 
-    def _record_duplicate(self, doc: Document, page: int, last: int, count: int | None) -> None:
-        self.recorder.page(self.rows.unit_row(
-            doc, page, last, count, UnitStatus.DUPLICATE,
-            "same content already answered under another path"))
+    def _record_duplicate(self, doc: Document, page: int, last: int, count: int | None,
+                          of_path: str, of_run: str) -> None:
+        row = self.rows.unit_row(doc, page, last, count, UnitStatus.DUPLICATE,
+                                 "same content already answered under another path")
+        row.duplicate_of_path, row.duplicate_of_run = of_path, of_run
+        self.recorder.page(row)
 
     async def _worker(self, queue: asyncio.Queue[PageUnit | None]) -> None:
         while (unit := await queue.get()) is not None:
@@ -228,16 +259,15 @@ class Pipeline:
         finally:
             if own_client:
                 await self.client.aclose()
+        self._record_followers()
         p = self.progress
         if outcome is None:
             outcome = self.stop.reason or (RunOutcome.PARTIAL if p.units.failed
                                            else RunOutcome.COMPLETED)
         finished = datetime.now(UTC)
         self.recorder.close(self.recorder.manifest(
-            kind=self.opts.kind,
-            config_path=str(self.cfg.config_path) if self.cfg.config_path else None,
-            fingerprint=self.fp, started_at=self.started_at, finished_at=finished,
-            documents=p.documents, outcome=outcome, error=self.stop.error))
+            finished_at=finished, documents=p.documents, outcome=outcome, error=self.stop.error,
+            not_sent=self.sender.not_sent))
         self._lock.release()
         self._finished = RunSummary(
             run_id=self.run_id, kind=self.opts.kind, outcome=outcome,
@@ -247,7 +277,9 @@ class Pipeline:
             units_already_done=p.already_done, requests=p.requests,
             rate_limited=p.rate_limited, credits=self.recorder.credits, usd=self.recorder.usd,
             duration_s=(finished - self.started_at).total_seconds(), output=str(self.root),
-            discovery_skipped=dict(self.discovery.skipped),
+            files_passed_over=dict(self.discovery.skipped),
+            still_growing=[str(p) for p in self.discovery.still_growing],
+            settle_s=self.cfg.sources.settle_seconds,
             top_errors=self.recorder.errors.most_common(5), recovered_runs=self.recovered,
         )
         return self._finished

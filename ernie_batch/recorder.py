@@ -9,9 +9,13 @@ replays from their journals.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,29 +36,74 @@ from ernie_batch.summary import Progress
 from ernie_batch.vocab import FAILED, AttemptOutcome
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """Who a run is: written as its journal's header, copied into its manifest.
+
+    A killed run's manifest is rebuilt from the header alone, so everything the manifest
+    says about the run's identity lives here.
+    """
+
+    run_id: str
+    kind: str
+    started_at: datetime
+    fingerprint: str
+    config_path: str | None = None
+    template_path: str | None = None
+    schema_path: str | None = None
+    prompt_label: str | None = None
+    parent_run_id: str | None = None
+    shard: int | None = None
+    hostname: str = dataclasses.field(default_factory=socket.gethostname)
+    pid: int = dataclasses.field(default_factory=os.getpid)
+
+    @property
+    def date(self) -> str:
+        return f"{self.started_at:%Y-%m-%d}"
+
+    def header(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"date": self.date}
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> RunInfo:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in header.items() if k in known}
+        values["started_at"] = datetime.fromisoformat(header["started_at"])
+        values.setdefault("kind", None)
+        values.setdefault("fingerprint", None)
+        values.setdefault("hostname", None)
+        values.setdefault("pid", None)
+        return cls(**values)
+
+
 class RunRecorder:
     """The rows, progress and manifest of one run."""
 
-    def __init__(self, root: Path, run_id: str, date: str, pages_schema: pa.Schema, *,
+    def __init__(self, root: Path, info: RunInfo, pages_schema: pa.Schema, *,
                  journal: Journal | None = None, flush_rows: int = 500,
                  flush_seconds: float = 30.0,
                  on_progress: Callable[[Progress], None] | None = None,
+                 on_page: Callable[[dict[str, Any]], None] | None = None,
                  prefix: str = "part") -> None:
-        self.root, self.run_id, self.date = root, run_id, date
+        self.root, self.info = root, info
+        self.run_id, self.date = info.run_id, info.date
         self.journal = journal
-        self.pages = TableWriter(root, "pages", pages_schema, run_id, date, prefix)
-        self.attempts = TableWriter(root, "attempts", ATTEMPTS_SCHEMA, run_id, date, prefix)
+        self.pages = TableWriter(root, "pages", pages_schema, self.run_id, self.date, prefix)
+        self.attempts = TableWriter(root, "attempts", ATTEMPTS_SCHEMA, self.run_id, self.date,
+                                    prefix)
         self.progress = Progress()
         self.errors: Counter[str] = Counter()  # failure messages, for the summary's top errors
         self.on_progress = on_progress
+        self.on_page = on_page  # sees every page row as it is recorded
         self._flush_rows, self._flush_seconds = flush_rows, flush_seconds
         self._last_flush = time.monotonic()
         self._credits: list[float | None] = []
         self._usd: list[float | None] = []
 
-    def open_journal(self, header: dict[str, Any]) -> None:
+    def open_journal(self, extra: dict[str, Any]) -> None:
         """Start the run's journal (only once the output lock is held: recovery folds the rest)."""
-        self.journal = Journal(self.root / "_journal" / f"{self.run_id}.jsonl", header)
+        self.journal = Journal(self.root / "_journal" / f"{self.run_id}.jsonl",
+                               self.info.header() | extra)
 
     # ---- rows
 
@@ -90,6 +139,8 @@ class RunRecorder:
         p.units.add(status)
         if status in FAILED:
             self.errors[(row["error"] or status)[:120]] += 1
+        if self.on_page is not None:
+            self.on_page(row)
         if self.on_progress is not None:
             self.on_progress(p)
         self.maybe_flush()
@@ -111,16 +162,20 @@ class RunRecorder:
     def usd(self) -> float:
         return sum_exact(self._usd)
 
-    def manifest(self, *, kind: str | None, config_path: str | None, fingerprint: str | None,
-                 started_at: datetime, finished_at: datetime | None, documents: int,
-                 outcome: str, error: str | None) -> RunRow:
-        units = self.progress.units
+    def manifest(self, *, finished_at: datetime | None, documents: int, outcome: str,
+                 error: str | None, not_sent: int | None) -> RunRow:
+        """The run's `runs` row from what was recorded (`not_sent`, `already_done`: None = unknown)."""
+        p, i = self.progress, self.info
         return RunRow(
-            run_id=self.run_id, kind=kind, config_path=config_path, fingerprint=fingerprint,
-            started_at=started_at, finished_at=finished_at, documents=documents,
-            units_ok=units.ok, units_failed=units.failed,
-            units_skipped=units.skipped + units.duplicate, requests=self.progress.requests,
-            credits=self.credits, usd=self.usd, outcome=outcome, error=error,
+            run_id=i.run_id, kind=i.kind, config_path=i.config_path, fingerprint=i.fingerprint,
+            started_at=i.started_at, finished_at=finished_at, documents=documents,
+            units_ok=p.units.ok, units_failed=p.units.failed, units_skipped=p.units.skipped,
+            units_duplicate=p.units.duplicate,
+            units_already_done=p.already_done if not_sent is not None else None,
+            units_not_sent=not_sent, requests=p.requests, credits=self.credits, usd=self.usd,
+            outcome=outcome, error=error, parent_run_id=i.parent_run_id, shard=i.shard,
+            hostname=i.hostname, pid=i.pid, template_path=i.template_path,
+            schema_path=i.schema_path, prompt_label=i.prompt_label,
         )
 
     def close(self, manifest: RunRow | None) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from ernie_batch.recorder import RunRecorder
+from ernie_batch.recorder import RunInfo, RunRecorder
 from ernie_batch.store import (
     ATTEMPTS_SCHEMA,
     decode_schema,
@@ -58,10 +57,10 @@ def recover_journals(root: Path, fallback_schema: pa.Schema, skip_run: str | Non
 
 def _fold_run(root: Path, run_id: str, header: dict[str, Any], records: list[dict[str, Any]],
               schema: pa.Schema) -> None:
-    date = header["date"]
+    info = RunInfo.from_header(header | {"run_id": run_id})
     have_pages = rows_of_run(root, "pages", run_id, ["key", "source_path", "page"])
     have_attempts = rows_of_run(root, "attempts", run_id, ["key", "attempt"])
-    recorder = RunRecorder(root, run_id, date, schema, prefix="part-recovered",
+    recorder = RunRecorder(root, info, schema, prefix="part-recovered",
                            flush_rows=sys.maxsize, flush_seconds=math.inf)  # one part each
     paths: set[str] = set()
     for rec in records:
@@ -75,11 +74,8 @@ def _fold_run(root: Path, run_id: str, header: dict[str, Any], records: list[dic
             row = from_journal(rec, ATTEMPTS_SCHEMA)
             recorder.add_attempt(row, write=(row["key"], row["attempt"]) not in have_attempts)
     manifest = None
-    if not run_row_path(root, date, run_id).exists():
+    if not run_row_path(root, info.date, run_id).exists():
         manifest = recorder.manifest(
-            kind=header.get("kind"), config_path=header.get("config_path"),
-            fingerprint=header.get("fingerprint"),
-            started_at=datetime.fromisoformat(header["started_at"]), finished_at=None,
-            documents=len(paths), outcome=RunOutcome.INTERRUPTED,
-            error="the run was killed; recovered from its journal")
+            finished_at=None, documents=len(paths), outcome=RunOutcome.INTERRUPTED,
+            error="the run was killed; recovered from its journal", not_sent=None)
     recorder.close(manifest)

@@ -9,26 +9,28 @@ from ernie_batch.vocab import FAILED, UnitStatus
 
 
 def summary_rows(s: RunSummary) -> list[tuple[str, str]]:
-    rows = [
-        ("run", s.run_id),
-        ("outcome", s.outcome),
-        ("files", str(s.documents)),
-        ("pages ok", str(s.units_ok)),
-        ("pages failed", str(s.units_failed)),
-        ("pages skipped", str(s.units_skipped)),
-        ("duplicates (no request)", str(s.units_duplicate)),
-        ("done by earlier runs", str(s.units_already_done)),
+    """The summary as (name, value) lines, the counts under their one name (CONTRACT.md)."""
+    rows = [("run", s.run_id), ("outcome", s.outcome), ("files", str(s.documents))]
+    if s.files_passed_over:
+        passed = ", ".join(f"{k}: {v}" for k, v in sorted(s.files_passed_over.items()))
+        rows.append(("files_passed_over", passed))
+    if s.still_growing:
+        rows.append(("still growing", f"{len(s.still_growing)} file(s) modified in the last "
+                     f"{s.settle_s:g} s passed over; --settle 0 includes them: "
+                     + ", ".join(s.still_growing[:5]) + (" …" if len(s.still_growing) > 5 else "")))
+    rows += [
+        ("units_ok", str(s.units_ok)),
+        ("units_failed", str(s.units_failed)),
+        ("units_skipped", str(s.units_skipped)),
+        ("units_duplicate", str(s.units_duplicate)),
+        ("units_already_done", str(s.units_already_done)),
+        ("units_not_sent", str(s.units_not_sent)),
         ("requests", f"{s.requests} ({s.rate_limited} rate-limited)"),
         ("credits", f"{s.credits:,.4f}"),
         ("USD", f"{s.usd:.6f}"),
         ("duration", f"{s.duration_s:.1f} s"),
         ("parquet", s.output),
     ]
-    if s.units_not_sent:
-        rows.insert(7, ("pages not sent", str(s.units_not_sent)))
-    if s.discovery_skipped:
-        passed = ", ".join(f"{k}: {v}" for k, v in sorted(s.discovery_skipped.items()))
-        rows.insert(3, ("files passed over", passed))
     if s.error:
         rows.append(("error", s.error))
     return rows

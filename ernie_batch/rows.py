@@ -39,8 +39,12 @@ class RowMaker:
 
     def answered_row(self, unit: PageUnit, content_sha: str, status: UnitStatus,
                      error: str | None, verdict: Verdict | None, last: CallResult | None,
-                     attempts: list[AttemptRow], started: datetime, latency: float) -> PageRow:
-        """The row of a unit that was sent: its final answer (if ok) and the sums of its attempts."""
+                     attempts: list[AttemptRow], started: datetime, elapsed: float) -> PageRow:
+        """The row of a unit that was sent: its final answer (if ok) and the sums of its attempts.
+
+        `latency_s` is the last (answering) attempt's, request to response; `queued_s` the rest
+        of the `elapsed` seconds since the unit was picked up (budget waits, backoff, retries).
+        """
         row = self.unit_row(unit.doc, unit.page, unit.page_last, unit.page_count, status, error)
         value = verdict.value if (verdict and status == UnitStatus.OK) else None
         row.content_sha256 = content_sha
@@ -54,7 +58,8 @@ class RowMaker:
         row.completion_tokens = sum(a.completion_tokens for a in attempts)
         row.credits = sum_exact(a.credits for a in attempts)
         row.usd = sum_exact(a.usd for a in attempts)
-        row.latency_s = latency
+        row.latency_s = last.latency_s if last else None
+        row.queued_s = max(0.0, elapsed - (row.latency_s or 0.0))
         row.started_at = started
         return row
 

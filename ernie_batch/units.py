@@ -80,7 +80,8 @@ class DiscoveryStats:
     """What discovery passed over, by reason (shown in the run summary)."""
 
     found: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # files passed over, by reason
+    still_growing: list[Path] = field(default_factory=list)  # named in plan and run summaries
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1

@@ -39,6 +39,18 @@ class AttemptOutcome(StrEnum):
     FATAL = "fatal"  # 401, 403, 404: the whole run stops
 
 
+class RunKind(StrEnum):
+    """What started a run (the `runs.kind` column)."""
+
+    RUN = "run"
+    INGEST = "ingest"  # a scheduled run of the ingest flow
+    BACKFILL = "backfill"
+    DEMO = "demo"
+    EVAL = "eval"
+    COORDINATOR = "coordinator"  # splits a selection into shard runs on a work pool
+    SHARD = "shard"
+
+
 class RunOutcome(StrEnum):
     """How a run ended (the `runs.outcome` column and the summary)."""
 
@@ -47,6 +59,20 @@ class RunOutcome(StrEnum):
     FATAL_API_ERROR = "fatal_api_error"
     BUDGET_STOPPED = "budget_stopped"
     INTERRUPTED = "interrupted"
+
+
+class PassedOver(StrEnum):
+    """Why discovery did not consider a file (`files_passed_over` in summaries and `--json`)."""
+
+    EXCLUDED = "excluded"  # sources.include / exclude
+    HIDDEN = "hidden"  # a dot-file or a file in a dot-folder
+    TEMPORARY = "temporary"  # an editor's or a copier's temporary file
+    PARTIAL = "partial"  # a download still in progress (.part, .crdownload, ...)
+    STILL_GROWING = "still_growing"  # modified within sources.settle_seconds
+    OUTSIDE_DATES = "outside_dates"  # dated outside [since, until), or no date in its path
+    SYMLINK = "symlink"  # a symlink, not followed (or out of the source, or a loop)
+    NOT_A_FILE = "not_a_file"  # a device, a socket, a fifo
+    UNREADABLE = "unreadable"
 
 
 class ExitCode(IntEnum):

@@ -18,6 +18,7 @@ from ernie_batch.discover import (
     sha256_file,
     sniff_type,
 )
+from ernie_batch.errors import ConfigError
 
 PDF = b"%PDF-1.4\n%fake\n"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
@@ -89,7 +90,8 @@ def test_type_by_content_and_skips(tmp_path: Path) -> None:
     assert names(docs) == ["b.pdf", "notes.docx", "sub/a-photo.txt", "sub/empty.pdf"]
     assert [d.doc_type for d in docs] == ["pdf", "unknown", "jpeg", "unknown"]
     assert stats.found == 4
-    assert stats.skipped == {"hidden": 2, "temporary": 2, "partial": 1, "still growing": 1}
+    assert stats.skipped == {"hidden": 2, "temporary": 2, "partial": 1, "still_growing": 1}
+    assert stats.still_growing == [tmp_path / "growing.pdf"]
     b = docs[0]
     assert b.size == len(PDF) and b.sha256 == hashlib.sha256(PDF).hexdigest()
     assert b.path.is_absolute() and b.root == tmp_path
@@ -115,7 +117,7 @@ def test_symlinks(tmp_path: Path) -> None:
     assert names(docs) == ["real/a.pdf"] and stats.skipped == {"symlink": 3}
     docs, stats = discover(SourceOptions(paths=[root], follow_symlinks=True))
     assert names(docs) == ["inside-link/a.pdf", "real/a.pdf"]
-    assert stats.skipped == {"symlink out of the source": 1, "symlink loop": 1}
+    assert stats.skipped == {"symlink": 2}
 
 
 def test_dates_from_mtime(tmp_path: Path) -> None:
@@ -125,7 +127,7 @@ def test_dates_from_mtime(tmp_path: Path) -> None:
     write(tmp_path / "after.pdf", PDF, day + 86400)
     opts = SourceOptions(paths=[tmp_path], since="2026-11-25", until="2026-11-26")
     docs, stats = discover(opts)
-    assert names(docs) == ["on.pdf"] and stats.skipped == {"out of date range": 2}
+    assert names(docs) == ["on.pdf"] and stats.skipped == {"outside_dates": 2}
 
 
 def test_dates_from_path(tmp_path: Path) -> None:
@@ -135,7 +137,7 @@ def test_dates_from_path(tmp_path: Path) -> None:
     opts = SourceOptions(paths=[tmp_path], since="2026-11-25", date_from="path")
     docs, stats = discover(opts)
     assert names(docs) == ["inbox/2026-11-25/scan.pdf", "inbox/2026-11-26/scan.pdf"]
-    assert stats.skipped == {"out of date range": 1, "no date in path": 1}
+    assert stats.skipped == {"outside_dates": 2}
 
 
 def test_path_pattern_with_groups(tmp_path: Path) -> None:
@@ -162,10 +164,12 @@ def test_order_is_deterministic_across_sources(tmp_path: Path) -> None:
     assert [d.path for d in docs] == sorted([tmp_path / "a" / "2.pdf", tmp_path / "z" / "1.pdf"])
 
 
-def test_missing_source_and_single_file(tmp_path: Path) -> None:
+def test_a_missing_source_is_an_error_and_a_single_file_a_source(tmp_path: Path) -> None:
     one = write(tmp_path / "one.pdf", PDF)
-    docs, stats = discover(SourceOptions(paths=[tmp_path / "nope", one]))
-    assert names(docs) == ["one.pdf"] and stats.skipped == {"missing source": 1}
+    docs, stats = discover(SourceOptions(paths=[one]))
+    assert names(docs) == ["one.pdf"] and stats.skipped == {}
+    with pytest.raises(ConfigError, match=r"sources.paths: .*nope does not exist"):
+        discover(SourceOptions(paths=[tmp_path / "nope", one]))
 
 
 def test_sha256_streams(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_each_run_leaves_a_table_and_a_report_artifact(prefect_harness, sim_fact
     mine = [a for a in asyncio.run(read()) if summary["run_id"] in (a.description or "")]
     by_type = {a.type: a for a in mine}
     assert set(by_type) == {"table", "markdown"}
-    assert f"pages ok**: {summary['units_ok']}" in by_type["markdown"].data
+    assert f"units_ok**: {summary['units_ok']}" in by_type["markdown"].data
     assert "credits" in str(by_type["table"].data)
 
 

@@ -59,9 +59,37 @@ def test_scheduled_runs_send_only_new_work(prefect_harness, sim_factory, api_env
     assert list(dup["source_path"]) == [str(inbox / "receipt-renamed.png")]
     original = pages[(pages["status"] == "ok") & pages["source_path"].str.endswith("cafe-aurora.png")]
     assert dup["key"].tolist() == original["key"].tolist()
+    # a duplicate row says where its answer is
+    assert dup["duplicate_of_path"].tolist() == original["source_path"].tolist()
+    assert dup["duplicate_of_run"].tolist() == original["run_id"].tolist()
 
     # nothing new for a renamed file twice
     assert ingest(sim, inbox, out)["requests"] == 0
+    assert len(pd.read_parquet(out / "pages")) == len(pages)
+
+
+def test_the_same_content_twice_in_one_selection_is_sent_once(prefect_harness, sim_factory,
+                                                              api_env, inbox, tmp_path):
+    sim = sim_factory()
+    out = tmp_path / "out"
+    shutil.copy(inbox / "invoice-2026-0117.pdf", inbox / "invoice-copy.pdf")
+    result = ingest(sim, inbox, out)
+    assert result["requests"] == 4 == billed(sim)  # 3 invoice pages once + 1 receipt
+    assert result["units_ok"] == 4 and result["units_duplicate"] == 3
+    pages = pd.read_parquet(out / "pages")
+    dup = pages[pages["status"] == "duplicate"].sort_values("page")
+    assert set(dup["source_path"]) == {str(inbox / "invoice-copy.pdf")}
+    assert set(dup["duplicate_of_path"]) == {str(inbox / "invoice-2026-0117.pdf")}
+    assert set(dup["duplicate_of_run"]) == {result["run_id"]}
+    assert dup["page"].tolist() == [1, 2, 3]
+    runs = pd.read_parquet(out / "runs")
+    row = runs.iloc[0]
+    assert (row["units_ok"], row["units_duplicate"], row["units_skipped"]) == (4, 3, 0)
+    assert row["units_not_sent"] == 0 and row["units_already_done"] == 0
+    assert row["hostname"] and row["pid"] > 0 and row["template_path"].endswith("page.txt")
+    # the next run: every path done already, nothing sent, no new rows
+    again = ingest(sim, inbox, out)
+    assert again["requests"] == 0 and again["units_already_done"] == 7
     assert len(pd.read_parquet(out / "pages")) == len(pages)
 
 

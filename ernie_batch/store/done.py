@@ -24,6 +24,8 @@ class DocRecord:
     page_count: int | None = None
     units: dict[tuple[int, int], str] = field(default_factory=dict)  # (page, last) -> best status
     paths: set[str] = field(default_factory=set)
+    # (page, last) -> (source_path, run_id) of an ok row: where a duplicate's answer is
+    answered: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
 
 
 _RANK = {s: i for i, s in enumerate((UnitStatus.SKIPPED, UnitStatus.INPUT_ERROR,
@@ -43,7 +45,8 @@ class DocumentDecision:
 
     prepare: bool
     already_done: int = 0
-    duplicates: tuple[tuple[int, int], ...] = ()  # (page, page_last) of units answered elsewhere
+    # (page, page_last, source_path, run_id) of units answered under another path
+    duplicates: tuple[tuple[int, int, str, str], ...] = ()
     page_count: int | None = None
 
 
@@ -52,7 +55,7 @@ class DoneIndex:
     docs: dict[tuple[str, str], DocRecord] = field(default_factory=dict)
 
     def add(self, sha: str, fp: str, page: int, last: int, status: str, path: str,
-            page_count: int | None) -> None:
+            page_count: int | None, run_id: str | None = None) -> None:
         rec = self.docs.setdefault((sha, fp), DocRecord())
         if page_count is not None:
             rec.page_count = page_count
@@ -62,6 +65,8 @@ class DoneIndex:
         old = rec.units.get((page, last))
         if old is None or _RANK.get(status, -1) > _RANK.get(old, -1):
             rec.units[(page, last)] = status
+        if status == UnitStatus.OK:
+            rec.answered.setdefault((page, last), (path, run_id or ""))
 
     def get(self, sha: str, fp: str) -> DocRecord | None:
         return self.docs.get((sha, fp))
@@ -70,6 +75,19 @@ class DoneIndex:
         """The best status earlier runs recorded for this unit, None when it has no row."""
         rec = self.docs.get((sha, fp))
         return rec.units.get((page, last)) if rec else None
+
+    def answered_by(self, sha: str, fp: str, page: int, last: int) -> tuple[str, str] | None:
+        """(source_path, run_id) of an ok row of this unit, None when none is ok."""
+        rec = self.docs.get((sha, fp))
+        return rec.answered.get((page, last)) if rec else None
+
+    def answered_units(self, sha: str, fp: str) -> list[tuple[int, int, int | None, str, str]]:
+        """(page, page_last, page_count, source_path, run_id) of every unit with an ok row."""
+        rec = self.docs.get((sha, fp))
+        if rec is None:
+            return []
+        return [(page, last, rec.page_count, path, run)
+                for (page, last), (path, run) in sorted(rec.answered.items())]
 
     def for_document(self, sha: str, fp: str, path: str, first_page: int,
                      last_page: int | None, retry_failed: bool) -> DocumentDecision:
@@ -80,7 +98,8 @@ class DoneIndex:
         if path in rec.paths:
             return DocumentDecision(prepare=False, already_done=len(rec.units))
         rec.paths.add(path)  # its duplicate rows are recorded now: the path counts as seen
-        ok = tuple(unit for unit, status in sorted(rec.units.items()) if status == UnitStatus.OK)
+        ok = tuple((page, last, *rec.answered[(page, last)])
+                   for (page, last), status in sorted(rec.units.items()) if status == UnitStatus.OK)
         return DocumentDecision(prepare=False, duplicates=ok, page_count=rec.page_count)
 
     def for_unit(self, sha: str, fp: str, page: int, last: int, path: str,
@@ -112,7 +131,7 @@ def _complete(rec: DocRecord, first_page: int, last_page: int | None, retry_fail
 
 
 DONE_COLUMNS = ["source_sha256", "fingerprint", "page", "page_last", "status", "source_path",
-                "page_count"]
+                "page_count", "run_id"]
 
 
 def load_done(root: Path, fingerprint: str | None = None) -> DoneIndex:
@@ -127,5 +146,5 @@ def load_done(root: Path, fingerprint: str | None = None) -> DoneIndex:
     for i in range(table.num_rows):
         index.add(cols["source_sha256"][i], cols["fingerprint"][i], cols["page"][i],
                   cols["page_last"][i], cols["status"][i], cols["source_path"][i],
-                  cols["page_count"][i])
+                  cols["page_count"][i], cols["run_id"][i])
     return index

@@ -29,6 +29,8 @@ PAGE_HEAD = [
     pa.field("content_sha256", pa.string()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
+    pa.field("duplicate_of_path", pa.string()),  # on duplicate rows: where the answer is
+    pa.field("duplicate_of_run", pa.string()),
     pa.field("answer_json", pa.string()),
     pa.field("raw_answer", pa.string()),
 ]
@@ -39,7 +41,8 @@ PAGE_TAIL = [
     pa.field("completion_tokens", pa.int64()),
     pa.field("credits", pa.float64()),
     pa.field("usd", pa.float64()),
-    pa.field("latency_s", pa.float64()),
+    pa.field("latency_s", pa.float64()),  # the answering attempt's request to response
+    pa.field("queued_s", pa.float64()),  # the rest of the unit's time: waits, backoff, retries
     pa.field("model", pa.string()),
     pa.field("started_at", TS),
     pa.field("finished_at", TS),
@@ -61,6 +64,10 @@ ATTEMPTS_SCHEMA = pa.schema(
         pa.field("temperature", pa.float64()),
         pa.field("latency_s", pa.float64()),
         pa.field("started_at", TS),
+        pa.field("client_request_id", pa.string()),
+        pa.field("inference_id", pa.string()),
+        pa.field("credits_source", pa.string()),  # body, header, or null (no cost known)
+        pa.field("cost_mismatch", pa.bool_()),
     ]
 )
 
@@ -76,11 +83,22 @@ RUNS_SCHEMA = pa.schema(
         pa.field("units_ok", pa.int64()),
         pa.field("units_failed", pa.int64()),
         pa.field("units_skipped", pa.int64()),
+        pa.field("units_duplicate", pa.int64()),
+        pa.field("units_already_done", pa.int64()),
+        pa.field("units_not_sent", pa.int64()),
         pa.field("requests", pa.int64()),
         pa.field("credits", pa.float64()),
         pa.field("usd", pa.float64()),
         pa.field("outcome", pa.string()),
         pa.field("error", pa.string()),
+        pa.field("parent_run_id", pa.string()),
+        pa.field("shard", pa.int32()),
+        pa.field("hostname", pa.string()),
+        pa.field("pid", pa.int64()),
+        pa.field("template_path", pa.string()),
+        pa.field("schema_path", pa.string()),
+        pa.field("prompt_label", pa.string()),
+        pa.field("accepted_runs", pa.list_(pa.string())),
     ]
 )
 
@@ -129,6 +147,8 @@ class PageRow:
     model: str
     started_at: datetime
     finished_at: datetime
+    duplicate_of_path: str | None = None
+    duplicate_of_run: str | None = None
     content_sha256: str | None = None
     answer_json: str | None = None
     raw_answer: str | None = None
@@ -140,6 +160,7 @@ class PageRow:
     credits: float = 0.0
     usd: float = 0.0
     latency_s: float | None = None
+    queued_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {**_columns(self, _HEAD), **self.answers, **_columns(self, _TAIL)}
@@ -166,6 +187,10 @@ class AttemptRow:
     temperature: float
     latency_s: float
     started_at: datetime
+    client_request_id: str | None = None
+    inference_id: str | None = None
+    credits_source: str | None = None
+    cost_mismatch: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return _columns(self, ATTEMPT_COLUMNS)
@@ -176,7 +201,11 @@ RUN_COLUMNS = tuple(f.name for f in RUNS_SCHEMA)
 
 @dataclass(slots=True)
 class RunRow:
-    """A run's manifest (`runs`), written last: what it saw, did and spent, and how it ended."""
+    """A run's manifest (`runs`), written last: what it saw, did and spent, and how it ended.
+
+    A coordinator's row (`kind = "coordinator"`) has null counters and money: its shard runs
+    (`parent_run_id` = its id) carry them, so nothing is counted twice.
+    """
 
     run_id: str
     kind: str | None
@@ -184,15 +213,26 @@ class RunRow:
     fingerprint: str | None
     started_at: datetime
     finished_at: datetime | None
-    documents: int
-    units_ok: int
-    units_failed: int
-    units_skipped: int
-    requests: int
-    credits: float
-    usd: float
+    documents: int | None
+    units_ok: int | None
+    units_failed: int | None
+    units_skipped: int | None
+    units_duplicate: int | None
+    units_already_done: int | None
+    units_not_sent: int | None
+    requests: int | None
+    credits: float | None
+    usd: float | None
     outcome: str
     error: str | None
+    parent_run_id: str | None = None
+    shard: int | None = None
+    hostname: str | None = None
+    pid: int | None = None
+    template_path: str | None = None
+    schema_path: str | None = None
+    prompt_label: str | None = None
+    accepted_runs: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return _columns(self, RUN_COLUMNS)
