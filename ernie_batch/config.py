@@ -228,7 +228,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
     Relative paths in the file are relative to the current directory (where the user runs
     the command), except template_file and schema_file, which are relative to the file.
-    `overrides` maps dotted names ("limits.rpm") to values that beat the file.
+    `overrides` maps dotted names ("limits.rpm") to values that beat the file; a None value
+    clears the field back to its default (a flag not given must not be in `overrides`).
     """
     data: dict[str, Any] = {}
     where: Path | str = "(defaults)"
@@ -242,14 +243,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read: {exc}") from None
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
+    for dotted, value in (overrides or {}).items():  # None clears a field back to its default
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = value
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
     try:
         cfg = JobConfig.model_validate(data)
     except ValidationError as exc:

@@ -27,7 +27,7 @@ from ernie_batch.discover import discover
 from ernie_batch.limits import RequestBudget
 from ernie_batch.prepare import PreparePool
 from ernie_batch.recorder import RunInfo, RunRecorder
-from ernie_batch.recovery import recover_journals
+from ernie_batch.recovery import recover_journals, remove_dead_temp_files
 from ernie_batch.rows import RowMaker
 from ernie_batch.sender import RunStop, UnitSender
 from ernie_batch.store import UnitDecision
@@ -106,7 +106,9 @@ class Pipeline:
         self.discovery = DiscoveryStats()
         self.done = store.DoneIndex()
         self.recovered: list[str] = []
-        self._lock = store.OutputLock(self.root, self.run_id)
+        self._lock = store.OutputLock(self.root, self.run_id)  # one top-level run at a time
+        self._data_lock = store.data_lock(self.root, exclusive=False)  # no rewrite meanwhile
+        self._own_lock = store.run_id_lock(self.root, self.run_id)  # our files are ours
         self._docs_seen: set[str] = set()
         # same content at several paths of this selection: sent once, for the first path
         self._leaders: dict[str, str] = {}  # sha256 -> the path sent
@@ -128,15 +130,24 @@ class Pipeline:
         store.check_writable(self.root)
         await asyncio.to_thread(self._lock.acquire, self.opts.wait_lock_s)
         try:
-            store.remove_temp_files(self.root)
+            if not await asyncio.to_thread(self._data_lock.acquire, self.opts.wait_lock_s):
+                raise store.LockedError(f"output folder {self.root} is being rewritten (compact "
+                                        "or a rebuild holds it); use --wait to queue behind it")
+            self._own_lock.try_acquire()
+            remove_dead_temp_files(self.root, self.run_id)
             self.recovered = recover_journals(self.root, self.pages_schema, skip_run=self.run_id)
             if not self.opts.force:
                 self.done = store.load_done(self.root, self.fp)
             self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema)})
         except BaseException:
-            self._lock.release()
+            self._release_locks()
             raise
         return self
+
+    def _release_locks(self) -> None:
+        self._own_lock.release()
+        self._data_lock.release()
+        self._lock.release()
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self._finished is None:
@@ -268,7 +279,7 @@ class Pipeline:
         self.recorder.close(self.recorder.manifest(
             finished_at=finished, documents=p.documents, outcome=outcome, error=self.stop.error,
             not_sent=self.sender.not_sent))
-        self._lock.release()
+        self._release_locks()
         self._finished = RunSummary(
             run_id=self.run_id, kind=self.opts.kind, outcome=outcome,
             exit_code=RUN_EXIT[outcome], error=self.stop.error, documents=p.documents,

@@ -21,18 +21,33 @@ from ernie_batch.store import (
     ATTEMPTS_SCHEMA,
     decode_schema,
     from_journal,
+    holding_dead_run,
     read_journal,
+    remove_temp_files,
     rows_of_run,
     run_row_path,
 )
 from ernie_batch.vocab import RunOutcome
 
 
-def recover_journals(root: Path, fallback_schema: pa.Schema, skip_run: str | None = None) -> list[str]:
-    """Fold every journal but `skip_run`'s into Parquet; returns the recovered run ids.
+def remove_dead_temp_files(root: Path, own_run: str | None = None) -> int:
+    """Delete the temporary parts of runs that died (never a live run's, never our own)."""
 
-    A journal's header carries its run's pages schema (the answer columns may have changed
-    since the kill); `fallback_schema` serves journals written before headers carried it.
+    def dead(run_id: str) -> bool:
+        if run_id == own_run:
+            return False
+        with holding_dead_run(root, run_id) as held:
+            return held
+
+    return remove_temp_files(root, dead)
+
+
+def recover_journals(root: Path, fallback_schema: pa.Schema, skip_run: str | None = None) -> list[str]:
+    """Fold the journals of dead runs (all but `skip_run`'s) into Parquet; returns their run ids.
+
+    A live run's journal is left alone: its run-id lock is held. A journal's header carries
+    its run's pages schema (the answer columns may have changed since the kill);
+    `fallback_schema` serves journals written before headers carried it.
     """
     folder = root / "_journal"
     if not folder.is_dir():
@@ -42,16 +57,17 @@ def recover_journals(root: Path, fallback_schema: pa.Schema, skip_run: str | Non
         run_id = path.stem
         if run_id == skip_run:
             continue
-        records = read_journal(path)
-        header = next((r for r in records if r.get("t") == "run"), None)
-        if header is None:
+        with holding_dead_run(root, run_id) as held:
+            if not held or not path.exists():  # alive, or folded by another run meanwhile
+                continue
+            records = read_journal(path)
+            header = next((r for r in records if r.get("t") == "run"), None)
+            if header is not None:
+                schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")
+                          else fallback_schema)
+                _fold_run(root, run_id, header, records, schema)
+                recovered.append(run_id)
             path.unlink(missing_ok=True)
-            continue
-        schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")
-                  else fallback_schema)
-        _fold_run(root, run_id, header, records, schema)
-        path.unlink(missing_ok=True)
-        recovered.append(run_id)
     return recovered
 
 

@@ -1,9 +1,15 @@
-"""Run summaries as tables and text: for the terminal, Prefect artifacts and `--json`."""
+"""Run summaries as tables and text (terminal, Prefect artifacts), and totals over runs (`report`)."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ernie_batch import store
 from ernie_batch.summary import RunSummary
 from ernie_batch.vocab import FAILED, UnitStatus
 
@@ -50,45 +56,50 @@ def summary_markdown(s: RunSummary) -> str:
 
 
 # the columns of dataset_report's tables that hold numbers (right-aligned on a terminal)
-NUMERIC = ("units", "ok", "failed", "requests", "credits", "usd")
+NUMERIC = ("units", "units_ok", "units_failed", "requests", "credits", "usd")
 
 
-def dataset_report(root: Any, run_id: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Totals from the Parquet output: by run, day, folder, status and document."""
-    import math
-    from pathlib import Path
-
-    from ernie_batch import store
-
+def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Totals of the selected runs' pages (all runs when None): by run, day, folder, status,
+    file and prompt version (fingerprint, named by its template, schema and label)."""
     cols = ["run_id", "date", "source_path", "status", "credits", "usd", "attempts",
-            "page_last", "page"]
-    table = store.read_columns(Path(root), "pages", cols)
+            "fingerprint"]
+    table = store.read_columns(root, "pages", cols)
     if table is None or table.num_rows == 0:
         return {}
+    if run_ids is not None:
+        table = table.filter(pc.is_in(table["run_id"], pa.array(run_ids, pa.string())))
+        if table.num_rows == 0:
+            return {}
     pages = table.to_pandas()
-    if run_id is not None:
-        pages = pages[pages["run_id"] == run_id]
     pages["date"] = pages["date"].astype(str)
     pages["folder"] = pages["source_path"].map(lambda p: str(Path(p).parent))
-    pages["units_ok"] = pages["status"] == UnitStatus.OK
-
-    def totals(by: str) -> list[dict[str, Any]]:
-        rows = []
-        for value, g in pages.groupby(by, sort=True):
-            rows.append({
-                by: value, "units": len(g), "ok": int(g["units_ok"].sum()),
-                "failed": int(g["status"].isin(FAILED).sum()),
-                "requests": int(g["attempts"].sum()),
-                "credits": math.fsum(g["credits"]), "usd": math.fsum(g["usd"]),
-            })
-        return rows
-
-    report = {name: totals(col) for name, col in
+    report = {name: _totals(pages, col) for name, col in
               (("runs", "run_id"), ("days", "date"), ("folders", "folder"),
-               ("statuses", "status"), ("documents", "source_path"))}
-    runs = store.read_table(Path(root), "runs")
+               ("statuses", "status"), ("files", "source_path"), ("prompts", "fingerprint"))}
+    runs = store.read_table(root, "runs")
     if runs is not None:
-        outcome = dict(zip(runs["run_id"].to_pylist(), runs["outcome"].to_pylist(), strict=True))
+        manifests = {r["run_id"]: r for r in runs.to_pylist()}
         for row in report["runs"]:
-            row["outcome"] = outcome.get(row["run_id"], "running or killed")
+            row["outcome"] = manifests.get(row["run_id"], {}).get("outcome", "running or killed")
+        for row in report["prompts"]:
+            named = next((m for m in sorted(manifests.values(), key=lambda m: m["started_at"],
+                                            reverse=True)
+                          if m.get("fingerprint") == row["fingerprint"]), {})
+            row["fingerprint"] = row["fingerprint"][:12]
+            row["label"] = named.get("prompt_label")
+            row["template"] = named.get("template_path")
+            row["schema"] = named.get("schema_path")
     return report
+
+
+def _totals(pages: Any, by: str) -> list[dict[str, Any]]:
+    rows = []
+    for value, g in pages.groupby(by, sort=True):
+        rows.append({
+            by: value, "units": len(g), "units_ok": int((g["status"] == UnitStatus.OK).sum()),
+            "units_failed": int(g["status"].isin(FAILED).sum()),
+            "requests": int(g["attempts"].sum()),
+            "credits": math.fsum(g["credits"]), "usd": math.fsum(g["usd"]),
+        })
+    return rows

@@ -62,8 +62,9 @@ def killed_run(cfg, *, lose_last_pages_part: bool) -> Pipeline:
     lock = run.root / ".lock"
     owner = json.loads(lock.read_text())
     lock.write_text(json.dumps({**owner, "pid": dead_pid()}))  # its process is gone,
-    os.close(run._lock._fd)  # and the kernel dropped its flock: the file stays behind
-    run._lock._fd = None
+    for lock in (run._lock._lock, run._data_lock, run._own_lock):  # the kernel dropped its
+        os.close(lock._fd)                                          # flocks: files stay behind
+        lock._fd = None
     return run
 
 
@@ -328,3 +329,23 @@ def test_a_part_left_half_written_by_a_kill_is_cleaned_up(job):
     summary = run_job(cfg, SecretStr(TEST_KEY))
     assert summary.requests == 0
     assert not leftover.exists()
+
+
+def test_a_live_siblings_journal_and_temporary_parts_are_never_touched(job):
+    """Recovery folds only journals whose run-id lock is free: a live writer's stay as they are."""
+    sim, cfg, units = job
+    dead = killed_run(cfg, lose_last_pages_part=False)
+    journal = dead.recorder.journal.path
+    folder = next((cfg.output.path / "pages").glob("date=*"))
+    tmp = folder / f".part-{dead.run_id}-0009.parquet.1.tmp"
+    tmp.write_bytes(b"PAR1 being written")
+    alive = store.run_id_lock(dead.root, dead.run_id)
+    assert alive.try_acquire()  # as if its owner still lived (a shard run beside us)
+    try:
+        summary = run_job(cfg, SecretStr(TEST_KEY))
+        assert summary.recovered_runs == [] and journal.exists() and tmp.exists()
+    finally:
+        alive.release()
+    again = run_job(cfg, SecretStr(TEST_KEY))  # its owner gone: folded once, leftovers removed
+    assert again.recovered_runs == [dead.run_id] and again.requests == 0
+    assert not journal.exists() and not tmp.exists()

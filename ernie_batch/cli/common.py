@@ -58,17 +58,26 @@ RetryFailedOpt = Annotated[bool, typer.Option(
     help="Also retry inputs recorded as input_error or skipped.")]
 WaitOpt = Annotated[float, typer.Option(
     help="Seconds to wait for another run's lock on the output folder.")]
+RunIdOpt = Annotated[list[str] | None, typer.Option(
+    "--run", help="A run id (repeatable); a coordinator's id selects its shard runs too.")]
+SinceOpt = Annotated[str | None, typer.Option(help="Runs started on or after this UTC date.")]
+UntilOpt = Annotated[str | None, typer.Option(help="Runs started before this UTC date.")]
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The flags the user gave (None: not given), by dotted config name: only these override."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def overrides(base_url: str | None, output: Path | None, concurrency: int | None = None,
               rpm: float | None = None) -> dict[str, Any]:
-    """The flags that override config fields, by dotted name (None: not given)."""
-    return {
+    """The common flags that override config fields, by dotted name, those given only."""
+    return given({
         "api.base_url": base_url,
         "output.path": str(output) if output else None,
         "limits.concurrency": concurrency,
         "limits.rpm": rpm,
-    }
+    })
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,13 @@ def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:
     wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items()
                                   if k != "flags"}, **hints}
     return wrapper
+
+
+def selection(run_ids: list[str] | None, since: str | None, until: str | None) -> Any:
+    """The run selection of `--run` / `--since` / `--until` (none: the newest run)."""
+    from ernie_batch.selection import RunSelection
+
+    return RunSelection(tuple(run_ids or ()), since, until)
 
 
 def load(config: Path | None, flags: dict[str, Any]) -> Any:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
 
-import typer
 from rich.table import Table
 
 from ernie_batch.cli.common import (
@@ -14,13 +12,17 @@ from ernie_batch.cli.common import (
     ConfigOpt,
     JsonOpt,
     OutputOpt,
+    RunIdOpt,
+    SinceOpt,
     SourcesArg,
+    UntilOpt,
     app,
     console,
     kv_table,
     load,
     out,
     overrides,
+    selection,
 )
 
 
@@ -38,7 +40,7 @@ def plan(
     from ernie_batch.config import ConfigError, api_key
     from ernie_batch.plan import make_plan, plan_rows, read_balance
 
-    cfg = load(config, {k: v for k, v in overrides(base_url, output).items() if v})
+    cfg = load(config, overrides(base_url, output))
     result = make_plan(cfg, sources)
     try:
         result.balance = asyncio.run(read_balance(cfg, api_key(cfg)))
@@ -61,19 +63,23 @@ def plan(
 def report(
     config: ConfigOpt = None,
     output: OutputOpt = None,
-    run_id: Annotated[str | None, typer.Option("--run", help="Only this run.")] = None,
+    run_ids: RunIdOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Totals by run, day, folder, status and document, read from the Parquet output."""
+    """Totals of the selected runs (default: the newest) by run, day, folder, status, file, prompt."""
     from ernie_batch.report import NUMERIC, dataset_report
 
-    cfg = load(config, {"output.path": str(output) if output else None})
-    tables = dataset_report(Path(cfg.output.path), run_id)
+    cfg = load(config, overrides(None, output))
+    chosen = selection(run_ids, since, until)
+    root = Path(cfg.output.path)
+    tables = dataset_report(root, chosen.resolve(root))
     if as_json:
         out.print_json(json.dumps(tables, default=str))
         return
     if not tables:
-        console.print(f"no pages in {cfg.output.path} yet")
+        console.print(f"no pages of {chosen.describe} in {cfg.output.path}")
         return
     for name, rows in tables.items():
         table = Table(title=name, title_justify="left")

@@ -21,6 +21,7 @@ from ernie_batch.cli.common import (
     check_before_start,
     console,
     fail,
+    given,
     kv_table,
     nothing,
     out,
@@ -33,7 +34,6 @@ from ernie_batch.vocab import ExitCode, RunOutcome
 def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
              overrides: dict[str, Any], flags: RunFlags) -> None:
     """Check what can be checked, run the flow with a progress display, print the summary, exit."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
     force, retry_failed, wait = flags.force, flags.retry_failed, flags.wait
     as_json, quiet = flags.as_json, flags.quiet
     check_before_start(config, overrides, wait=wait)
@@ -104,9 +104,9 @@ def backfill(
         help="Only files dated on or after this day (YYYY-MM-DD).")] = None,
     until: Annotated[str | None, typer.Option(
         help="Only files dated before this day (YYYY-MM-DD).")] = None,
-    date_from: Annotated[str, typer.Option(
-        help="Where a file's date comes from: mtime, or path (a YYYY-MM-DD in its path).")
-    ] = "mtime",
+    date_from: Annotated[str | None, typer.Option(
+        help="Where a file's date comes from: mtime, or path (a YYYY-MM-DD in its path); "
+             "default: the config's sources.date_from.")] = None,
     prompt_file: Annotated[Path | None, typer.Option(
         "--prompt", help="A new prompt template file (a new fingerprint: pages run again).")
     ] = None,
@@ -115,11 +115,11 @@ def backfill(
 ) -> None:
     """Re-run a folder or a date range (the backfill flow), perhaps with a new prompt."""
     overrides = flags.overrides()
-    overrides.update({"sources.since": since, "sources.until": until,
-                      "sources.date_from": date_from})
+    overrides.update(given({"sources.since": since, "sources.until": until,
+                            "sources.date_from": date_from}))
     if prompt_file is not None:
         overrides["prompt.template_file"] = str(prompt_file.resolve())
-        overrides["prompt.template"] = None
+        overrides["prompt.template"] = None  # clears an inline template of the config
     run_flow("backfill", config, folders, overrides, flags)
 
 

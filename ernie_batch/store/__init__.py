@@ -19,7 +19,15 @@ from ernie_batch.errors import LockedError, OutputError
 from ernie_batch.store.done import DocumentDecision, DoneIndex, UnitDecision, load_done
 from ernie_batch.store.files import check_writable, remove_temp_files, write_parquet_atomic
 from ernie_batch.store.journal import Journal, from_journal, read_journal
-from ernie_batch.store.lock import OutputLock, live_lock_owner, wait_until_unlocked
+from ernie_batch.store.lock import (
+    FileLock,
+    OutputLock,
+    data_lock,
+    holding_dead_run,
+    live_lock_owner,
+    run_id_lock,
+    wait_until_unlocked,
+)
 from ernie_batch.store.records import (
     ATTEMPTS_SCHEMA,
     RUNS_SCHEMA,
@@ -42,7 +50,8 @@ from ernie_batch.store.tables import (
 )
 
 __all__ = [
-    "ATTEMPTS_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision", "DoneIndex", "Journal",
+    "ATTEMPTS_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision", "DoneIndex", "FileLock",
+    "Journal", "data_lock", "holding_dead_run", "run_id_lock",
     "LockedError", "OutputError", "OutputLock", "PageRow", "RunRow", "TableWriter",
     "UnitDecision", "check_writable", "decode_schema", "encode_schema", "from_journal",
     "live_lock_owner", "load_done", "new_run_id", "pages_schema", "read_columns", "read_journal",

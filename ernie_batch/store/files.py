@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 from ernie_batch.errors import OutputError
 
 TABLES = ("pages", "attempts", "runs")
+_RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,15 +44,21 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def remove_temp_files(root: Path) -> int:
-    """Delete half-written parts a killed run left (call with the lock held: no writer is live)."""
+def remove_temp_files(root: Path, may_remove: Callable[[str], bool]) -> int:
+    """Delete half-written parts that killed runs left: those whose run id `may_remove` allows.
+
+    A temporary part's name carries the run id it belongs to (`.part-<run_id>-0000.parquet.
+    <pid>.tmp`); the caller decides by run id, so a live sibling's temporary files stay.
+    """
     removed = 0
     for table in TABLES:
         folder = root / table
         if folder.is_dir():
             for tmp in folder.rglob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-                removed += 1
+                run_id = _RUN_ID.search(tmp.name)
+                if run_id and may_remove(run_id.group(0)):
+                    tmp.unlink(missing_ok=True)
+                    removed += 1
     return removed
 
 

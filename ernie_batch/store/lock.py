@@ -1,12 +1,30 @@
-"""One run at a time per output folder: `OUTPUT/.lock`, held with flock(2)."""
+"""Who may write to an output folder, held with flock(2): the kernel frees a lock when its owner dies.
+
+Three locks, each a file:
+
+* `OUTPUT/.lock`, the **run lock**: one top-level run (a `run`, a `backfill`, a coordinator
+  of shard runs) at a time; a second one waits (`--wait`) or exits 5. Its file names the
+  owner for the message.
+* `OUTPUT/.data.lock`, the **data lock**: every writer of rows holds it shared (a run and
+  each of its shard runs, side by side); maintenance that rewrites the dataset (compaction,
+  rebuilds) holds it exclusive, so no writer is live while files are replaced.
+* `OUTPUT/_journal/<run_id>.lock`, a **run-id lock**: held by whoever writes that run's
+  files, the run itself or, once it died, the run folding its journal. Start-up recovery
+  and temporary-file cleanup touch only run ids whose lock is free: never a live sibling's.
+
+On a network file system `flock` is per host: a second machine sharing the folder is not
+excluded (README "Running on several machines").
+"""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,45 +32,81 @@ from typing import Any
 from ernie_batch.errors import LockedError
 
 
-class OutputLock:
-    """OUTPUT/.lock, held with flock(2): the kernel frees it when its owner dies, even by kill -9.
+class FileLock:
+    """One flock on one path, shared or exclusive, taken over from a dead owner for free.
 
-    The file also names the owner (pid, host, run id) for the messages; the lock itself is
-    the flock, so a crashed run's leftover file is simply taken over. After locking, the
-    path must still be the file we locked (a releasing owner unlinks it), else we retry.
+    With `unlink=True` the holder deletes the file on release (while still holding it); a
+    waiter that then locks the deleted file notices the path is a new file and retries, so
+    lock files do not pile up. Shared locks keep their file (other holders use it).
     """
 
-    def __init__(self, root: Path, run_id: str) -> None:
-        self.path = root / ".lock"
-        self.run_id = run_id
+    def __init__(self, path: Path, *, exclusive: bool = True, unlink: bool = False) -> None:
+        self.path = path
+        self.exclusive = exclusive
+        self.unlink = unlink and exclusive
         self._fd: int | None = None
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
-    def _try(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        try:
-            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:  # unlinked by its previous owner between our open and our lock
-            os.close(fd)
-            return self._try()
-        payload = json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
-             "since": datetime.now(UTC).isoformat()}
-        ).encode()
-        os.pwrite(fd, payload, 0)  # then cut: a reader never sees an empty file
-        os.ftruncate(fd, len(payload))
-        self._fd = fd
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody else holds it in a conflicting mode; never waits."""
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
+                            | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # unlinked by its previous owner between our open and our lock
+
+    def acquire(self, wait_s: float = 0.0, poll_s: float = 0.25) -> bool:
+        """Wait up to `wait_s` seconds for the lock; True once held."""
+        deadline = time.monotonic() + wait_s
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
         return True
+
+    def write(self, payload: dict[str, Any]) -> None:
+        """Name the holder in the file (then cut it: a reader never sees an empty file)."""
+        assert self._fd is not None
+        data = json.dumps(payload).encode()
+        os.pwrite(self._fd, data, 0)
+        os.ftruncate(self._fd, len(data))
+
+    def release(self) -> None:
+        if self._fd is not None:
+            if self.unlink:
+                self.path.unlink(missing_ok=True)  # while still locked: waiters re-check
+            os.close(self._fd)
+            self._fd = None
+
+
+class OutputLock:
+    """The run lock, `OUTPUT/.lock`: one top-level run at a time; the file names the owner."""
+
+    def __init__(self, root: Path, run_id: str) -> None:
+        self.path = root / ".lock"
+        self.run_id = run_id
+        self._lock = FileLock(self.path, unlink=True)
+
+    @property
+    def held(self) -> bool:
+        return self._lock.held
 
     def owner(self) -> dict[str, Any]:
         try:
@@ -61,21 +115,38 @@ class OutputLock:
             return {}
 
     def acquire(self, wait_s: float = 0.0) -> None:
-        deadline = time.monotonic() + wait_s
-        while not self._try():
-            if time.monotonic() >= deadline:
-                raise LockedError(locked_message(self.path.parent, self.owner()))
-            time.sleep(0.25)
+        if not self._lock.acquire(wait_s):
+            raise LockedError(locked_message(self.path.parent, self.owner(), wait_s))
+        self._lock.write({"pid": os.getpid(), "host": socket.gethostname(),
+                          "run_id": self.run_id, "since": datetime.now(UTC).isoformat()})
 
     def release(self) -> None:
-        if self._fd is not None:
-            self.path.unlink(missing_ok=True)  # while still locked: waiters re-check the inode
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
+
+
+def data_lock(root: Path, *, exclusive: bool) -> FileLock:
+    """The data lock: shared by every writer of rows, exclusive for rewriting maintenance."""
+    return FileLock(root / ".data.lock", exclusive=exclusive)
+
+
+def run_id_lock(root: Path, run_id: str) -> FileLock:
+    """The lock on one run id's files: its journal, its parts, its temporary files."""
+    return FileLock(root / "_journal" / f"{run_id}.lock", unlink=True)
+
+
+@contextlib.contextmanager
+def holding_dead_run(root: Path, run_id: str) -> Iterator[bool]:
+    """Hold a run id's lock while the block works on its files; False when its owner lives."""
+    lock = run_id_lock(root, run_id)
+    held = lock.try_acquire()
+    try:
+        yield held
+    finally:
+        lock.release()
 
 
 def live_lock_owner(root: Path) -> dict[str, Any] | None:
-    """The owner of the folder's lock while a live run holds it (a quick check before start)."""
+    """The owner of the folder's run lock while a live run holds it (a quick check before start)."""
     path = root / ".lock"
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -90,13 +161,15 @@ def live_lock_owner(root: Path) -> dict[str, Any] | None:
     return None
 
 
-def locked_message(root: Path, owner: dict[str, Any]) -> str:
-    return (f"output folder {root} is locked by run {owner.get('run_id')} "
-            f"(pid {owner.get('pid')}); use --wait to queue behind it")
+def locked_message(root: Path, owner: dict[str, Any], waited_s: float = 0.0) -> str:
+    what = f"output folder {root} is locked by run {owner.get('run_id')} (pid {owner.get('pid')})"
+    if waited_s > 0:
+        return f"{what}; still locked after waiting {waited_s:g} s"
+    return f"{what}; use --wait to queue behind it"
 
 
 def wait_until_unlocked(root: Path, wait_s: float) -> None:
-    """Return once no live run holds the folder's lock; LockedError after `wait_s` seconds.
+    """Return once no live run holds the folder's run lock; LockedError after `wait_s` seconds.
 
     A quick check before a run starts (it takes the lock itself later).
     """
@@ -106,4 +179,4 @@ def wait_until_unlocked(root: Path, wait_s: float) -> None:
         time.sleep(0.5)
         owner = live_lock_owner(root)
     if owner:
-        raise LockedError(locked_message(root, owner))
+        raise LockedError(locked_message(root, owner, wait_s))
