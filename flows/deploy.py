@@ -266,15 +266,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def serve_deployment(deployment: RunnerDeployment) -> None:
-    """Register the deployment and run its scheduled runs until stopped, one at a time.
+def maintenance_deployments(cfg: JobConfig, config_path: Path) -> list[RunnerDeployment]:
+    """The deployments `serve` runs beside the ingest flow, each on its own schedule from the
+    config (for example a reconciliation or a compaction cron); none by default."""
+    return []
+
+
+def serve_deployment(*deployments: RunnerDeployment) -> None:
+    """Register the deployments and run their scheduled runs until stopped, one at a time.
 
     One run at a time: a run locks the output folder anyway, so a run due while the last
     one is still working waits for it instead of failing on the lock.
     """
     from prefect import serve
 
-    serve(deployment, limit=1)
+    serve(*deployments, limit=1)
 
 
 def _say(message: str) -> None:
@@ -290,6 +296,7 @@ def serve_schedule(config_path: Path) -> int:
     try:
         cfg = load_config(config_path)
         deployment = build_deployment(cfg, config_path)
+        others = maintenance_deployments(cfg, config_path)
     except (ConfigError, ScheduleError) as exc:
         _say(f"error: {exc}")
         return ExitCode.USAGE
@@ -301,14 +308,14 @@ def serve_schedule(config_path: Path) -> int:
             if api:
                 _say(f"serving {deployment.flow_name}/{deployment.name} ({when}) with the Prefect "
                      f"server at {api}; Ctrl-C stops")
-                serve_deployment(deployment)
+                serve_deployment(deployment, *others)
             else:
                 _say("PREFECT_API_URL is unset: starting a local Prefect server (the ephemeral "
                      "one cannot schedule) …")
                 with start_local_server() as server, use_api(server.api_url):
                     _say(f"Prefect server at {server.url} (log: {server.log_path}); serving "
                          f"{deployment.flow_name}/{deployment.name} ({when}); Ctrl-C stops")
-                    serve_deployment(deployment)
+                    serve_deployment(deployment, *others)
     except ServerStartError as exc:
         _say(f"error: {exc}")
         return ExitCode.SERVER

@@ -262,7 +262,7 @@ def test_with_an_api_url_serve_uses_that_server_and_starts_none(
     served = []
     monkeypatch.setattr(deploy, "configured_api_url", lambda: "http://prefect.internal:4200/api")
     monkeypatch.setattr(deploy, "start_local_server", lambda *a, **k: pytest.fail("started one"))
-    monkeypatch.setattr(deploy, "serve_deployment", served.append)
+    monkeypatch.setattr(deploy, "serve_deployment", lambda *ds: served.extend(ds))
     cfg = write_config(tmp_path / "job.toml", schedule={"interval_minutes": 30})
     assert deploy.serve_schedule(cfg) == 0
     assert [d.parameters for d in served] == [{"config_path": str(cfg.resolve())}]
