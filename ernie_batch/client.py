@@ -42,10 +42,19 @@ class CallResult:
     usd: float = 0.0
     retry_after: float | None = None
     error: str | None = None  # one line
+    unreachable: bool = False  # the host did not resolve or refused the connection
 
     @property
     def billed(self) -> bool:
         return self.outcome == AttemptOutcome.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What the balance call said before a run: a problem that must stop it, or the balance."""
+
+    problem: str | None = None  # one line: unreachable host, rejected key
+    balance: float | None = None  # credits, when the endpoint tells
 
 
 def is_loopback(host: str) -> bool:
@@ -157,7 +166,9 @@ class ApiClient:
             return self._fail(AttemptOutcome.TRANSPORT_ERROR, None, started, t0, error)
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
-            return self._fail(AttemptOutcome.TRANSPORT_ERROR, None, started, t0, error)
+            result = self._fail(AttemptOutcome.TRANSPORT_ERROR, None, started, t0, error)
+            result.unreachable = isinstance(exc, httpx.ConnectError)
+            return result
         return self._classify(response, started, t0)
 
     def _fail(self, outcome: AttemptOutcome, code: int | None, started: datetime, t0: float,
@@ -188,16 +199,23 @@ class ApiClient:
         return self._fail(AttemptOutcome.SERVER_ERROR, code, started, t0, f"HTTP {code}: {message}",
                           parse_retry_after(response.headers))
 
-    async def balance(self) -> dict[str, Any] | None:
-        """The account balance where the endpoint has one (AI/ML API does); None otherwise."""
+    async def probe(self) -> Probe:
+        """One balance call before a run: is the host there, and does it take the key?"""
+        host = urlsplit(self.base_url).hostname
         try:
             response = await self._http.get("/billing/balance")
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            return Probe(problem=f"cannot reach {host} ({self.base_url}): "
+                                 f"{one_line(exc, 160)}")
         except httpx.HTTPError:
-            return None
+            return Probe()  # reachable or not, nothing certain: the run's retries will tell
+        if response.status_code in (401, 403):
+            return Probe(problem=f"key rejected by {host} (HTTP {response.status_code}): "
+                                 f"{_api_message(response)}")
         if response.status_code != 200:
-            return None
+            return Probe()  # 404: no balance endpoint here (vLLM, Ollama): balance unknown
         try:
-            body = response.json()
-        except ValueError:
-            return None
-        return body if isinstance(body, dict) else None
+            value = response.json().get("balance")
+        except (ValueError, AttributeError):
+            return Probe()
+        return Probe(balance=float(value) if isinstance(value, int | float) else None)

@@ -10,6 +10,7 @@ every request, one set of Parquet parts and one manifest row. Its parts each hav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 from pydantic import SecretStr
 
-from ernie_batch import prompt, store
+from ernie_batch import interrupt, prompt, store
 from ernie_batch.answers import answer_fields
 from ernie_batch.client import ApiClient
 from ernie_batch.config import JobConfig
@@ -98,6 +99,7 @@ class Pipeline:
             flush_rows=cfg.output.flush_rows, flush_seconds=cfg.output.flush_seconds,
             on_progress=self.opts.on_progress or PROGRESS_OBSERVER.get(),
             on_page=self._note_answer)
+        self.progress.rate_limit_per_s = limits.rpm / 60.0 if limits.rpm else None
         self.rows = RowMaker(self.run_id, self.fp, cfg.api.model,
                              answer_fields(cfg.resolved.schema))
         self.stop = RunStop(self.budget)
@@ -114,6 +116,10 @@ class Pipeline:
         self._leaders: dict[str, str] = {}  # sha256 -> the path sent
         self._followers: list[Document] = []
         self._answered: dict[str, list[tuple[int, int, int | None]]] = {}  # ok units, this run
+        # Ctrl-C / SIGTERM: stop dispatching, give requests in flight a grace, then abandon them
+        self._graceful = interrupt.GRACEFUL.get()
+        self._hurry: asyncio.Event | None = asyncio.Event() if self._graceful else None
+        self._signals = contextlib.ExitStack()
         self._finished: RunSummary | None = None
 
     @property
@@ -139,10 +145,24 @@ class Pipeline:
             if not self.opts.force:
                 self.done = store.load_done(self.root, self.fp)
             self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema)})
+            if self._graceful is not None:
+                self._signals.enter_context(self._graceful.handling())
+                self._signals.callback(self._graceful.subscribe(self._on_signal))
         except BaseException:
+            self._signals.close()
             self._release_locks()
             raise
         return self
+
+    def _on_signal(self, hurry: bool) -> None:
+        """The first signal stops dispatching and starts the grace; a second one ends it."""
+        assert self._graceful is not None and self._hurry is not None
+        if hurry:
+            self._hurry.set()
+            return
+        self.stop.set(RunOutcome.INTERRUPTED,
+                      f"interrupted by {self._graceful.signal_name}: stopped dispatching")
+        asyncio.get_running_loop().call_later(self._graceful.grace_s, self._hurry.set)
 
     def _release_locks(self) -> None:
         self._own_lock.release()
@@ -168,29 +188,38 @@ class Pipeline:
     # ------------------------------------------------------------ processing
 
     async def process(self, docs: list[Document]) -> None:
-        """Prepare and send every unit of `docs` not done before; returns when all are recorded."""
+        """Prepare and send every unit of `docs` not done before; returns when all are recorded.
+
+        A stop (fatal error, budget, interrupt) ends the feeding at once; requests in flight
+        finish, or on an interrupt are abandoned once its grace is over.
+        """
         if self.stop.reason:
             return
         queue: asyncio.Queue[PageUnit | None] = asyncio.Queue(maxsize=self.cfg.limits.concurrency)
         workers = [asyncio.create_task(self._worker(queue))
                    for _ in range(self.cfg.limits.concurrency)]
         try:
-            stream = self.pool.stream([d for d in docs if self._needs_preparing(d)])
-            try:
-                async for doc, prepared in stream:
-                    await self._dispatch(doc, prepared, queue)
-                    if self.stop.reason:
-                        break
-            finally:
-                await stream.aclose()
+            await interrupt.until(self.stop.stopped, self._feed(docs, queue))
         finally:
             for _ in workers:
-                await queue.put(None)
-            await asyncio.gather(*workers)
+                await queue.put(None)  # once stopped, workers drain the queue at once
+            await interrupt.join(workers, self._hurry)
             self.recorder.maybe_flush(force=True)
+
+    async def _feed(self, docs: list[Document], queue: asyncio.Queue[PageUnit | None]) -> None:
+        stream = self.pool.stream([d for d in docs if self._needs_preparing(d)])
+        try:
+            async for doc, prepared in stream:
+                await self._dispatch(doc, prepared, queue)
+                if self.stop.reason:
+                    break
+        finally:
+            await stream.aclose()
 
     async def _dispatch(self, doc: Document, prepared: list[Prepared],
                         queue: asyncio.Queue[PageUnit | None]) -> None:
+        self.progress.documents_ready += 1
+        self.progress.units_known += len(prepared)
         for item in prepared:
             if isinstance(item, UnitFailure):
                 self._count_document(doc)
@@ -220,9 +249,12 @@ class Pipeline:
             self._record_duplicate(doc, page, last, decision.page_count, of_path, of_run)
         self.progress.already_done += decision.already_done
         if not decision.prepare:
+            self.progress.documents_ready += 1
+            self.progress.units_known += decision.already_done + len(decision.duplicates)
             return False
         if self._leaders.setdefault(doc.sha256, str(doc.path)) != str(doc.path):
             self._followers.append(doc)  # answered once, for the first path: see finish()
+            self.progress.documents_ready += 1
             return False
         return True
 
@@ -237,14 +269,19 @@ class Pipeline:
         for doc in self._followers:
             leader = self._leaders[doc.sha256]
             for page, last, count, of_path, of_run in self.done.answered_units(doc.sha256, self.fp):
-                self._record_duplicate(doc, page, last, count, of_path, of_run)
+                self._record_follower_duplicate(doc, page, last, count, of_path, of_run)
             for page, last, count in self._answered.get(doc.sha256, []):
-                self._record_duplicate(doc, page, last, count, leader, self.run_id)
+                self._record_follower_duplicate(doc, page, last, count, leader, self.run_id)
 
     def _count_document(self, doc: Document) -> None:
         if str(doc.path) not in self._docs_seen:
             self._docs_seen.add(str(doc.path))
             self.progress.documents += 1
+
+    def _record_follower_duplicate(self, doc: Document, page: int, last: int,
+                                   count: int | None, of_path: str, of_run: str) -> None:
+        self.progress.units_known += 1
+        self._record_duplicate(doc, page, last, count, of_path, of_run)
 
     def _record_duplicate(self, doc: Document, page: int, last: int, count: int | None,
                           of_path: str, of_run: str) -> None:
@@ -263,6 +300,7 @@ class Pipeline:
         """Write the last parts and the manifest, release everything; idempotent."""
         if self._finished is not None:
             return self._finished
+        self._signals.close()  # from here on a signal aborts, as before the run
         own_client, own_pool = self._owned
         try:
             if own_pool:
@@ -278,13 +316,16 @@ class Pipeline:
         finished = datetime.now(UTC)
         self.recorder.close(self.recorder.manifest(
             finished_at=finished, documents=p.documents, outcome=outcome, error=self.stop.error,
-            not_sent=self.sender.not_sent))
+            not_sent=p.not_sent + p.abandoned))
         self._release_locks()
         self._finished = RunSummary(
             run_id=self.run_id, kind=self.opts.kind, outcome=outcome,
-            exit_code=RUN_EXIT[outcome], error=self.stop.error, documents=p.documents,
+            exit_code=(self._graceful.exit_code if outcome == RunOutcome.INTERRUPTED
+                       and self._graceful and self._graceful.signum else RUN_EXIT[outcome]),
+            error=self.stop.error, documents=p.documents,
             units_ok=p.units.ok, units_failed=p.units.failed, units_skipped=p.units.skipped,
-            units_duplicate=p.units.duplicate, units_not_sent=self.sender.not_sent,
+            units_duplicate=p.units.duplicate,
+            units_not_sent=p.not_sent + p.abandoned,
             units_already_done=p.already_done, requests=p.requests,
             rate_limited=p.rate_limited, credits=self.recorder.credits, usd=self.recorder.usd,
             duration_s=(finished - self.started_at).total_seconds(), output=str(self.root),

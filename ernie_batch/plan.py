@@ -26,8 +26,10 @@ class Plan:
     documents: int = 0
     documents_unreadable: int = 0
     pages: int = 0
-    requests: int = 0
-    requests_done_before: int = 0
+    requests: int = 0  # units to send
+    units_already_done: int = 0  # answered by earlier runs with this prompt
+    files_passed_over: dict[str, int] = field(default_factory=dict)
+    still_growing: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     credits: float = 0.0
@@ -84,13 +86,19 @@ def _calibrated(cfg: JobConfig, fp: str) -> tuple[float, int] | None:
 
 def make_plan(cfg: JobConfig, sources: list[Path] | None = None) -> Plan:
     opts = cfg.sources.model_copy(update={"paths": sources}) if sources else cfg.sources
-    docs, _ = discover(opts)
+    docs, stats = discover(opts)
     fp = prompt.fingerprint(cfg)
     done = store.load_done(cfg.output.path, fp)
     b = cfg.budget
     completion = min(b.expected_completion_tokens, cfg.request.max_tokens)
     calibrated = _calibrated(cfg, fp)
-    plan = Plan(documents=len(docs))
+    plan = Plan(documents=len(docs), files_passed_over=dict(stats.skipped),
+                still_growing=[str(p) for p in stats.still_growing])
+    if stats.still_growing:
+        plan.warnings.append(
+            f"{len(stats.still_growing)} file(s) modified in the last {opts.settle_seconds:g} s "
+            f"passed over (--settle 0 includes them): "
+            + ", ".join(str(p) for p in stats.still_growing[:5]))
     if calibrated:
         plan.price_source = "median of earlier runs with this prompt"
         completion = calibrated[1]
@@ -106,7 +114,7 @@ def make_plan(cfg: JobConfig, sources: list[Path] | None = None) -> Plan:
         for page, last, images, pdf_pages in units:
             plan.pages += last - page + 1
             if done.status(doc.sha256, fp, page, last) == UnitStatus.OK:
-                plan.requests_done_before += 1
+                plan.units_already_done += 1
                 continue
             plan.requests += 1
             est = tokens.prompt_tokens(text_chars, images, pdf_pages)
@@ -127,10 +135,12 @@ def make_plan(cfg: JobConfig, sources: list[Path] | None = None) -> Plan:
 
 def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     """The plan as (name, value) lines for a terminal table."""
-    return [
+    passed = ", ".join(f"{k}: {v}" for k, v in sorted(plan.files_passed_over.items()))
+    return [("files_passed_over", passed or "none"),
         ("documents", f"{plan.documents} ({plan.documents_unreadable} unreadable)"),
         ("pages", str(plan.pages)),
-        ("requests to send", f"{plan.requests} ({plan.requests_done_before} done before)"),
+        ("requests to send", str(plan.requests)),
+        ("units_already_done", str(plan.units_already_done)),
         ("prompt tokens (est.)", f"{plan.prompt_tokens:,}"),
         ("completion tokens (est.)", f"{plan.completion_tokens:,}"),
         ("credits (est.)", f"{plan.credits:,.0f}  ({plan.price_source})"),
@@ -144,16 +154,3 @@ def _duration(minutes: float | None) -> str:
     if minutes is None:
         return "no limit set"
     return f"{minutes * 60:.0f} s" if minutes < 2 else f"{minutes:.1f} min"
-
-
-async def read_balance(cfg: JobConfig, key) -> float | None:  # noqa: ANN001 - SecretStr
-    from ernie_batch.client import ApiClient
-
-    client = ApiClient(cfg.api.base_url, key, timeout_s=15,
-                       allow_insecure_http=cfg.api.allow_insecure_http)
-    try:
-        body = await client.balance()
-    finally:
-        await client.aclose()
-    value = (body or {}).get("balance")
-    return float(value) if isinstance(value, int | float) else None

@@ -183,6 +183,14 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def _ignore_sigint() -> None:
+    """In each worker: a terminal's Ctrl-C reaches the whole process group; the run decides
+    when its workers stop, not the keyboard (no KeyboardInterrupt tracebacks from workers)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def failure_from_exception(doc: Document, exc: BaseException, timeout_s: float) -> UnitFailure:
     """The row for a task that did not return: timed out, worker died, or could not be sent."""
     from pebble import ProcessExpired
@@ -273,6 +281,7 @@ class PreparePool:
                 max_workers=self.workers,
                 max_tasks=self.opts.max_tasks_per_worker,
                 context=_mp_context(),
+                initializer=_ignore_sigint,
             )
         return self._pool
 

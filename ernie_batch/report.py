@@ -42,6 +42,12 @@ def summary_rows(s: RunSummary) -> list[tuple[str, str]]:
     return rows
 
 
+def finished_line(s: RunSummary) -> str:
+    """One line for a finished scheduled run (what `serve` prints)."""
+    return (f"{s.kind} run {s.run_id}: units_ok {s.units_ok}, units_failed {s.units_failed}, "
+            f"credits {s.credits:,.4f}, outcome {s.outcome}")
+
+
 def summary_table(s: RunSummary) -> list[dict[str, Any]]:
     return [{"what": k, "value": v} for k, v in summary_rows(s)]
 

@@ -42,10 +42,12 @@ class RunStop:
     budget: RequestBudget | None = None
     reason: RunOutcome | None = None
     error: str | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)  # set with the reason
 
     def set(self, reason: RunOutcome, error: str | None) -> None:
         if self.reason is None:
             self.reason, self.error = reason, error
+            self.stopped.set()
             if self.budget is not None:
                 self.budget.stop()
 
@@ -75,7 +77,14 @@ def _lease_outcome(outcome: AttemptOutcome) -> str:
 
 
 class UnitSender:
-    """Sends units of one run; shares its response_format fallback and credits in flight."""
+    """Sends units of one run; shares its response_format fallback and credits in flight.
+
+    A host that never answers (DNS failure, refused connections) for the first
+    `UNREACHABLE_AFTER_S` of sending stops the run as fatal; once it has answered once,
+    such errors are retried like any other transport error.
+    """
+
+    UNREACHABLE_AFTER_S = 60.0
 
     def __init__(self, cfg: JobConfig, fingerprint: str, client: ApiClient,
                  budget: RequestBudget, recorder: RunRecorder, rows: RowMaker, stop: RunStop,
@@ -84,23 +93,30 @@ class UnitSender:
         self.client, self.budget, self.recorder, self.rows, self.stop = (
             client, budget, recorder, rows, stop)
         self.format_mode = cfg.request.response_format
-        self.not_sent = 0  # units selected but never sent because the run stopped
         self._credits_in_flight = 0.0
         self._rng = rng or random.Random()
+        self._first_call: float | None = None
+        self._reached = False  # the host answered something, once
 
     async def send(self, unit: PageUnit) -> None:
         """Send the unit until answered or given up on, then record its row."""
+        progress = self.recorder.progress
         if self.stop.reason:
-            self.not_sent += 1
+            progress.not_sent += 1
             return
         t = _Try(unit, prompt.unit_key(unit.doc.sha256, unit.page, unit.page_last, self.fp),
                  self.cfg.request.temperature)
         started = datetime.now(UTC)
         t0 = time.perf_counter()
-        await self._send_handling_answers(t)
+        try:
+            await self._send_handling_answers(t)
+        except asyncio.CancelledError:  # abandoned by an interrupt: sent next time
+            progress.abandoned += 1
+            raise
         if t.not_sent:
-            self.not_sent += 1
+            progress.not_sent += 1
             return
+        progress.finish_times.append(time.monotonic())
         self.recorder.page(self.rows.answered_row(
             unit, parts_sha256(unit.parts), t.status, t.error, t.verdict, t.last, t.attempts,
             started, time.perf_counter() - t0))
@@ -169,6 +185,7 @@ class UnitSender:
             self._credits_in_flight -= est_credits
         self.budget.release(lease, outcome=_lease_outcome(res.outcome),
                             actual_tokens=res.prompt_tokens or None, retry_after=res.retry_after)
+        self._check_reachable(res)
         t.last = res
         t.verdict = (answers.judge(res.content, res.finish_reason, self.cfg.resolved.schema)
                      if res.outcome == AttemptOutcome.OK else None)
@@ -176,6 +193,17 @@ class UnitSender:
         t.attempts.append(row)
         self.recorder.attempt(row)
         return res
+
+    def _check_reachable(self, res: CallResult) -> None:
+        now = time.monotonic()
+        if self._first_call is None:
+            self._first_call = now
+        if not res.unreachable:
+            self._reached = True
+        elif not self._reached and now - self._first_call >= self.UNREACHABLE_AFTER_S:
+            self.stop.set(RunOutcome.FATAL_API_ERROR,
+                          f"no answer from {self.client.base_url} for "
+                          f"{self.UNREACHABLE_AFTER_S:g} s: {res.error}")
 
     def _estimate(self, unit: PageUnit, body: dict) -> tuple[int, float]:
         images = [(p.width or 0, p.height or 0) for p in unit.parts if not p.is_pdf]

@@ -19,18 +19,35 @@ from ernie_batch.vocab import Tally
 class Progress:
     """Counters for progress displays; updated in place as units finish."""
 
-    documents_total: int = 0
-    documents: int = 0
-    units_queued: int = 0
-    units_done: int = 0
-    units: Tally = field(default_factory=Tally)  # finished units by status
+    documents_total: int = 0  # discovered
+    documents: int = 0  # considered (skipped whole, or prepared)
+    documents_ready: int = 0  # whose units are all known
+    units_known: int = 0  # units of the ready documents
+    units_queued: int = 0  # handed to the senders
+    units_done: int = 0  # rows recorded
+    units: Tally = field(default_factory=Tally)  # rows by status
     already_done: int = 0  # answered (or given up on) by earlier runs: no row, no request
+    not_sent: int = 0  # selected but not sent because the run stopped
+    abandoned: int = 0  # in flight when an interrupt's grace ran out: no row, sent next time
+    rate_limit_per_s: float | None = None  # the configured request rate, for early ETAs
+    finish_times: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
     requests: int = 0
     rate_limited: int = 0
     credits: float = 0.0
     usd: float = 0.0
     started: float = field(default_factory=time.monotonic)
     request_times: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
+
+    @property
+    def units_finished(self) -> int:
+        """Units this run is through with, whatever became of them."""
+        return self.units_done + self.already_done + self.not_sent + self.abandoned
+
+    def units_per_s(self, window_s: float = 60.0) -> float:
+        """Units finished by requests per second, over the last `window_s` (or the run so far)."""
+        now = time.monotonic()
+        recent = sum(1 for t in self.finish_times if now - t <= window_s)
+        return recent / min(window_s, max(now - self.started, 1e-6))
 
     def rpm(self, window_s: float = 60.0) -> float:
         now = time.monotonic()

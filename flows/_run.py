@@ -14,10 +14,11 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.runtime import deployment
 
 from ernie_batch.config import api_key, load_config
 from ernie_batch.engine import Pipeline, RunOptions, batches
-from ernie_batch.report import summary_markdown, summary_table
+from ernie_batch.report import finished_line, summary_markdown, summary_table
 from ernie_batch.summary import RunSummary
 
 _RUNS: dict[str, tuple[Pipeline, list[list[Any]]]] = {}
@@ -64,6 +65,8 @@ async def run_flow(kind: str, config_path: str | None, sources: list[str] | None
         finally:
             _RUNS.pop(run.run_id, None)
     await _artifacts(summary)
+    if deployment.get_id():  # a scheduled run: `serve` shows one line per run
+        print(finished_line(summary), flush=True)
     return summary.model_dump(mode="json")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from datetime import datetime
@@ -10,6 +11,7 @@ from datetime import datetime
 import pandas as pd
 import pytest
 
+from ernie_batch.store import read_table
 from tests.conftest import PROJECT, SAMPLES
 
 CONFIG = str(PROJECT / "configs" / "demo.toml")
@@ -82,6 +84,14 @@ def test_the_same_content_twice_in_one_selection_is_sent_once(prefect_harness, s
     assert set(dup["duplicate_of_path"]) == {str(inbox / "invoice-2026-0117.pdf")}
     assert set(dup["duplicate_of_run"]) == {result["run_id"]}
     assert dup["page"].tolist() == [1, 2, 3]
+    assert dup["answer_json"].isna().all()  # as written: the answer is where they point
+    resolved = read_table(out, "pages", resolve_duplicates=True).to_pandas()
+    copies = resolved[resolved["status"] == "duplicate"].sort_values("page")
+    originals = resolved[resolved["source_path"] == str(inbox / "invoice-2026-0117.pdf")]
+    answers = [c for c in resolved.columns if c.startswith("answer_")]
+    assert copies[answers].reset_index(drop=True).equals(
+        originals.sort_values("page")[answers].reset_index(drop=True))
+    assert copies["answer_json"].notna().all()
     runs = pd.read_parquet(out / "runs")
     row = runs.iloc[0]
     assert (row["units_ok"], row["units_duplicate"], row["units_skipped"]) == (4, 3, 0)
@@ -150,3 +160,30 @@ def test_backfill_takes_only_files_in_the_date_range(prefect_harness, sim_factor
     assert by_mtime["requests"] == 0  # same content already answered
     pages = pd.read_parquet(out / "pages")
     assert sorted(pages["status"]) == ["duplicate", "duplicate", "ok"]
+
+
+def test_backfill_keeps_the_configs_date_from_unless_the_flag_is_given(sim_factory, tmp_path):
+    """A flag overrides the config only when given (the real command, in a subprocess)."""
+    from tests.test_chaos import cli_env, write_config
+    from tests.test_cli import cli
+
+    sim = sim_factory()
+    root = tmp_path / "inbox"
+    for day in ("2026-10-30", "2026-11-02"):
+        (root / day).mkdir(parents=True)
+        shutil.copy(SAMPLES / "letter-photo.jpg", root / day / f"letter-{day}.jpg")
+        (root / day / f"letter-{day}.jpg").write_bytes(
+            (root / day / f"letter-{day}.jpg").read_bytes() + day.encode())  # distinct content
+    stamp = datetime(2026, 1, 1).timestamp()
+    for f in root.rglob("*.jpg"):
+        os.utime(f, (stamp, stamp))  # mtimes far from the folder dates
+    config = write_config(tmp_path / "job.toml", root, tmp_path / "out", sim.url, concurrency=2)
+    config.write_text(config.read_text().replace("[api]", 'date_from = "path"\n[api]', 1))
+    args = ["backfill", str(root), "--config", str(config), "--since", "2026-11-01",
+            "--until", "2026-11-15", "--base-url", sim.url, "--output", str(tmp_path / "out"),
+            "--json"]
+    res = cli(*args, env=cli_env(tmp_path / "home"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1])["requests"] == 1  # only 2026-11-02, by path
+    res = cli(*args, "--date-from", "mtime", env=cli_env(tmp_path / "home"))
+    assert json.loads(res.stdout.splitlines()[-1])["requests"] == 0  # by mtime: none in range

@@ -25,7 +25,7 @@ def test_plan_estimates_the_run_that_follows(sim_factory, tmp_path):
     assert before.pages == summary.units_ok
     assert abs(before.credits - summary.credits) <= TOLERANCE * summary.credits
     after = make_plan(cfg)
-    assert after.requests == 0 and after.requests_done_before == summary.requests
+    assert after.requests == 0 and after.units_already_done == summary.requests
 
 
 def test_plan_calibrates_from_earlier_runs(sim_factory, tmp_path):

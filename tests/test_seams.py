@@ -43,7 +43,7 @@ def test_invalid_answers_walk_the_answer_layer_warmer_each_time(tmp_path):
         try:
             summary = await one_run(cfg, client)
             # the pipeline does not close what it was handed: the client still works
-            assert (await client.balance()) is not None
+            assert (await client.probe()).balance is not None
         finally:
             await client.aclose()
         return summary

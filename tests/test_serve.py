@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import tomllib
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ernie_batch.errors import ServerStartError
 from tests.conftest import PROJECT, SAMPLES, TEST_KEY
 
 FILES = {"receipt-cafe-aurora.png": 1, "invoice-2026-0117.pdf": 3}  # file -> pages
@@ -177,6 +179,10 @@ def test_serve_starts_a_local_server_runs_the_interval_schedule_and_stops_everyt
     got = pages.groupby(pages["source_path"].map(lambda p: Path(p).name))["page"].apply(sorted)
     assert got.to_dict() == {name: list(range(1, n + 1)) for name, n in FILES.items()}
     assert set(runs["kind"]) == {"ingest"}
+    # serve says as each run finishes what it did, one line a run
+    finished = re.findall(r"ingest run (\S+): units_ok (\d+), units_failed 0, credits [\d,.]+, "
+                          r"outcome completed", log_text())
+    assert [ok for _, ok in finished[:2]] == [str(len(pages)), "0"], log_text()
     assert TEST_KEY not in log_text()
 
 
@@ -235,14 +241,15 @@ def test_the_deployment_carries_only_the_config_path(
 def test_a_local_server_that_never_gets_healthy_is_stopped_and_its_log_kept(
     monkeypatch: pytest.MonkeyPatch, script: str, message: str
 ) -> None:
-    from flows import deploy
+    from ernie_batch import prefect_server as server
 
-    seen: list[deploy.LocalServer] = []
-    wait = deploy.wait_healthy
-    monkeypatch.setattr(deploy, "server_command", lambda host, port: [sys.executable, "-c", script])
-    monkeypatch.setattr(deploy, "wait_healthy", lambda s, t: (seen.append(s), wait(s, t))[1])
-    with pytest.raises(deploy.ServerStartError, match=message) as info:
-        with deploy.start_local_server(timeout_s=2):
+    seen: list[server.LocalServer] = []
+    wait = server.wait_healthy
+    monkeypatch.setattr(server, "server_command",
+                        lambda host, port, ephemeral: [sys.executable, "-c", script])
+    monkeypatch.setattr(server, "wait_healthy", lambda s, t: (seen.append(s), wait(s, t))[1])
+    with pytest.raises(ServerStartError, match=message) as info:
+        with server.start_local_server(timeout_s=2):
             pytest.fail("the block must not run")
     assert seen[0].process.poll() is not None  # stopped, and waited for
     log = Path(str(info.value).rsplit("its log: ", 1)[1])
@@ -252,6 +259,33 @@ def test_a_local_server_that_never_gets_healthy_is_stopped_and_its_log_kept(
             assert "cannot bind" in log.read_text()
     finally:
         log.unlink(missing_ok=True)
+
+
+def test_a_local_server_stops_when_the_command_that_started_it_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the parent: the kernel asks the server to stop (no server outlives its run)."""
+    import psutil
+
+    pid_file = tmp_path / "server.pid"
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from ernie_batch import prefect_server as server
+        server.server_command = lambda host, port, ephemeral: [
+            sys.executable, "-c", "import http.server as h; h.test(port={{port}}, bind='127.0.0.1')"
+            .replace("{{port}}", str(port))]
+        server.wait_healthy = lambda s, t: None
+        with server.start_local_server() as s:
+            Path({str(pid_file)!r}).write_text(str(s.process.pid))
+            time.sleep(600)
+    """)])
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = psutil.Process(int(pid_file.read_text()))
+    assert child.is_running() and os.getpgid(child.pid) != os.getpgid(parent.pid)
+    parent.kill()
+    parent.wait()
+    child.wait(timeout=30)  # raises if it lives on
 
 
 def test_with_an_api_url_serve_uses_that_server_and_starts_none(

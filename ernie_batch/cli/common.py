@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import os
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -58,6 +59,12 @@ RetryFailedOpt = Annotated[bool, typer.Option(
     help="Also retry inputs recorded as input_error or skipped.")]
 WaitOpt = Annotated[float, typer.Option(
     help="Seconds to wait for another run's lock on the output folder.")]
+GraceOpt = Annotated[float, typer.Option(
+    help="After Ctrl-C or SIGTERM: seconds requests in flight may still take (a second Ctrl-C "
+         "ends it).")]
+SettleOpt = Annotated[float | None, typer.Option(
+    "--settle", help="Pass over files modified in the last SECONDS (still being copied); "
+                     "default: sources.settle_seconds.")]
 RunIdOpt = Annotated[list[str] | None, typer.Option(
     "--run", help="A run id (repeatable); a coordinator's id selects its shard runs too.")]
 SinceOpt = Annotated[str | None, typer.Option(help="Runs started on or after this UTC date.")]
@@ -91,11 +98,14 @@ class RunFlags:
     force: ForceOpt = False
     retry_failed: RetryFailedOpt = False
     wait: WaitOpt = 0.0
+    grace: GraceOpt = 10.0
+    settle: SettleOpt = None
     as_json: JsonOpt = False
     quiet: QuietOpt = False
 
     def overrides(self) -> dict[str, Any]:
-        return overrides(self.base_url, self.output, self.concurrency, self.rpm)
+        return {**overrides(self.base_url, self.output, self.concurrency, self.rpm),
+                **given({"sources.settle_seconds": self.settle})}
 
 
 def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:
@@ -140,11 +150,12 @@ def load(config: Path | None, flags: dict[str, Any]) -> Any:
 
 
 def check_before_start(config: Path | None, flags: dict[str, Any], need_key: bool = True,
-                       wait: float | None = None) -> None:
+                       wait: float | None = None, sources: list[Path] | None = None) -> None:
     """Everything that can be checked before Prefect starts (seconds): config, key, output.
 
-    With `wait` given, the output folder must be writable and not locked by a live run
-    (unless the caller is willing to wait for it).
+    With `wait` given (a run), the sources must exist, the output folder be writable and
+    not locked by a live run (unless the caller is willing to wait for it), and the endpoint
+    answer one balance call with the key (an unreachable host or a rejected key: exit 3).
     """
     from ernie_batch import store
     from ernie_batch.client import check_base_url
@@ -153,12 +164,15 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
     cfg = load(config, flags)
     try:
         check_base_url(cfg.api.base_url, cfg.api.allow_insecure_http)
-        if need_key:
-            api_key(cfg)
+        key = api_key(cfg) if need_key else None
     except ConfigError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     if wait is None:
         return
+    missing = [p for p in (sources or cfg.sources.paths) if not Path(p).expanduser().exists()]
+    if missing:
+        raise fail(f"{'sources' if sources else 'sources.paths'}: {missing[0]} does not exist",
+                   ExitCode.USAGE)
     try:
         store.check_writable(Path(cfg.output.path))
         store.wait_until_unlocked(Path(cfg.output.path), wait)  # Prefect starts once it is free
@@ -166,6 +180,34 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
         raise fail(str(exc), ExitCode.USAGE) from None
     except store.LockedError as exc:
         raise fail(str(exc), ExitCode.LOCKED) from None
+    if key is not None:
+        probe(cfg, key)
+
+
+def probe(cfg: Any, key: Any) -> Any:
+    """One balance call (`client.Probe`); an unreachable host or a rejected key exits 3 here."""
+    import asyncio
+
+    from ernie_batch.client import ApiClient
+
+    async def ask() -> Any:
+        client = ApiClient(cfg.api.base_url, key, timeout_s=15,
+                           connect_timeout_s=cfg.api.connect_timeout_s,
+                           allow_insecure_http=cfg.api.allow_insecure_http)
+        try:
+            return await client.probe()
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(ask())
+    if result.problem:
+        raise fail(result.problem, ExitCode.FATAL)
+    return result
+
+
+def emit_json(value: Any) -> None:
+    """`--json`: one object on one line, the last on stdout (CONTRACT "JSON lines")."""
+    print(json.dumps(value, default=str, separators=(",", ":")), flush=True)
 
 
 def kv_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:

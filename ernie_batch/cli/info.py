@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.table import Table
@@ -13,17 +12,23 @@ from ernie_batch.cli.common import (
     JsonOpt,
     OutputOpt,
     RunIdOpt,
+    SettleOpt,
     SinceOpt,
     SourcesArg,
     UntilOpt,
     app,
     console,
+    emit_json,
+    fail,
+    given,
     kv_table,
     load,
     out,
     overrides,
+    probe,
     selection,
 )
+from ernie_batch.vocab import ExitCode
 
 
 @app.command()
@@ -32,18 +37,21 @@ def plan(
     config: ConfigOpt = None,
     output: OutputOpt = None,
     base_url: BaseUrlOpt = None,
+    settle: SettleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Count documents, pages and requests and estimate tokens, credits and time. Sends nothing."""
-    import asyncio
 
     from ernie_batch.config import ConfigError, api_key
-    from ernie_batch.plan import make_plan, plan_rows, read_balance
+    from ernie_batch.plan import make_plan, plan_rows
 
-    cfg = load(config, overrides(base_url, output))
-    result = make_plan(cfg, sources)
+    cfg = load(config, {**overrides(base_url, output), **given({"sources.settle_seconds": settle})})
     try:
-        result.balance = asyncio.run(read_balance(cfg, api_key(cfg)))
+        result = make_plan(cfg, sources)
+    except ConfigError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+    try:
+        result.balance = probe(cfg, api_key(cfg)).balance
     except ConfigError:
         result.warnings.append(f"no API key in ${cfg.api.api_key_env}: balance not checked")
     if result.balance is not None and result.credits > result.balance:
@@ -52,7 +60,7 @@ def plan(
     if as_json:
         from dataclasses import asdict
 
-        out.print_json(json.dumps({**asdict(result), "usd": result.usd}))
+        emit_json({**asdict(result), "usd": result.usd})
         return
     out.print(kv_table("ernie-batch plan (nothing sent)", plan_rows(result)))
     for w in result.warnings:
@@ -76,7 +84,7 @@ def report(
     root = Path(cfg.output.path)
     tables = dataset_report(root, chosen.resolve(root))
     if as_json:
-        out.print_json(json.dumps(tables, default=str))
+        emit_json(tables)
         return
     if not tables:
         console.print(f"no pages of {chosen.describe} in {cfg.output.path}")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from ernie_batch.cli.common import (
     app,
     check_before_start,
     console,
+    emit_json,
     fail,
     given,
     kv_table,
@@ -36,12 +38,13 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
     """Check what can be checked, run the flow with a progress display, print the summary, exit."""
     force, retry_failed, wait = flags.force, flags.retry_failed, flags.wait
     as_json, quiet = flags.as_json, flags.quiet
-    check_before_start(config, overrides, wait=wait)
+    check_before_start(config, overrides, wait=wait, sources=sources)
     prefect_defaults()
     import asyncio
 
     from ernie_batch.engine import PROGRESS_OBSERVER
-    from ernie_batch.errors import ConfigError, LockedError, OutputError
+    from ernie_batch.errors import ConfigError, LockedError, OutputError, ServerStartError
+    from ernie_batch.interrupt import GRACEFUL, Graceful
     from ernie_batch.progress import ProgressView
     from ernie_batch.summary import RunSummary
 
@@ -57,16 +60,25 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
 
         call = ingest(sources=folders, overrides=overrides, kind=kind, **common)
     view = ProgressView(console)
-    token = PROGRESS_OBSERVER.set(None if (quiet or as_json) else view)
+    graceful = Graceful(flags.grace)
+    tokens = (PROGRESS_OBSERVER.set(None if (quiet or as_json) else view), GRACEFUL.set(graceful))
     try:
-        with view if not (quiet or as_json) else nothing():
+        with graceful.handling(), (view if not (quiet or as_json) else nothing()), \
+                prefect_api(None if (quiet or as_json) else view):
             result = asyncio.run(call)
+    except KeyboardInterrupt:
+        console.print(f"interrupted by {graceful.signal_name} before the run started: "
+                      "nothing was sent", highlight=False)
+        raise typer.Exit(graceful.exit_code) from None
     except LockedError as exc:
         raise fail(str(exc), ExitCode.LOCKED) from None
     except (ConfigError, OutputError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
+    except ServerStartError as exc:
+        raise fail(str(exc), ExitCode.SERVER) from None
     finally:
-        PROGRESS_OBSERVER.reset(token)
+        PROGRESS_OBSERVER.reset(tokens[0])
+        GRACEFUL.reset(tokens[1])
     summary = RunSummary.model_validate(result)
     print_summary(summary, as_json, quiet)
     if summary.outcome == RunOutcome.FATAL_API_ERROR:
@@ -74,11 +86,39 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
     raise typer.Exit(summary.exit_code)
 
 
+@contextlib.contextmanager
+def prefect_api(view: Any) -> Iterator[None]:
+    """The Prefect server the flow talks to: the configured one, else a local one of our own.
+
+    Our own, not Prefect's ephemeral one: that one shares our process group, so a terminal's
+    Ctrl-C would kill it while the run still needs it (see `ernie_batch.prefect_server`).
+    """
+    from ernie_batch.prefect_server import (
+        configured_api_url,
+        drain_to_server,
+        start_local_server,
+        use_api,
+    )
+
+    if configured_api_url():
+        yield
+        return
+    if view is not None:
+        view.status("starting a local Prefect server (about 20 s the first time) …")
+    with start_local_server(ephemeral=True) as server, use_api(server.api_url):
+        if view is not None:
+            view.status("Prefect is up: taking the output folder, finding documents …")
+        try:
+            yield
+        finally:
+            drain_to_server()
+
+
 def print_summary(summary: Any, as_json: bool, quiet: bool) -> None:
     from ernie_batch.report import summary_rows
 
     if as_json:
-        out.print_json(json.dumps(summary.model_dump(mode="json")))
+        emit_json(summary.model_dump(mode="json"))
         return
     if quiet:
         return

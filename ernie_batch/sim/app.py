@@ -71,6 +71,7 @@ class SimSettings:
     credits_per_prompt_token: float = 0.882
     credits_per_completion_token: float = 2.625
     send_usd: bool = True
+    has_balance: bool = True  # False: GET /v1/billing/balance is a 404 (as on vLLM, Ollama)
 
 
 @dataclass
@@ -122,17 +123,14 @@ class Simulator:
         self._fault_rng = random.Random(settings.seed)
         self._latency_rng = random.Random(settings.seed + 1)
         self._id_rng = random.Random()  # ids unique across simulator instances
-        chat = self.chat_completions
-        self.app = Starlette(
-            routes=[
-                Route("/v1/chat/completions", chat, methods=["POST"]),
-                Route("/chat/completions", chat, methods=["POST"]),
-                Route("/v1/billing/balance", self.billing_balance, methods=["GET"]),
-                Route("/_sim/ledger", self.ledger_view, methods=["GET"]),
-                Route("/_sim/reset", self.reset, methods=["POST"]),
-            ],
-            exception_handlers={HTTPException: self._http_exception},
-        )
+        # the API's routes only under /v1, as the real one (a base URL without /v1 is a 404
+        # there and here); /_sim/* are the simulator's own, for tests and benchmarks only
+        routes = [Route("/v1/chat/completions", self.chat_completions, methods=["POST"])]
+        if settings.has_balance:
+            routes.append(Route("/v1/billing/balance", self.billing_balance, methods=["GET"]))
+        routes += [Route("/_sim/ledger", self.ledger_view, methods=["GET"]),
+                   Route("/_sim/reset", self.reset, methods=["POST"])]
+        self.app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_exception})
 
     # --- bookkeeping
 

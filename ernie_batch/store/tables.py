@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ernie_batch.store import duplicates
 from ernie_batch.store.files import write_parquet_atomic
 from ernie_batch.store.records import RUNS_SCHEMA, RunRow
 
@@ -61,8 +62,11 @@ def read_columns(root: Path, table: str, columns: list[str]) -> pa.Table | None:
     return ds.to_table(columns=present)
 
 
-def read_table(root: Path, table: str) -> pa.Table | None:
-    """A whole table with the union of all parts' schemas (new answer columns read as null)."""
+def read_table(root: Path, table: str, *, resolve_duplicates: bool = False) -> pa.Table | None:
+    """A whole table with the union of all parts' schemas (new answer columns read as null).
+
+    `resolve_duplicates` (pages): duplicate rows carry the answer of the row they point at.
+    """
     folder = root / table
     if not folder.is_dir():
         return None
@@ -72,6 +76,8 @@ def read_table(root: Path, table: str) -> pa.Table | None:
     schema = pa.unify_schemas([pq.read_schema(p) for p in files])
     ds = pads.dataset([str(p) for p in files], schema=schema, format="parquet",
                       partitioning="hive", partition_base_dir=str(folder))
+    if resolve_duplicates and table == "pages":
+        return duplicates.resolve_duplicates(ds.to_table())
     return ds.to_table()
 
 

@@ -1,0 +1,230 @@
+"""A Prefect server on loopback for as long as a command needs one, in its own process group.
+
+Prefect's ephemeral server is a subprocess in the caller's process group, so a Ctrl-C in the
+terminal reaches it first: it dies while the run still needs it (tracebacks, "Error logging
+to API", lost state). So commands start their own: `serve` a full `prefect server start`
+(the ephemeral one cannot schedule), `run`/`backfill`/`demo` the same lightweight app the
+ephemeral server runs (no UI, no background services). Either one leads its own process
+group (a terminal's SIGINT does not reach it; we stop it when we are done) and is asked by
+the kernel to stop when its parent dies, even by kill -9 (PR_SET_PDEATHSIG on Linux), so
+no server outlives the command that started it.
+
+Prefect is imported inside the functions: its settings are read when it is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ernie_batch.errors import ServerStartError
+
+LOOPBACK = "127.0.0.1"
+# A fresh PREFECT_HOME migrates its database first: ~20 s on a small machine, more under load.
+HEALTH_TIMEOUT_S = 180.0
+STOP_GRACE_S = 15.0
+
+
+@dataclass
+class LocalServer:
+    """A `prefect server start` subprocess, leader of its own process group."""
+
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM the whole group, then SIGKILL what is left after `grace_s`."""
+        pgid = self.process.pid
+        _signal_group(self.process, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.process, signal.SIGKILL)
+            self.process.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C: do not wait politely
+            _signal_group(self.process, signal.SIGKILL)
+            self.process.wait()
+        # children outliving the leader (the group id stays reserved while any exist)
+        if hasattr(os, "killpg"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, 0)
+                os.killpg(pgid, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    if hasattr(os, "killpg"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+    elif process.poll() is None and sig == signal.SIGTERM:
+        process.terminate()
+    elif process.poll() is None:
+        process.kill()
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nobody listens on right now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def server_command(host: str, port: int, ephemeral: bool = False) -> list[str]:
+    """The server's command line, from this interpreter's environment (not whatever is on PATH).
+
+    Full: `prefect server start` (UI, scheduler, services). Ephemeral: the API app alone under
+    uvicorn, as Prefect's own ephemeral server runs it.
+    """
+    if ephemeral:
+        import prefect
+
+        app_dir = str(Path(prefect.__file__).parent.parent)
+        return [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+                "prefect.server.api.server:create_app", "--host", host, "--port", str(port),
+                "--log-level", "error", "--lifespan", "on"]
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+            "--port", str(port), "--no-background"]
+
+
+# Exec'd in front of the server: asks the kernel for SIGTERM when the parent dies (Linux),
+# then becomes the server. (A preexec_fn would do the same, but is unsafe in a threaded parent.)
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)  # the parent died before we asked\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _dying_with_parent(command: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+
+
+def wait_healthy(server: LocalServer, timeout_s: float) -> None:
+    """Poll GET /api/health until it answers true; fail early if the server exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = server.process.poll()
+        if code is not None:
+            raise ServerStartError(f"the local Prefect server exited with code {code} before it "
+                                   f"was ready; its log: {server.log_path}")
+        try:
+            with urllib.request.urlopen(f"{server.api_url}/health", timeout=2) as resp:
+                if resp.status == 200 and resp.read().strip() == b"true":
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise ServerStartError(f"the local Prefect server was not healthy after {timeout_s:.0f} s; "
+                           f"its log: {server.log_path}")
+
+
+def drain_to_server(timeout_s: float = 10.0) -> None:
+    """Send the logs and events this process still holds for the server, before it stops
+    (else Prefect's workers try at exit, find no server, and print "Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):  # best effort: nothing to send is fine too
+            worker.drain_all(timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def start_local_server(host: str = LOOPBACK, port: int | None = None,
+                       timeout_s: float = HEALTH_TIMEOUT_S,
+                       ephemeral: bool = False) -> Iterator[LocalServer]:
+    """Run a Prefect server on loopback while the block runs; always stop it after.
+
+    The log goes to a private (0600) temporary file, kept (and named in the error) only
+    when the server fails to come up.
+    """
+    port = port or free_port(host)
+    fd, name = tempfile.mkstemp(prefix="ernie-batch-prefect-server-", suffix=".log")
+    log_path = Path(name)
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("DO_NOT_TRACK", "1")
+    if ephemeral:
+        env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT__SERVER_FINAL": "1"})
+    kwargs: dict[str, Any] = (
+        {"start_new_session": True} if hasattr(os, "killpg")
+        else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+    )
+    with os.fdopen(fd, "wb") as log:
+        process = subprocess.Popen(_dying_with_parent(server_command(host, port, ephemeral)),
+                                   stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, env=env, **kwargs)
+    server = LocalServer(process=process, host=host, port=port, log_path=log_path)
+    keep_log = False
+    try:
+        try:
+            wait_healthy(server, timeout_s)
+        except ServerStartError:
+            keep_log = True
+            raise
+        yield server
+    finally:
+        server.stop()
+        if not keep_log:
+            log_path.unlink(missing_ok=True)
+
+
+def configured_api_url() -> str | None:
+    """PREFECT_API_URL as Prefect resolves it (environment or the active profile)."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+@contextlib.contextmanager
+def use_api(url: str) -> Iterator[None]:
+    """Point this process and the run subprocesses it starts at `url`.
+
+    Prefect reads its settings when imported, so the environment alone is not enough here:
+    `temporary_settings` changes the live settings; the environment variable is for any
+    child process that does not inherit them.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+
+
