@@ -27,9 +27,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-
-
 def prefect_defaults() -> None:
     """Settings a fresh machine needs before Prefect is imported (the user's own values win)."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

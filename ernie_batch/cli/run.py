@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 
 from ernie_batch.cli.common import (
-    PROJECT_ROOT,
     ConfigOpt,
     JsonOpt,
     OutputOpt,
@@ -129,18 +128,20 @@ def demo(
     latency: Annotated[float, typer.Option(help="Simulated API latency, seconds.")] = 0.2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the sample documents in data/samples through the built-in API simulator."""
+    """Run the packaged sample documents through the built-in API simulator into data/demo-output."""
+    from ernie_batch.demo import CONFIG, OUTPUT, SAMPLES, demo_home
     from ernie_batch.sim import SimServer, SimSettings
 
     key = "sim-" + secrets.token_hex(16)
-    with SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:
+    target = (output or OUTPUT).absolute()  # under the folder the demo runs from
+    with demo_home() as home, SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:
         os.environ["AIMLAPI_API_KEY"] = key  # this process only: the demo needs no real key
         overrides = {
             "api.base_url": sim.url,
-            "sources.paths": [str(PROJECT_ROOT / "data" / "samples")],
-            "output.path": str(output or PROJECT_ROOT / "data" / "output"),
+            "sources.paths": [str(home / SAMPLES)],
+            "output.path": str(target),
         }
         if not as_json:
-            console.print(f"simulator on {sim.url}; samples from {PROJECT_ROOT / 'data/samples'}")
-        run_flow("demo", PROJECT_ROOT / "configs" / "demo.toml", None, overrides,
-                 RunFlags(as_json=as_json))
+            console.print(f"simulator on {sim.url}; samples from {home / SAMPLES}; "
+                          f"output to {target}", highlight=False, soft_wrap=True)
+        run_flow("demo", home / CONFIG, None, overrides, RunFlags(as_json=as_json))
