@@ -63,3 +63,13 @@ def test_plain_http_to_a_remote_host_is_refused(tmp_path):
     res = cli("run", "--base-url", "http://example.com/v1", env={"AIMLAPI_API_KEY": "k"})
     assert res.returncode == 2
     assert "plain HTTP" in res.stderr
+
+
+def test_an_unreadable_prompt_is_the_flags_error(tmp_path):
+    missing = tmp_path / "page-v3.txt"
+    res = cli("backfill", "-c", str(PROJECT / "configs" / "default.toml"), "--prompt", str(missing),
+              env={"AIMLAPI_API_KEY": "k"})
+    assert res.returncode == 2
+    [line] = [line for line in res.stderr.splitlines() if line.strip()]
+    assert f"--prompt {missing}: cannot read: No such file or directory" in line
+    assert "template_file" not in line

@@ -30,7 +30,7 @@ def packaged_assets() -> set[str]:
 def test_the_users_copies_under_configs_are_the_packaged_assets() -> None:
     # configs/ holds what users edit; the demo reads the packaged files: one text, two places
     copies = [a for a in packaged_assets() if not a.startswith("samples/")]
-    assert {"demo.toml", "prompts/page.txt", "schemas/page.json"} <= set(copies)
+    assert {"demo.toml", "prompts/page.txt", "prompts/page-v2.txt", "schemas/page.json"} <= set(copies)
     for asset in copies:
         assert (PROJECT / "configs" / asset).read_bytes() == (PACKAGED / asset).read_bytes(), asset
     assert not (PROJECT / "data" / "samples").exists(), "samples live only in the package"

@@ -117,6 +117,11 @@ def backfill(
     overrides.update({"sources.since": since, "sources.until": until,
                       "sources.date_from": date_from})
     if prompt_file is not None:
+        try:
+            prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:  # the flag's error, not the config's field
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise fail(f"--prompt {prompt_file}: cannot read: {reason}", ExitCode.USAGE) from None
         overrides["prompt.template_file"] = str(prompt_file.resolve())
         overrides["prompt.template"] = None
     run_flow("backfill", config, folders, overrides, flags)
