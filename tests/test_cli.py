@@ -73,3 +73,13 @@ def test_an_unreadable_prompt_is_the_flags_error(tmp_path):
     [line] = [line for line in res.stderr.splitlines() if line.strip()]
     assert f"--prompt {missing}: cannot read: No such file or directory" in line
     assert "template_file" not in line
+
+
+def test_an_output_that_is_a_file_says_so(tmp_path):
+    target = tmp_path / "results.parquet"
+    target.write_text("not a folder\n")
+    res = cli("run", "-c", str(PROJECT / "configs" / "default.toml"), "--output", str(target),
+              env={"AIMLAPI_API_KEY": "k"})
+    assert res.returncode == 2
+    [line] = [line for line in res.stderr.splitlines() if line.strip()]
+    assert line.endswith(f"output folder {target} is a file"), line

@@ -233,6 +233,26 @@ def test_a_second_run_exits_5_while_the_first_holds_the_folder(sim_factory, tmp_
     assert not (out / "pages").exists()
 
 
+def test_a_wait_that_runs_out_says_so_instead_of_suggesting_wait(sim_factory, tmp_path):
+    sim = sim_factory()
+    src, out = tmp_path / "in", tmp_path / "out"
+    chaos.make_corpus(src, images=1, pdf_pages=1)
+    cfg = chaos.write_config(tmp_path / "job.toml", src, out, sim.url, concurrency=2)
+    chaos.EXTRA_OUTPUTS.append(out)
+    holder = hold_lock(out, tmp_path / "release")
+    try:
+        rc, text = cli(cfg, "wait-runs-out", "--wait", "1.5")
+        with pytest.raises(store.LockedError, match=r"still locked after waiting 0.2 s \(--wait\)$"):
+            store.OutputLock(out, "r").acquire(0.2)  # the run's own wait: the same words
+    finally:
+        (tmp_path / "release").touch()
+        holder.wait(timeout=10)
+    assert rc == 5, text
+    [line] = error_lines(text)
+    assert f"pid {holder.pid}" in line and "still locked after waiting 1.5 s" in line
+    assert "use --wait" not in line
+
+
 def test_wait_queues_behind_the_lock_and_a_dead_owner_is_taken_over(job, tmp_path):
     sim, cfg, units = job
     out = Path(cfg.output.path)
@@ -299,7 +319,7 @@ def test_an_unwritable_output_folder_stops_the_cli_before_any_request(sim_factor
     rc, text = cli(cfg, "unwritable")
     assert rc == 2, text
     [line] = error_lines(text)
-    assert f"output folder {out} is not writable" in line
+    assert f"output folder {out} is not writable: {blocker} is a file" in line
     assert sim.ledger()["entries"] == []
 
 

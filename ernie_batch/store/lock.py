@@ -64,7 +64,7 @@ class OutputLock:
         deadline = time.monotonic() + wait_s
         while not self._try():
             if time.monotonic() >= deadline:
-                raise LockedError(locked_message(self.path.parent, self.owner()))
+                raise LockedError(locked_message(self.path.parent, self.owner(), wait_s))
             time.sleep(0.25)
 
     def release(self) -> None:
@@ -90,9 +90,12 @@ def live_lock_owner(root: Path) -> dict[str, Any] | None:
     return None
 
 
-def locked_message(root: Path, owner: dict[str, Any]) -> str:
-    return (f"output folder {root} is locked by run {owner.get('run_id')} "
-            f"(pid {owner.get('pid')}); use --wait to queue behind it")
+def locked_message(root: Path, owner: dict[str, Any], waited_s: float = 0.0) -> str:
+    """Who holds the folder; the hint to queue only when the caller did not wait already."""
+    held = f"output folder {root} is locked by run {owner.get('run_id')} (pid {owner.get('pid')})"
+    if waited_s > 0:
+        return f"{held}; still locked after waiting {waited_s:g} s (--wait)"
+    return f"{held}; use --wait to queue behind it"
 
 
 def wait_until_unlocked(root: Path, wait_s: float) -> None:
@@ -106,4 +109,4 @@ def wait_until_unlocked(root: Path, wait_s: float) -> None:
         time.sleep(0.5)
         owner = live_lock_owner(root)
     if owner:
-        raise LockedError(locked_message(root, owner))
+        raise LockedError(locked_message(root, owner, wait_s))
