@@ -53,6 +53,7 @@ def test_demo_writes_under_the_folder_it_runs_from_not_the_jobs_output(tmp_path:
     assert res.returncode == 0, res.stderr
     out = elsewhere / "data" / "demo-output"
     assert f"output to {out}" in res.stderr
+    assert "ernie-batch demo" in res.stdout and "ernie-batch run" not in res.stdout  # its title
     pages = pq.read_table(out / "pages").to_pylist()
     assert len(pages) == SAMPLE_PAGES and {p["status"] for p in pages} == {"ok"}
     assert all(p["source_path"].startswith(str(SAMPLES)) for p in pages)

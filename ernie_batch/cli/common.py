@@ -23,6 +23,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: rich mode shows `<bool>` on every flag and eats "[schedule]" as markup
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 out = Console()

@@ -39,6 +39,10 @@ def plan(
     from ernie_batch.plan import make_plan, plan_rows, read_balance
 
     cfg = load(config, {k: v for k, v in overrides(base_url, output).items() if v})
+    if config is None:
+        console.print(f"no --config: planning with the built-in defaults (sources "
+                      f"{', '.join(map(str, cfg.sources.paths))}, output {cfg.output.path}, "
+                      f"{cfg.api.base_url})", highlight=False, soft_wrap=True)
     result = make_plan(cfg, sources)
     try:
         result.balance = asyncio.run(read_balance(cfg, api_key(cfg)))

@@ -67,13 +67,13 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
     finally:
         PROGRESS_OBSERVER.reset(token)
     summary = RunSummary.model_validate(result)
-    print_summary(summary, as_json, quiet)
+    print_summary(summary, as_json, quiet, f"ernie-batch {kind}")
     if summary.outcome == RunOutcome.FATAL_API_ERROR:
         console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
     raise typer.Exit(summary.exit_code)
 
 
-def print_summary(summary: Any, as_json: bool, quiet: bool) -> None:
+def print_summary(summary: Any, as_json: bool, quiet: bool, title: str) -> None:
     from ernie_batch.report import summary_rows
 
     if as_json:
@@ -81,7 +81,7 @@ def print_summary(summary: Any, as_json: bool, quiet: bool) -> None:
         return
     if quiet:
         return
-    out.print(kv_table("ernie-batch run", summary_rows(summary)))
+    out.print(kv_table(title, summary_rows(summary)))
     for msg, n in summary.top_errors:
         out.print(f"  {n} × {msg}", highlight=False)
 
