@@ -222,26 +222,7 @@ def test_a_second_run_exits_5_while_the_first_holds_the_folder(sim_factory, tmp_
     holder = hold_lock(out, tmp_path / "release")
     try:
         rc, text = cli(cfg, "locked")
-    finally:
-        (tmp_path / "release").touch()
-        holder.wait(timeout=10)
-    assert rc == 5, text
-    [line] = error_lines(text)
-    assert "is locked by run holder-run" in line and f"pid {holder.pid}" in line
-    assert "--wait" in line
-    assert sim.ledger()["entries"] == []
-    assert not (out / "pages").exists()
-
-
-def test_a_wait_that_runs_out_says_so_instead_of_suggesting_wait(sim_factory, tmp_path):
-    sim = sim_factory()
-    src, out = tmp_path / "in", tmp_path / "out"
-    chaos.make_corpus(src, images=1, pdf_pages=1)
-    cfg = chaos.write_config(tmp_path / "job.toml", src, out, sim.url, concurrency=2)
-    chaos.EXTRA_OUTPUTS.append(out)
-    holder = hold_lock(out, tmp_path / "release")
-    try:
-        rc, text = cli(cfg, "wait-runs-out", "--wait", "1.5")
+        waited_rc, waited = cli(cfg, "wait-runs-out", "--wait", "1.5")
         with pytest.raises(store.LockedError, match=r"still locked after waiting 0.2 s \(--wait\)$"):
             store.OutputLock(out, "r").acquire(0.2)  # the run's own wait: the same words
     finally:
@@ -249,8 +230,15 @@ def test_a_wait_that_runs_out_says_so_instead_of_suggesting_wait(sim_factory, tm
         holder.wait(timeout=10)
     assert rc == 5, text
     [line] = error_lines(text)
+    assert "is locked by run holder-run" in line and f"pid {holder.pid}" in line
+    assert "use --wait" in line
+    # a --wait that runs out says so, instead of suggesting --wait
+    assert waited_rc == 5, waited
+    [line] = error_lines(waited)
     assert f"pid {holder.pid}" in line and "still locked after waiting 1.5 s" in line
     assert "use --wait" not in line
+    assert sim.ledger()["entries"] == []
+    assert not (out / "pages").exists()
 
 
 def test_wait_queues_behind_the_lock_and_a_dead_owner_is_taken_over(job, tmp_path):
