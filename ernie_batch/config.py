@@ -137,7 +137,7 @@ class ImageOptions(_Section):
     max_side: int = Field(default=1600, ge=64, le=20000)
     max_bytes: int = Field(default=4_000_000, ge=10_000)
     jpeg_quality: int = Field(default=85, ge=20, le=100)
-    all_frames: bool = False  # animated GIF/WEBP/APNG: every frame, not only the first
+    all_frames: bool = False  # animations, multi-image HEIF: every frame, not only the first
     max_pixels: int = Field(default=178_956_970, ge=1)  # Pillow's bomb limit by default
 
 

@@ -46,8 +46,38 @@ def sniff_type(head: bytes) -> str:
         return "tiff"
     if _is_bmp(head):
         return "bmp"
+    if head[4:8] == b"ftyp":
+        return _iso_media_type(head)
     if b"%PDF-" in head[:HEAD_BYTES]:
         return "pdf"
+    return "unknown"
+
+
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+
+
+def ftyp_brands(head: bytes) -> tuple[bytes, list[bytes]]:
+    """The major brand and the compatible brands of an ISO-BMFF `ftyp` box at the start."""
+    size = int.from_bytes(head[:4], "big")
+    end = min(len(head), size if size >= 16 else 16)
+    return head[8:12], [head[i : i + 4] for i in range(16, end - 3, 4)]
+
+
+def _iso_media_type(head: bytes) -> str:
+    """AVIF or HEIF by the ftyp brands; other ISO media (MP4, QuickTime, ...) is "unknown".
+
+    The major brand names the codec where it can (`avif`, `heic`); the generic image brands
+    `mif1`/`msf1` say only "HEIF container", so an `avif`/`avis` among the compatible brands
+    makes it AVIF (AV1 inside, which Pillow decodes), anything else HEIF (libheif decides).
+    """
+    major, compatible = ftyp_brands(head)
+    if major in _AVIF_BRANDS:
+        return "avif"
+    if major in (b"mif1", b"msf1") and _AVIF_BRANDS.intersection(compatible):
+        return "avif"
+    if major in _HEIF_BRANDS:
+        return "heif"
     return "unknown"
 
 
@@ -65,12 +95,7 @@ def describe_unknown(head: bytes) -> str:
     if not head:
         return "empty file"
     if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in (b"avif", b"avis"):
-            return "AVIF"
-        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1", b"heim", b"heis"):
-            return "HEIF"
-        return "ISO media (" + brand.decode("latin-1").strip() + ")"
+        return "ISO media (" + head[8:12].decode("latin-1").strip() + ")"
     known = {
         b"PK\x03\x04": "ZIP/Office",
         b"\xd0\xcf\x11\xe0": "OLE/legacy Office",

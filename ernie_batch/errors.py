@@ -21,7 +21,13 @@ error and stays outside this tree.
 
 from __future__ import annotations
 
+import re
+
 from ernie_batch.vocab import UnitStatus
+
+# "stream <_io.BytesIO object at 0x7f..>: " - how qpdf names a file opened from memory (the
+# PDF fallbacks do): no use to a reader, and an address makes every row's text unique
+_OBJECT_REPR = re.compile(r"(?:stream )?<[\w.]+ object at 0x[0-9a-fA-F]+>(?::|,)?\s*")
 
 
 class ErnieBatchError(Exception):
@@ -78,10 +84,11 @@ class ServerStartError(ErnieBatchError, RuntimeError):
 def one_line(text: object, limit: int = 300) -> str:
     """Whitespace collapsed to single spaces, cut at `limit` characters (an ellipsis marks a cut).
 
-    An exception with an empty message gives its class name, so a row never says nothing.
+    Default object reprs (`<_io.BytesIO object at 0x...>`) are dropped: the row names its
+    file already. An exception with an empty message gives its class name, so a row never
+    says nothing.
     """
+    line = " ".join(_OBJECT_REPR.sub("", str(text)).split())
     if isinstance(text, BaseException):
-        line = " ".join(str(text).split()) or type(text).__name__
-    else:
-        line = " ".join(str(text).split())
+        line = line or type(text).__name__
     return line if len(line) <= limit else line[: limit - 1] + "…"

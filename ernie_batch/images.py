@@ -8,6 +8,7 @@ one-line reason (`ImageError`), never a partially decoded image.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
@@ -76,8 +77,25 @@ def bomb_message(pixels: float, limit: int) -> str:
     return f"decompression bomb: {_human(pixels)} pixels over the {_human(limit)} limit"
 
 
+@functools.cache
+def register_decoders() -> None:
+    """HEIF/HEIC through pi-heif (decode only), registered after Pillow's own plugins.
+
+    Once per process, on first use (prepare workers are processes of their own). Order
+    matters: Pillow's AVIF plugin also claims the generic `mif1` brand and passes what is not
+    AV1 on to the next plugin, while the libheif inside pi-heif decodes HEVC, not AV1.
+    """
+    Image.init()
+    try:
+        import pi_heif
+    except ImportError:  # HEIF files then fail to open, each with a row saying so
+        return
+    pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
+
 def open_image(path: Path, max_pixels: int) -> Image.Image:
     """Open (header only) and check the pixel count; ImageError with the reason otherwise."""
+    register_decoders()
     try:
         with _pixel_limit(max_pixels):
             im = Image.open(path)
@@ -101,11 +119,12 @@ def open_image(path: Path, max_pixels: int) -> Image.Image:
 
 
 def frames_to_send(im: Image.Image, all_frames: bool) -> list[int]:
-    """Pages of a TIFF/MPO are all sent; animations send their first frame unless asked."""
+    """Pages of a TIFF/MPO are all sent; animations and multi-image HEIF/AVIF send one frame
+    unless asked: the one the file opens at (the first; HEIF's primary image)."""
     fmt = (im.format or "").upper()
     if fmt in _PAGED_FORMATS or (all_frames and getattr(im, "is_animated", False)):
         return list(range(getattr(im, "n_frames", 1)))
-    return [0]
+    return [im.tell()]
 
 
 # --- per frame -------------------------------------------------------------------------------
@@ -134,7 +153,7 @@ def load_frame(im: Image.Image, index: int, max_side: int) -> tuple[Image.Image,
     """Seek, decode (JPEG at reduced size via draft) and return (frame, orientation)."""
     fmt = (im.format or "").upper()
     try:
-        if index:
+        if index != im.tell():
             im.seek(index)
         orient = orientation(im) if index == 0 else 1
         if fmt == "JPEG":

@@ -26,7 +26,7 @@ from ernie_batch.errors import one_line
 from ernie_batch.units import Document, MediaPart, PageUnit, Prepared, UnitFailure
 from ernie_batch.vocab import UnitStatus
 
-IMAGE_TYPES = {"jpeg", "png", "webp", "gif", "tiff", "bmp"}
+IMAGE_TYPES = {"jpeg", "png", "webp", "gif", "tiff", "bmp", "avif", "heif"}
 INLINE = -1  # PrepareOptions.workers: prepare in the calling process (tests, tiny jobs)
 
 
@@ -151,11 +151,10 @@ def _prepare_image(doc: Document, opts: ImageOptions) -> list[Prepared]:
     except ImageError as exc:
         return [_fail(doc, str(exc))]
     out: list[Prepared] = []
-    for index, frame in enumerate(frames):
+    for page, frame in enumerate(frames, start=1):  # pages of what is sent, not frame numbers
         if isinstance(frame, ImageError):
-            out.append(_fail(doc, str(frame), page=index + 1, page_count=count))
+            out.append(_fail(doc, str(frame), page=page, page_count=count))
             continue
-        page = frame.frame + 1
         part = _image_part(doc, page, frame.data, frame.mime, frame.width, frame.height)
         out.append(PageUnit(doc, page, page, count, (part,)))
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ernie_batch.vocab import UnitStatus
 
-DOC_TYPES = ("pdf", "jpeg", "png", "webp", "gif", "tiff", "bmp")
+DOC_TYPES = ("pdf", "jpeg", "png", "webp", "gif", "tiff", "bmp", "avif", "heif")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import pytest  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
-SAMPLES = PROJECT / "data" / "samples"
+SAMPLES = PROJECT / "ernie_batch" / "demo" / "samples"  # packaged: where the demo reads them
 CORPUS = PROJECT.parent / "shared" / "corpus"
 VENDOR = PROJECT.parent / "shared" / "vendor"
 TEST_KEY = "sk-test-DISTINCTIVE-7f3a9c1e5b"

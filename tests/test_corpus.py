@@ -67,13 +67,14 @@ def test_known_cases(pdf_mode) -> None:
 
     assert error("bad/pypdf_r4-aes-user-password.pdf") == "encrypted PDF needs a password"
     assert error("bad/pike_graph-encrypted.pdf") == "encrypted PDF needs a password"
-    assert error("img/pil_hopper.heif") == "unsupported format: HEIF"
     assert error("bad/pil_truncated_image.png").startswith("truncated PNG")
     assert error("bad/pil_png_decompression_dos.png").startswith("unreadable image: Decompressed")
     opened = (
         "bad/pypdf_r2-empty-password.pdf",
         "pdf/sf_unreadablemetadata.pdf",
         "img/pil_multipage.tiff",
+        "img/pil_avif_exif.avif",
+        "img/pil_hopper.heif",
     )
     for name in opened:
         assert all(isinstance(r, PageUnit) for r in pdf_mode[name][1]), name

@@ -223,13 +223,21 @@ def test_a_second_run_exits_5_while_the_first_holds_the_folder(sim_factory, tmp_
     holder = hold_lock(out, tmp_path / "release")
     try:
         rc, text = cli(cfg, "locked")
+        waited_rc, waited = cli(cfg, "wait-runs-out", "--wait", "1.5")
+        with pytest.raises(store.LockedError, match=r"still locked after waiting 0.2 s \(--wait\)$"):
+            store.OutputLock(out, "r").acquire(0.2)  # the run's own wait: the same words
     finally:
         (tmp_path / "release").touch()
         holder.wait(timeout=10)
     assert rc == 5, text
     [line] = error_lines(text)
     assert "is locked by run holder-run" in line and f"pid {holder.pid}" in line
-    assert "--wait" in line
+    assert "use --wait" in line
+    # a --wait that runs out says so, instead of suggesting --wait
+    assert waited_rc == 5, waited
+    [line] = error_lines(waited)
+    assert f"pid {holder.pid}" in line and "still locked after waiting 1.5 s" in line
+    assert "use --wait" not in line
     assert sim.ledger()["entries"] == []
     assert not (out / "pages").exists()
 
@@ -300,7 +308,7 @@ def test_an_unwritable_output_folder_stops_the_cli_before_any_request(sim_factor
     rc, text = cli(cfg, "unwritable")
     assert rc == 2, text
     [line] = error_lines(text)
-    assert f"output folder {out} is not writable" in line
+    assert f"output folder {out} is not writable: {blocker} is a file" in line
     assert sim.ledger()["entries"] == []
 
 

@@ -51,7 +51,8 @@ def names(docs) -> list[str]:
         (b"BM" + b"\x00" * 12 + (40).to_bytes(4, "little"), "bmp"),
         (b"BM but text", "unknown"),
         (b"", "unknown"),
-        (b"\x00\x00\x00\x18ftypheic", "unknown"),
+        (b"\x00\x00\x00\x18ftypheic", "heif"),
+        (b"\x00\x00\x00\x18ftypmp42", "unknown"),
     ],
 )
 def test_sniff_type(head: bytes, kind: str) -> None:
@@ -59,8 +60,7 @@ def test_sniff_type(head: bytes, kind: str) -> None:
 
 
 def test_describe_unknown() -> None:
-    assert describe_unknown(b"\x00\x00\x00\x18ftypheic\x00") == "HEIF"
-    assert describe_unknown(b"\x00\x00\x00\x1cftypavif\x00") == "AVIF"
+    assert describe_unknown(b"\x00\x00\x00\x18ftypmp42\x00") == "ISO media (mp42)"
     assert describe_unknown(b"PK\x03\x04rest") == "ZIP/Office"
     assert describe_unknown(b"hello, world") == "text"
 

@@ -158,6 +158,23 @@ def test_garbage_is_one_clear_error(tmp_path: Path) -> None:
         split_pdf(path, PdfOptions())
 
 
+def test_a_fuzzed_pdfs_error_row_is_not_named_by_a_buffer(tmp_path: Path) -> None:
+    # the kind of pdf.js's poppler-742-0-fuzzed.pdf: a damaged page object, no catalog. The
+    # page scan finds it and hands qpdf a repaired copy in memory, which qpdf rejects naming
+    # its "stream <_io.BytesIO object at 0x...>"
+    from ernie_batch.prepare import prepare_document
+    from ernie_batch.units import Document
+
+    path = tmp_path / "fuzzed.pdf"
+    path.write_bytes(b"%PDF-1.4\n4 0 obj\n<< /Type /Page /Contents R 0 R\nstartxref\n418\n%%EOF")
+    doc = Document(path, tmp_path, "0" * 64, "pdf", path.stat().st_size, 0.0)
+    (row,) = prepare_document(doc, ImageOptions(), PdfOptions())
+    assert "page scan: unable to find any pages" in row.error, row.error
+    rows = prepare_document(doc, ImageOptions(), PdfOptions(mode="image"))
+    for text in [row.error] + [r.error for r in rows if hasattr(r, "error")]:
+        assert "object at 0x" not in text and "BytesIO" not in text, text
+
+
 def test_render_sizes_by_longest_side(tmp_path: Path) -> None:
     src = make_text_pdf(tmp_path / "t.pdf", pages=2)
     pages, count = render_pdf(src, PdfOptions(mode="image", render_max_side=400), ImageOptions())

@@ -76,10 +76,15 @@ def test_failure_rows(tmp_path: Path) -> None:
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert failure(prep(doc_for(tmp_path / "empty.jpg"))).error == "empty file (0 bytes)"
 
-    heif = tmp_path / "phone.heic"
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom")
+    row = failure(prep(doc_for(video)))
+    assert (row.status, row.error) == ("skipped", "unsupported format: ISO media (mp42)")
+
+    heif = tmp_path / "phone.heic"  # the brands of a photo, nothing behind them
     heif.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
     row = failure(prep(doc_for(heif)))
-    assert (row.status, row.error) == ("skipped", "unsupported format: HEIF")
+    assert row.status == "input_error" and row.error.startswith("unreadable image")
 
     enc = pikepdf.Encryption(user="pw", owner="owner", R=6)
     locked = doc_for(make_text_pdf(tmp_path / "locked.pdf", encryption=enc))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 from pydantic import SecretStr
 
+from ernie_batch import store
 from ernie_batch.engine import run_job
 from ernie_batch.store import read_table
 from tests.conftest import PROJECT, SAMPLES, TEST_KEY, job_config
@@ -35,3 +37,19 @@ def test_a_new_schema_field_reads_with_old_parts(sim_factory, tmp_path):
     assert rows[0]["answer_author"] is None  # the old part has no such column
     assert rows[1]["answer_author"].startswith("author-")
     assert rows[0]["fingerprint"] != rows[1]["fingerprint"]
+
+
+def test_the_reading_api_takes_the_str_the_readme_shows(tmp_path, monkeypatch) -> None:
+    """`read_table("data/output", "pages")` as a user types it, and any os.PathLike."""
+    out = tmp_path / "data" / "output"
+    row = {"run_id": "r1", "key": "k", "fingerprint": "f", "source_path": "/in/a.png",
+           "source_sha256": "s", "page": 1, "page_last": 1, "status": "ok"}
+    writer = store.TableWriter(out, "pages", store.pages_schema([]), "r1", "2026-11-28")
+    writer.add(row)
+    writer.flush()
+    monkeypatch.chdir(tmp_path)
+    for root in ("data/output", out, os.fspath(out)):
+        assert store.read_table(root, "pages").column("key").to_pylist() == ["k"]
+        assert store.read_columns(root, "pages", ["status"]).num_rows == 1
+        assert store.load_done(root, "f").status("s", "f", 1, 1) == "ok"
+        assert store.rows_of_run(root, "pages", "r1", ["key"]) == {("k",)}

@@ -24,12 +24,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: rich mode shows `<bool>` on every flag and eats "[schedule]" as markup
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 out = Console()
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-
 
 def prefect_defaults() -> None:
     """Settings a fresh machine needs before Prefect is imported (the user's own values win)."""
@@ -169,10 +168,6 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
         raise fail(str(exc), ExitCode.USAGE) from None
     if wait is None:
         return
-    missing = [p for p in (sources or cfg.sources.paths) if not Path(p).expanduser().exists()]
-    if missing:
-        raise fail(f"{'sources' if sources else 'sources.paths'}: {missing[0]} does not exist",
-                   ExitCode.USAGE)
     try:
         store.check_writable(Path(cfg.output.path))
         store.wait_until_unlocked(Path(cfg.output.path), wait)  # Prefect starts once it is free
@@ -180,6 +175,10 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
         raise fail(str(exc), ExitCode.USAGE) from None
     except store.LockedError as exc:
         raise fail(str(exc), ExitCode.LOCKED) from None
+    missing = [p for p in (sources or cfg.sources.paths) if not Path(p).expanduser().exists()]
+    if missing:
+        raise fail(f"{'sources' if sources else 'sources.paths'}: {missing[0]} does not exist",
+                   ExitCode.USAGE)
     if key is not None:
         probe(cfg, key)
 

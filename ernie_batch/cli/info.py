@@ -46,6 +46,10 @@ def plan(
     from ernie_batch.plan import make_plan, plan_rows
 
     cfg = load(config, {**overrides(base_url, output), **given({"sources.settle_seconds": settle})})
+    if config is None:
+        console.print(f"no --config: planning with the built-in defaults (sources "
+                      f"{', '.join(map(str, cfg.sources.paths))}, output {cfg.output.path}, "
+                      f"{cfg.api.base_url})", highlight=False, soft_wrap=True)
     try:
         result = make_plan(cfg, sources)
     except ConfigError as exc:

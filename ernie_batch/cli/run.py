@@ -12,7 +12,6 @@ from typing import Annotated, Any
 import typer
 
 from ernie_batch.cli.common import (
-    PROJECT_ROOT,
     ConfigOpt,
     JsonOpt,
     OutputOpt,
@@ -80,7 +79,7 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
         PROGRESS_OBSERVER.reset(tokens[0])
         GRACEFUL.reset(tokens[1])
     summary = RunSummary.model_validate(result)
-    print_summary(summary, as_json, quiet)
+    print_summary(summary, as_json, quiet, f"ernie-batch {kind}")
     if summary.outcome == RunOutcome.FATAL_API_ERROR:
         console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
     raise typer.Exit(summary.exit_code)
@@ -114,7 +113,7 @@ def prefect_api(view: Any) -> Iterator[None]:
             drain_to_server()
 
 
-def print_summary(summary: Any, as_json: bool, quiet: bool) -> None:
+def print_summary(summary: Any, as_json: bool, quiet: bool, title: str) -> None:
     from ernie_batch.report import summary_rows
 
     if as_json:
@@ -122,7 +121,7 @@ def print_summary(summary: Any, as_json: bool, quiet: bool) -> None:
         return
     if quiet:
         return
-    out.print(kv_table("ernie-batch run", summary_rows(summary)))
+    out.print(kv_table(title, summary_rows(summary)))
     for msg, n in summary.top_errors:
         out.print(f"  {n} × {msg}", highlight=False)
 
@@ -158,6 +157,11 @@ def backfill(
     overrides.update(given({"sources.since": since, "sources.until": until,
                             "sources.date_from": date_from}))
     if prompt_file is not None:
+        try:
+            prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:  # the flag's error, not the config's field
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise fail(f"--prompt {prompt_file}: cannot read: {reason}", ExitCode.USAGE) from None
         overrides["prompt.template_file"] = str(prompt_file.resolve())
         overrides["prompt.template"] = None  # clears an inline template of the config
     run_flow("backfill", config, folders, overrides, flags)
@@ -169,18 +173,20 @@ def demo(
     latency: Annotated[float, typer.Option(help="Simulated API latency, seconds.")] = 0.2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the sample documents in data/samples through the built-in API simulator."""
+    """Run the packaged sample documents through the built-in API simulator into data/demo-output."""
+    from ernie_batch.demo import CONFIG, OUTPUT, SAMPLES, demo_home
     from ernie_batch.sim import SimServer, SimSettings
 
     key = "sim-" + secrets.token_hex(16)
-    with SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:
+    target = (output or OUTPUT).absolute()  # under the folder the demo runs from
+    with demo_home() as home, SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:
         os.environ["AIMLAPI_API_KEY"] = key  # this process only: the demo needs no real key
         overrides = {
             "api.base_url": sim.url,
-            "sources.paths": [str(PROJECT_ROOT / "data" / "samples")],
-            "output.path": str(output or PROJECT_ROOT / "data" / "output"),
+            "sources.paths": [str(home / SAMPLES)],
+            "output.path": str(target),
         }
         if not as_json:
-            console.print(f"simulator on {sim.url}; samples from {PROJECT_ROOT / 'data/samples'}")
-        run_flow("demo", PROJECT_ROOT / "configs" / "demo.toml", None, overrides,
-                 RunFlags(as_json=as_json))
+            console.print(f"simulator on {sim.url}; samples from {home / SAMPLES}; "
+                          f"output to {target}", highlight=False, soft_wrap=True)
+        run_flow("demo", home / CONFIG, None, overrides, RunFlags(as_json=as_json))

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 import pyarrow.compute as pc
 
-from ernie_batch.store.tables import read_columns
+from ernie_batch.store.tables import StrPath, read_columns
 from ernie_batch.vocab import FINAL_FAILURES, UnitStatus
 
 
@@ -134,7 +133,7 @@ DONE_COLUMNS = ["source_sha256", "fingerprint", "page", "page_last", "status", "
                 "page_count", "run_id"]
 
 
-def load_done(root: Path, fingerprint: str | None = None) -> DoneIndex:
+def load_done(root: StrPath, fingerprint: str | None = None) -> DoneIndex:
     """Read key columns only; optionally only rows of one fingerprint."""
     index = DoneIndex()
     table = read_columns(root, "pages", DONE_COLUMNS)

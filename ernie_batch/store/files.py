@@ -62,8 +62,24 @@ def remove_temp_files(root: Path, may_remove: Callable[[str], bool]) -> int:
     return removed
 
 
+def _file_in_the_way(root: Path) -> Path | None:
+    """The folder itself, or the nearest existing folder above it, when that is not a folder."""
+    for path in (root, *root.parents):
+        try:
+            if path.exists():
+                return None if path.is_dir() else path
+        except OSError:  # unreadable: the write probe says why
+            return None
+    return None
+
+
 def check_writable(root: Path) -> None:
     """Create the folder and prove a file can be written and synced there."""
+    blocker = _file_in_the_way(root)
+    if blocker == root:
+        raise OutputError(f"output folder {root} is a file")
+    if blocker is not None:
+        raise OutputError(f"output folder {root} is not writable: {blocker} is a file")
     probe = root / f".write-probe-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -162,10 +162,11 @@ def live_lock_owner(root: Path) -> dict[str, Any] | None:
 
 
 def locked_message(root: Path, owner: dict[str, Any], waited_s: float = 0.0) -> str:
-    what = f"output folder {root} is locked by run {owner.get('run_id')} (pid {owner.get('pid')})"
+    """Who holds the folder; the hint to queue only when the caller did not wait already."""
+    held = f"output folder {root} is locked by run {owner.get('run_id')} (pid {owner.get('pid')})"
     if waited_s > 0:
-        return f"{what}; still locked after waiting {waited_s:g} s"
-    return f"{what}; use --wait to queue behind it"
+        return f"{held}; still locked after waiting {waited_s:g} s (--wait)"
+    return f"{held}; use --wait to queue behind it"
 
 
 def wait_until_unlocked(root: Path, wait_s: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import pyarrow.parquet as pq
 from ernie_batch.store import duplicates
 from ernie_batch.store.files import write_parquet_atomic
 from ernie_batch.store.records import RUNS_SCHEMA, RunRow
+
+StrPath = str | os.PathLike[str]  # what the reading API takes: "data/output" as the README shows
 
 
 class TableWriter:
@@ -53,21 +56,21 @@ def _dataset(folder: Path) -> pads.Dataset | None:
                         partition_base_dir=str(folder))
 
 
-def read_columns(root: Path, table: str, columns: list[str]) -> pa.Table | None:
+def read_columns(root: StrPath, table: str, columns: list[str]) -> pa.Table | None:
     """Only the named columns of a table, across all its parts (files may differ in answer columns)."""
-    ds = _dataset(root / table)
+    ds = _dataset(Path(root) / table)
     if ds is None:
         return None
     present = [c for c in columns if c in ds.schema.names]
     return ds.to_table(columns=present)
 
 
-def read_table(root: Path, table: str, *, resolve_duplicates: bool = False) -> pa.Table | None:
+def read_table(root: StrPath, table: str, *, resolve_duplicates: bool = False) -> pa.Table | None:
     """A whole table with the union of all parts' schemas (new answer columns read as null).
 
     `resolve_duplicates` (pages): duplicate rows carry the answer of the row they point at.
     """
-    folder = root / table
+    folder = Path(root) / table
     if not folder.is_dir():
         return None
     files = sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
@@ -81,9 +84,9 @@ def read_table(root: Path, table: str, *, resolve_duplicates: bool = False) -> p
     return ds.to_table()
 
 
-def rows_of_run(root: Path, table: str, run_id: str, cols: list[str]) -> set[tuple]:
+def rows_of_run(root: StrPath, table: str, run_id: str, cols: list[str]) -> set[tuple]:
     """The `cols` of the rows a run already wrote to `table`, as a set of tuples."""
-    folder = root / table
+    folder = Path(root) / table
     files = [str(p) for p in folder.rglob(f"*-{run_id}-*.parquet")] if folder.is_dir() else []
     if not files:
         return set()

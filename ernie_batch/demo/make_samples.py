@@ -1,4 +1,4 @@
-"""Regenerate the demo's sample documents: `python data/samples/make_samples.py`.
+"""Regenerate the demo's sample documents: `python -m ernie_batch.demo.make_samples`.
 
 Scanned-looking pages drawn with Pillow: two multi-page PDFs (image PDFs, like a scanner
 makes), a receipt as PNG and a letter photographed sideways as JPEG with an EXIF rotation.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-HERE = Path(__file__).resolve().parent
+SAMPLES = Path(__file__).resolve().parent / "samples"
 W, H = 850, 1100
 
 
@@ -59,21 +59,21 @@ def report_pages() -> list[Image.Image]:
 
 def main() -> None:
     inv = invoice_pages()
-    inv[0].save(HERE / "invoice-2026-0117.pdf", save_all=True, append_images=inv[1:],
+    inv[0].save(SAMPLES / "invoice-2026-0117.pdf", save_all=True, append_images=inv[1:],
                 resolution=100, quality=60)
     rep = report_pages()
-    rep[0].save(HERE / "survey-report.pdf", save_all=True, append_images=rep[1:],
+    rep[0].save(SAMPLES / "survey-report.pdf", save_all=True, append_images=rep[1:],
                 resolution=100, quality=60)
     receipt = page(["RECEIPT", "Cafe Aurora, 3 Mill Lane", "2026-11-20 08:42",
                     "Cappuccino        3.40", "Croissant         2.10", "TOTAL             5.50",
                     "Paid by card"], 7).crop((0, 0, W, 520)).convert("RGB")
-    receipt.save(HERE / "receipt-cafe-aurora.png", optimize=True)
+    receipt.save(SAMPLES / "receipt-cafe-aurora.png", optimize=True)
     letter = page(["Dear Ms. Lindqvist,", "Thank you for your letter of 2026-11-14.",
                    "We confirm the archive boxes arrive on Monday.", "Kind regards,",
                    "J. Okafor"], 9).convert("RGB").rotate(90, expand=True)
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: viewers turn it 90° clockwise (the scan lies on its side)
-    letter.save(HERE / "letter-photo.jpg", quality=70, exif=exif)
+    letter.save(SAMPLES / "letter-photo.jpg", quality=70, exif=exif)
 
 
 if __name__ == "__main__":
