@@ -170,7 +170,7 @@ class UnitSender:
         self.budget.release(lease, outcome=_lease_outcome(res.outcome),
                             actual_tokens=res.prompt_tokens or None, retry_after=res.retry_after)
         t.last = res
-        t.verdict = (answers.judge(res.content, res.finish_reason, self.cfg.resolved.schema)
+        t.verdict = (answers.judge(res.content, res.finish_reason, self.cfg.resolved.sent_schema)
                      if res.outcome == AttemptOutcome.OK else None)
         row = self.rows.attempt_row(t.key, len(t.attempts) + 1, res, t.temperature, t.verdict)
         t.attempts.append(row)
