@@ -24,6 +24,7 @@ from ernie_batch.answers import answer_fields
 from ernie_batch.client import ApiClient
 from ernie_batch.config import JobConfig
 from ernie_batch.discover import discover
+from ernie_batch.documents import DocumentSpec, build_documents
 from ernie_batch.limits import RequestBudget
 from ernie_batch.prepare import PreparePool
 from ernie_batch.recorder import RunInfo, RunRecorder
@@ -75,6 +76,7 @@ class Pipeline:
         self.date = f"{self.started_at:%Y-%m-%d}"
         self.fp = prompt.fingerprint(cfg)
         self.pages_schema = store.pages_schema(answer_fields(cfg.resolved.schema))
+        self.documents = DocumentSpec.of_config(cfg, answer_fields(cfg.resolved.schema))
         limits = cfg.limits
         self._owned = [x is None for x in (client, pool)]
         self.client = client or ApiClient(
@@ -138,7 +140,8 @@ class Pipeline:
             self.recovered = recover_journals(self.root, self.pages_schema, skip_run=self.run_id)
             if not self.opts.force:
                 self.done = store.load_done(self.root, self.fp)
-            self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema)})
+            self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema),
+                                        "documents": self.documents.header()})
         except BaseException:
             self._release_locks()
             raise
@@ -275,6 +278,11 @@ class Pipeline:
         if outcome is None:
             outcome = self.stop.reason or (RunOutcome.PARTIAL if p.units.failed
                                            else RunOutcome.COMPLETED)
+        # documents after the pages are in Parquet, before the manifest: killed in between,
+        # the journal stays and the run that folds it builds them
+        self.recorder.maybe_flush(force=True)
+        built = build_documents(self.root, self.recorder.touched, self.documents,
+                                run_id=self.run_id, date=self.date)
         finished = datetime.now(UTC)
         self.recorder.close(self.recorder.manifest(
             finished_at=finished, documents=p.documents, outcome=outcome, error=self.stop.error,
@@ -292,6 +300,7 @@ class Pipeline:
             still_growing=[str(p) for p in self.discovery.still_growing],
             settle_s=self.cfg.sources.settle_seconds,
             top_errors=self.recorder.errors.most_common(5), recovered_runs=self.recovered,
+            documents_built=built.documents, documents_complete=built.complete,
         )
         return self._finished
 
