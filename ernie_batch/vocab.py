@@ -49,6 +49,7 @@ class RunKind(StrEnum):
     EVAL = "eval"
     COORDINATOR = "coordinator"  # splits a selection into shard runs on a work pool
     SHARD = "shard"
+    REBUILD = "rebuild"  # `documents --rebuild`: a new generation of documents, nothing sent
 
 
 class MergeRule(StrEnum):

@@ -1,12 +1,16 @@
 """One answer per document: the `documents` table built at the end of each run from the page
-answers (the simulator answers each page as scripted), read back with pandas and DuckDB."""
+answers (the simulator answers each page as scripted), rebuilt with other merge rules
+without a request, read back with pandas and DuckDB."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -24,6 +28,7 @@ from ernie_batch.documents import document_key
 from ernie_batch.engine import Pipeline, run_job
 from ernie_batch.prepare import prepare_document
 from ernie_batch.prompt import fingerprint
+from ernie_batch.rebuild import rebuild_documents
 from ernie_batch.report import dataset_report
 from ernie_batch.sim import SimServer, SimSettings, Simulator
 from ernie_batch.units import PageUnit
@@ -177,6 +182,39 @@ def test_a_failed_page_then_a_rerun_that_answers_it(invoice):
     assert current.iloc[0]["credits"] == math.fsum(e.credits for e in sim.ledger)
 
 
+def test_rebuild_with_a_changed_rule_changes_only_what_it_touches_and_sends_nothing(invoice):
+    cfg, sim = invoice
+    run(cfg, sim)
+    requests = len(sim.ledger)
+    before = documents(cfg, current=True).iloc[0]
+    changed = json.loads(json.dumps(SCHEMA))
+    changed["properties"]["line_items"]["x-merge"] = "unique"
+    changed["properties"]["title"]["x-merge"] = "last"
+    recfg = config(Path(cfg.output.path).parent, cfg.sources.paths, changed)
+    assert fingerprint(recfg) == fingerprint(cfg)
+
+    done = rebuild_documents(recfg, None)
+    assert done.documents == 1 and done.changed == 1
+    assert len(sim.ledger) == requests  # nothing sent
+    after = documents(cfg, current=True).iloc[0]
+    assert after["run_id"] == done.run_id
+    a, b = json.loads(before["answer_json"]), json.loads(after["answer_json"])
+    assert b["title"] == "Totals" and a["title"] == "Invoice INV-7"
+    assert {k: v for k, v in a.items() if k != "title"} == {k: v for k, v in b.items()
+                                                             if k != "title"}
+    pa_, pb = json.loads(before["provenance_json"]), json.loads(after["provenance_json"])
+    assert pb["title"] == [3] and {k: v for k, v in pa_.items() if k != "title"} == {
+        k: v for k, v in pb.items() if k != "title"}
+
+    again = rebuild_documents(recfg, None)
+    assert again.changed == 0
+    rows = documents(cfg).sort_values("built_at")
+    last_two = rows.tail(2).drop(columns=["run_id", "built_at"])
+    assert last_two.iloc[0].to_json() == last_two.iloc[1].to_json()
+    runs = store.read_table(Path(cfg.output.path), "runs").to_pandas().set_index("run_id")
+    assert runs.loc[done.run_id, "kind"] == "rebuild" and runs.loc[done.run_id, "requests"] == 0
+    assert runs.loc[done.run_id, "documents"] == 1
+
 
 def test_pandas_and_duckdb_read_the_typed_columns(invoice):
     duckdb = pytest.importorskip("duckdb")
@@ -249,3 +287,41 @@ def test_documents_of_a_killed_run_are_built_by_the_run_that_folds_its_journal(t
     assert docs["complete"].all() and sorted(docs["page_count"]) == [1, 4]
     parts = list((Path(cfg.output.path) / "documents").rglob("*.parquet"))
     assert [p.name.startswith(f"part-recovered-{dead.run_id}") for p in parts] == [True]
+
+
+def test_the_documents_command_counts_and_rebuilds_and_waits_for_the_lock(invoice, tmp_path):
+    cfg, sim = invoice
+    broken = [dict(a) for a in PAGE_ANSWERS]
+    broken[2] = {"total": "n/a"}
+    script(sim, cfg, broken)
+    run(cfg, sim)
+    job = tmp_path / "job.toml"
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    job.write_text(f'[prompt]\ntemplate_file = "{PROJECT}/configs/prompts/page.txt"\n'
+                   f'schema_file = "schema.json"\n[output]\npath = "{cfg.output.path}"\n')
+    assert fingerprint(load_config(job)) == fingerprint(cfg)  # the same documents
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ernie_batch.cli", "documents", "-c",
+                               str(job), *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "COLUMNS": "250"})
+
+    res = cli("--json")
+    assert res.returncode == 0, res.stderr
+    counts = json.loads(res.stdout)
+    assert (counts["documents"], counts["complete"], counts["incomplete"]) == (1, 0, 1)
+    res = cli()
+    assert "invoice.pdf" in res.stdout and "incomplete or conflicting" in res.stdout
+    lock = store.OutputLock(Path(cfg.output.path), "a-test-holding-it")
+    lock.acquire()
+    try:
+        res = cli("--rebuild")
+        assert res.returncode == 5 and "locked" in res.stderr
+    finally:
+        lock.release()
+    res = cli("--rebuild", "--json")
+    assert res.returncode == 0, res.stderr
+    rebuilt = json.loads(res.stdout)
+    assert rebuilt["rebuild"]["documents"] == 1 and rebuilt["runs"] == [
+        rebuilt["rebuild"]["run_id"]]
+    assert len(documents(cfg)) == 2
