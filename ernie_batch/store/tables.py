@@ -68,13 +68,13 @@ def read_columns(root: Path, table: str, columns: list[str],
 NEWEST_BY = ("built_at", "finished_at", "started_at")
 
 
-def read_table(root: Path, table: str, current: bool = False) -> pa.Table | None:
+def read_table(root: Path | str, table: str, current: bool = False) -> pa.Table | None:
     """A whole table with the union of all parts' schemas (new answer columns read as null).
 
     With `current`, only the newest row per `key` (by the first of `NEWEST_BY` the table
     has, then run id): e.g. the current generation of each document.
     """
-    folder = root / table
+    folder = Path(root) / table
     if not folder.is_dir():
         return None
     files = sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
