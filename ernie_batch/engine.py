@@ -76,7 +76,7 @@ class Pipeline:
         self.date = f"{self.started_at:%Y-%m-%d}"
         self.fp = prompt.fingerprint(cfg)
         self.pages_schema = store.pages_schema(answer_fields(cfg.resolved.schema))
-        self.documents = DocumentSpec.of_config(cfg, answer_fields(cfg.resolved.schema))
+        self.document_spec = DocumentSpec.of_config(cfg, answer_fields(cfg.resolved.schema))
         limits = cfg.limits
         self._owned = [x is None for x in (client, pool)]
         self.client = client or ApiClient(
@@ -141,7 +141,7 @@ class Pipeline:
             if not self.opts.force:
                 self.done = store.load_done(self.root, self.fp)
             self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema),
-                                        "documents": self.documents.header()})
+                                        "documents": self.document_spec.header()})
         except BaseException:
             self._release_locks()
             raise
@@ -281,7 +281,7 @@ class Pipeline:
         # documents after the pages are in Parquet, before the manifest: killed in between,
         # the journal stays and the run that folds it builds them
         self.recorder.maybe_flush(force=True)
-        built = build_documents(self.root, self.recorder.touched, self.documents,
+        built = build_documents(self.root, self.recorder.touched, self.document_spec,
                                 run_id=self.run_id, date=self.date)
         finished = datetime.now(UTC)
         self.recorder.close(self.recorder.manifest(

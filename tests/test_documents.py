@@ -325,3 +325,19 @@ def test_the_documents_command_counts_and_rebuilds_and_waits_for_the_lock(invoic
     assert rebuilt["rebuild"]["documents"] == 1 and rebuilt["runs"] == [
         rebuilt["rebuild"]["run_id"]]
     assert len(documents(cfg)) == 2
+
+
+def test_a_journal_from_before_documents_is_built_with_the_default_rules():
+    """Journals written before merge rules existed carry no rules: arrays concat, the rest first."""
+    from ernie_batch.answers import answer_fields
+    from ernie_batch.documents import DocumentSpec
+    from ernie_batch.vocab import MergeRule
+
+    cfg = load_config(PROJECT / "configs" / "demo.toml")
+    fields = answer_fields(cfg.resolved.schema)
+    spec = DocumentSpec.from_header(None, store.pages_schema(fields))
+    assert spec.answer_fields == fields and (spec.first_page, spec.last_page) == (1, None)
+    assert spec.rules["keywords"] == MergeRule.CONCAT and spec.rules["title"] == MergeRule.FIRST
+    recorded = DocumentSpec.of_config(cfg, fields).header()
+    assert DocumentSpec.from_header(recorded, store.pages_schema(fields)).rules == \
+        cfg.resolved.merge_rules
