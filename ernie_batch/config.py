@@ -288,7 +288,12 @@ def _resolve_prompt(p: PromptOptions, base: Path, where: Path | str) -> Resolved
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}: prompt.schema_file: {schema_path} is not JSON: {exc}") from None
     _check_schema(schema, where)
-    return ResolvedPrompt(template, schema, template_path, schema_path)
+    resolved = ResolvedPrompt(template, schema, template_path, schema_path)
+    try:
+        resolved.merge_rules  # noqa: B018 - an unknown or unfitting x-merge fails here, once
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: prompt.schema: {exc}") from None
+    return resolved
 
 
 def _check_schema(schema: Any, where: Path | str) -> None:

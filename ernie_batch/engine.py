@@ -25,6 +25,7 @@ from ernie_batch.answers import answer_fields
 from ernie_batch.client import ApiClient
 from ernie_batch.config import JobConfig
 from ernie_batch.discover import discover
+from ernie_batch.documents import DocumentSpec, build_documents
 from ernie_batch.limits import RequestBudget
 from ernie_batch.prepare import PreparePool
 from ernie_batch.recorder import RunInfo, RunRecorder
@@ -76,6 +77,7 @@ class Pipeline:
         self.date = f"{self.started_at:%Y-%m-%d}"
         self.fp = prompt.fingerprint(cfg)
         self.pages_schema = store.pages_schema(answer_fields(cfg.resolved.schema))
+        self.document_spec = DocumentSpec.of_config(cfg, answer_fields(cfg.resolved.schema))
         limits = cfg.limits
         self._owned = [x is None for x in (client, pool)]
         self.client = client or ApiClient(
@@ -144,7 +146,8 @@ class Pipeline:
             self.recovered = recover_journals(self.root, self.pages_schema, skip_run=self.run_id)
             if not self.opts.force:
                 self.done = store.load_done(self.root, self.fp)
-            self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema)})
+            self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema),
+                                        "documents": self.document_spec.header()})
             if self._graceful is not None:
                 self._signals.enter_context(self._graceful.handling())
                 self._signals.callback(self._graceful.subscribe(self._on_signal))
@@ -313,6 +316,11 @@ class Pipeline:
         if outcome is None:
             outcome = self.stop.reason or (RunOutcome.PARTIAL if p.units.failed
                                            else RunOutcome.COMPLETED)
+        # documents after the pages are in Parquet, before the manifest: killed in between,
+        # the journal stays and the run that folds it builds them
+        self.recorder.maybe_flush(force=True)
+        built = build_documents(self.root, self.recorder.touched, self.document_spec,
+                                run_id=self.run_id, date=self.date)
         finished = datetime.now(UTC)
         self.recorder.close(self.recorder.manifest(
             finished_at=finished, documents=p.documents, outcome=outcome, error=self.stop.error,
@@ -333,6 +341,7 @@ class Pipeline:
             still_growing=[str(p) for p in self.discovery.still_growing],
             settle_s=self.cfg.sources.settle_seconds,
             top_errors=self.recorder.errors.most_common(5), recovered_runs=self.recovered,
+            documents_built=built.documents, documents_complete=built.complete,
         )
         return self._finished
 

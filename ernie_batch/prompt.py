@@ -26,7 +26,7 @@ def fingerprint(cfg: JobConfig) -> str:
     shaping = {
         "template": cfg.resolved.template,
         "variables": cfg.prompt.variables,
-        "schema": cfg.resolved.schema,
+        "schema": cfg.resolved.sent_schema,  # x- keywords (merge rules) never re-send a page
         "model": cfg.api.model,
         "request": cfg.request.model_dump(mode="json"),
         "images": cfg.images.model_dump(mode="json"),
@@ -46,7 +46,7 @@ def response_format(cfg: JobConfig, mode: str) -> dict[str, Any] | None:
             "type": "json_schema",
             "json_schema": {
                 "name": cfg.prompt.schema_name,
-                "schema": cfg.resolved.schema,
+                "schema": cfg.resolved.sent_schema,
                 "strict": cfg.request.strict,
             },
         }
@@ -59,7 +59,7 @@ def build_body(cfg: JobConfig, unit: PageUnit, mode: str, temperature: float) ->
     """The chat-completions body for one unit; instructions in the user message by default."""
     text = render(cfg.resolved.template, unit, cfg.prompt.variables)
     if mode != "json_schema":
-        text = text + "\n\n" + SCHEMA_INSTRUCTION.format(json.dumps(cfg.resolved.schema, indent=1))
+        text = text + "\n\n" + SCHEMA_INSTRUCTION.format(json.dumps(cfg.resolved.sent_schema, indent=1))
     media = [media_part_json(p, cfg.request.image_detail) for p in unit.parts]
     messages: list[dict[str, Any]]
     if cfg.request.system_message:

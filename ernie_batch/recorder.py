@@ -99,6 +99,7 @@ class RunRecorder:
         self._last_flush = time.monotonic()
         self._credits: list[float | None] = []
         self._usd: list[float | None] = []
+        self.touched: set[tuple[str, str]] = set()  # (source_sha256, fingerprint): documents
 
     def open_journal(self, extra: dict[str, Any]) -> None:
         """Start the run's journal (only once the output lock is held: recovery folds the rest)."""
@@ -133,6 +134,7 @@ class RunRecorder:
             self.journal.write({"t": "page", **row})
         if write:
             self.pages.add(row)
+        self.touched.add((row["source_sha256"], row["fingerprint"]))
         p = self.progress
         p.units_done += 1
         status = row["status"]

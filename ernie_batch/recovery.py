@@ -2,9 +2,10 @@
 
 A killed run's journal holds every row that reached it; some of them may already be in
 Parquet parts (flushed before the kill), so rows are added only when the run's parts lack
-them. Its manifest is built by the same `RunRecorder` as a finished run's, with outcome
-`interrupted`. A recovery cut short by another kill is simply done again: the journal is
-deleted only after its rows and manifest are written.
+them. Its documents are built (unless it wrote them before it died) with the merge rules
+its journal's header recorded, and its manifest by the same `RunRecorder` as a finished
+run's, with outcome `interrupted`. A recovery cut short by another kill is simply done
+again: the journal is deleted only after its rows, documents and manifest are written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ernie_batch.documents import DocumentSpec, build_documents
 from ernie_batch.recorder import RunInfo, RunRecorder
 from ernie_batch.store import (
     ATTEMPTS_SCHEMA,
@@ -89,6 +91,11 @@ def _fold_run(root: Path, run_id: str, header: dict[str, Any], records: list[dic
         elif kind == "attempt":
             row = from_journal(rec, ATTEMPTS_SCHEMA)
             recorder.add_attempt(row, write=(row["key"], row["attempt"]) not in have_attempts)
+    recorder.maybe_flush(force=True)
+    if not rows_of_run(root, "documents", run_id, ["key"]):  # else: written before the kill
+        spec = DocumentSpec.from_header(header.get("documents"), schema)
+        build_documents(root, recorder.touched, spec, run_id=run_id, date=info.date,
+                        prefix="part-recovered")
     manifest = None
     if not run_row_path(root, info.date, run_id).exists():
         manifest = recorder.manifest(

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ernie_batch import store
+from ernie_batch.documents import counts_by_run
 from ernie_batch.summary import RunSummary
 from ernie_batch.vocab import FAILED, UnitStatus
 
@@ -31,6 +32,7 @@ def summary_rows(s: RunSummary) -> list[tuple[str, str]]:
         ("units_duplicate", str(s.units_duplicate)),
         ("units_already_done", str(s.units_already_done)),
         ("units_not_sent", str(s.units_not_sent)),
+        ("documents_complete", f"{s.documents_complete} of {s.documents_built} built"),
         ("requests", f"{s.requests} ({s.rate_limited} rate-limited)"),
         ("credits", f"{s.credits:,.4f}"),
         ("USD", f"{s.usd:.6f}"),
@@ -62,21 +64,25 @@ def summary_markdown(s: RunSummary) -> str:
 
 
 # the columns of dataset_report's tables that hold numbers (right-aligned on a terminal)
-NUMERIC = ("units", "units_ok", "units_failed", "requests", "credits", "usd")
+NUMERIC = ("units", "units_ok", "units_failed", "requests", "credits", "usd", "documents",
+           "complete", "incomplete", "conflicting")
 
 
 def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Totals of the selected runs' pages (all runs when None): by run, day, folder, status,
-    file and prompt version (fingerprint, named by its template, schema and label)."""
+    file and prompt version (fingerprint, named by its template, schema and label); and the
+    documents each run built (complete, incomplete, conflicting)."""
+    documents = counts_by_run(root, run_ids)
+    extra = {"documents": documents} if documents else {}
     cols = ["run_id", "date", "source_path", "status", "credits", "usd", "attempts",
             "fingerprint"]
     table = store.read_columns(root, "pages", cols)
     if table is None or table.num_rows == 0:
-        return {}
+        return extra
     if run_ids is not None:
         table = table.filter(pc.is_in(table["run_id"], pa.array(run_ids, pa.string())))
         if table.num_rows == 0:
-            return {}
+            return extra
     pages = table.to_pandas()
     pages["date"] = pages["date"].astype(str)
     pages["folder"] = pages["source_path"].map(lambda p: str(Path(p).parent))
@@ -96,7 +102,7 @@ def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, li
             row["label"] = named.get("prompt_label")
             row["template"] = named.get("template_path")
             row["schema"] = named.get("schema_path")
-    return report
+    return report | extra
 
 
 def _totals(pages: Any, by: str) -> list[dict[str, Any]]:

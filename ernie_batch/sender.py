@@ -187,7 +187,7 @@ class UnitSender:
                             actual_tokens=res.prompt_tokens or None, retry_after=res.retry_after)
         self._check_reachable(res)
         t.last = res
-        t.verdict = (answers.judge(res.content, res.finish_reason, self.cfg.resolved.schema)
+        t.verdict = (answers.judge(res.content, res.finish_reason, self.cfg.resolved.sent_schema)
                      if res.outcome == AttemptOutcome.OK else None)
         row = self.rows.attempt_row(t.key, len(t.attempts) + 1, res, t.temperature, t.verdict)
         t.attempts.append(row)

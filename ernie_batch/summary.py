@@ -69,6 +69,8 @@ class RunSummary(BaseModel):
     units_duplicate: int = 0  # same content as another path: a duplicate row, no request
     units_not_sent: int = 0  # selected, but the run stopped before sending them
     units_already_done: int = 0  # answered (or given up on) by an earlier run: no row
+    documents_built: int = 0  # documents rows this run wrote (documents it touched)
+    documents_complete: int = 0  # of them, every page of the configured range answered
     requests: int = 0
     rate_limited: int = 0
     credits: float = 0.0

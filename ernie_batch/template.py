@@ -7,13 +7,17 @@ request is sent) and the request builder use this module; it imports neither.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from string import Template
 from typing import Any
 
 from ernie_batch.errors import ConfigError
+from ernie_batch.merge import rules_of
 from ernie_batch.units import PageUnit
+from ernie_batch.vocab import MergeRule
 
 BUILTIN_VARIABLES = (
     "file_name",
@@ -28,12 +32,55 @@ BUILTIN_VARIABLES = (
 
 @dataclass(frozen=True)
 class ResolvedPrompt:
-    """The template text and schema a job sends, and the files they came from (None: inline)."""
+    """The template text and schema a job sends, and the files they came from (None: inline).
+
+    `schema` is the schema as written; `sent_schema` is what is sent, hashed into the
+    fingerprint and validated against: the same without `x-` keywords, so changing a merge
+    rule never re-sends (nor re-pays) a page.
+    """
 
     template: str
     schema: dict[str, Any] = field(hash=False)
     template_path: Path | None = None
     schema_path: Path | None = None
+
+    @cached_property
+    def sent_schema(self) -> dict[str, Any]:
+        return strip_extensions(self.schema)
+
+    @cached_property
+    def merge_rules(self) -> dict[str, MergeRule]:
+        """Each top-level property's `x-merge` rule (or its default); checked at config load."""
+        return rules_of(self.schema)
+
+
+# keywords whose value maps names to subschemas: their keys are names, never keywords
+_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                        "dependentSchemas"})
+# keywords whose value is data, not a schema: left exactly as written
+_DATA = frozenset({"enum", "const", "default", "examples", "required", "dependentRequired"})
+
+
+def strip_extensions(schema: Any) -> Any:
+    """The schema without `x-` keywords at any depth (property names are never touched).
+
+    A schema without them comes back equal, so its fingerprint does not change.
+    """
+    if isinstance(schema, list):
+        return [strip_extensions(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key.startswith("x-"):
+            continue
+        if key in _NAME_MAPS and isinstance(value, Mapping):
+            out[key] = {name: strip_extensions(sub) for name, sub in value.items()}
+        elif key in _DATA:
+            out[key] = value
+        else:
+            out[key] = strip_extensions(value)
+    return out
 
 
 def check_template(template: str, extra: dict[str, str], where: str = "prompt.template") -> None:

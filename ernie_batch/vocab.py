@@ -49,6 +49,20 @@ class RunKind(StrEnum):
     EVAL = "eval"
     COORDINATOR = "coordinator"  # splits a selection into shard runs on a work pool
     SHARD = "shard"
+    REBUILD = "rebuild"  # `documents --rebuild`: a new generation of documents, nothing sent
+
+
+class MergeRule(StrEnum):
+    """How a document's page answers merge into one value (a schema property's `x-merge`)."""
+
+    FIRST = "first"  # the first non-null value in page order (the default, arrays aside)
+    LAST = "last"  # the last non-null value
+    CONCAT = "concat"  # arrays: every item, in page order (the default for arrays)
+    UNIQUE = "unique"  # arrays: concat without repeats (a row repeated across a page break)
+    SUM = "sum"
+    MIN = "min"
+    MAX = "max"
+    ALL = "all"  # every page that answers must agree; disagreement is a conflict
 
 
 class RunOutcome(StrEnum):

@@ -143,6 +143,7 @@ def test_no_decoded_parquet_value_holds_the_key():
     c = chaos.campaign()
     parts = [p for r in [c.root, *chaos.EXTRA_OUTPUTS] for p in r.rglob("*.parquet")]
     assert len(parts) > 20
+    assert {"pages", "attempts", "documents", "runs"} <= {p.parent.parent.name for p in parts}
     for part in parts:
         text = json.dumps(pq.read_table(part).to_pylist(), default=str)
         assert TEST_KEY not in text, part

@@ -1,7 +1,8 @@
 """Answer generation: JSON that satisfies the requested schema, derived from the request's digest.
 
 Answers are derived from the digest of the request's media (`content_sha256`) and nothing
-else, so a test can tell which page an answer belongs to. The schema is the request's
+else, so a test can tell which page an answer belongs to; a test may script the answer of
+a digest instead (`SimSettings.scripted`). The schema is the request's
 json_schema, else a JSON Schema fenced in its prompt, else the pipeline's default. The
 faults that spoil a billed answer (invalid_answer, fenced, length) are applied here too.
 """
@@ -251,9 +252,10 @@ def fence(text: str) -> str:
     return f"Here is the extracted data:\n\n```json\n{pretty}\n```\n\nLet me know if you need more."
 
 
-def compose_answer(checked: Checked, fault: str | None) -> tuple[str, str]:
-    """(content, finish_reason) for a billed answer, faults and max_tokens applied."""
-    value = generate_value(checked.schema, checked.digest)
+def compose_answer(checked: Checked, fault: str | None, scripted: Any = None) -> tuple[str, str]:
+    """(content, finish_reason) for a billed answer (`scripted`, else generated), faults and
+    max_tokens applied."""
+    value = generate_value(checked.schema, checked.digest) if scripted is None else scripted
     if fault == "invalid_answer":
         value = violate(value, checked.schema)
     content = json.dumps(value, ensure_ascii=False, separators=(",", ":"))

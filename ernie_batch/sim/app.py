@@ -72,6 +72,9 @@ class SimSettings:
     credits_per_completion_token: float = 2.625
     send_usd: bool = True
     has_balance: bool = True  # False: GET /v1/billing/balance is a 404 (as on vLLM, Ollama)
+    # tests script answers: content_sha256 of a request's media -> the answer to give (any
+    # JSON value, valid or not); other requests get generated answers; faults still apply
+    scripted: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,7 +304,7 @@ class Simulator:
 
     def completion(self, checked: Checked, fault: str | None, *, delivered: bool) -> dict[str, Any]:
         """The 200 body of the vendor's response schema; bills the request."""
-        content, finish = compose_answer(checked, fault)
+        content, finish = compose_answer(checked, fault, self.settings.scripted.get(checked.digest))
         completion = tokens.completion_tokens(content)
         response_id = self.new_id()
         credits, usd = self.bill(response_id, checked, completion, delivered=delivered, fault=fault)

@@ -4,6 +4,7 @@ Layout (DESIGN.md's output contract), append-only, Hive partitions by the run's 
 
     OUTPUT/pages/date=D/part-<run_id>-<nnnn>.parquet
     OUTPUT/attempts/date=D/part-<run_id>-<nnnn>.parquet
+    OUTPUT/documents/date=D/part-<run_id>-<nnnn>.parquet   derived from pages (documents.py)
     OUTPUT/runs/date=D/run-<run_id>.parquet       written last
     OUTPUT/_journal/<run_id>.jsonl                every record the moment it exists
     OUTPUT/.lock                                  one run at a time
@@ -41,6 +42,7 @@ from ernie_batch.store.records import (
 )
 from ernie_batch.store.tables import (
     TableWriter,
+    newest_per_key,
     read_columns,
     read_table,
     rows_of_run,
@@ -54,7 +56,7 @@ __all__ = [
     "Journal", "data_lock", "holding_dead_run", "run_id_lock",
     "LockedError", "OutputError", "OutputLock", "PageRow", "RunRow", "TableWriter",
     "UnitDecision", "check_writable", "decode_schema", "encode_schema", "from_journal",
-    "live_lock_owner", "load_done", "new_run_id", "pages_schema", "read_columns", "read_journal",
-    "read_table", "remove_temp_files", "rows_of_run", "run_row_path", "sum_exact",
-    "wait_until_unlocked", "write_parquet_atomic", "write_run_row",
+    "live_lock_owner", "load_done", "new_run_id", "newest_per_key", "pages_schema",
+    "read_columns", "read_journal", "read_table", "remove_temp_files", "rows_of_run",
+    "run_row_path", "sum_exact", "wait_until_unlocked", "write_parquet_atomic", "write_run_row",
 ]

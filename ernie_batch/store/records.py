@@ -236,3 +236,68 @@ class RunRow:
 
     def as_dict(self) -> dict[str, Any]:
         return _columns(self, RUN_COLUMNS)
+
+
+def answer_fields_of(pages: pa.Schema) -> list[pa.Field]:
+    """The `answer_<field>` columns of a pages schema (what lies between head and tail)."""
+    fixed = set(_HEAD) | set(_TAIL)
+    return [f for f in pages if f.name not in fixed]
+
+
+DOCUMENT_HEAD = [
+    pa.field("run_id", pa.string()),  # the run that built this generation of the row
+    pa.field("key", pa.string()),  # sha256 of source_sha256 and fingerprint
+    pa.field("fingerprint", pa.string()),
+    pa.field("source_sha256", pa.string()),
+    pa.field("source_paths", pa.list_(pa.string())),
+    pa.field("doc_type", pa.string()),
+    pa.field("page_count", pa.int32()),
+    pa.field("pages_ok", pa.int32()),
+    pa.field("pages_failed", pa.int32()),
+    pa.field("pages_missing", pa.int32()),
+    pa.field("complete", pa.bool_()),
+    pa.field("answer_json", pa.string()),
+]
+DOCUMENT_TAIL = [
+    pa.field("provenance_json", pa.string()),
+    pa.field("conflicts_json", pa.string()),
+    pa.field("credits", pa.float64()),
+    pa.field("usd", pa.float64()),
+    pa.field("built_at", TS),
+]
+
+
+def documents_schema(answer_fields: list[pa.Field]) -> pa.Schema:
+    """The documents schema of one answer schema: `answer_<field>` typed as in `pages`."""
+    return pa.schema([*DOCUMENT_HEAD, *answer_fields, *DOCUMENT_TAIL])
+
+
+_DOC_HEAD = tuple(f.name for f in DOCUMENT_HEAD)
+_DOC_TAIL = tuple(f.name for f in DOCUMENT_TAIL)
+
+
+@dataclass(slots=True)
+class DocumentRow:
+    """One document's row (`documents`): its pages' answers merged, where each value came from."""
+
+    run_id: str
+    key: str
+    fingerprint: str
+    source_sha256: str
+    source_paths: list[str]
+    doc_type: str | None
+    page_count: int | None
+    pages_ok: int
+    pages_failed: int
+    pages_missing: int
+    complete: bool
+    answer_json: str | None
+    answers: dict[str, Any]  # answer_<field> -> cell
+    provenance_json: str
+    conflicts_json: str | None  # None: no field whose rule is `all` saw pages disagree
+    credits: float
+    usd: float
+    built_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**_columns(self, _DOC_HEAD), **self.answers, **_columns(self, _DOC_TAIL)}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -56,19 +57,28 @@ def _dataset(folder: Path) -> pads.Dataset | None:
                         partition_base_dir=str(folder))
 
 
-def read_columns(root: StrPath, table: str, columns: list[str]) -> pa.Table | None:
-    """Only the named columns of a table, across all its parts (files may differ in answer columns)."""
+def read_columns(root: StrPath, table: str, columns: list[str],
+                 where: pc.Expression | None = None) -> pa.Table | None:
+    """Only the named columns of a table, across all its parts (files may differ in answer
+    columns); with `where`, only the rows it selects (filtered while reading)."""
     ds = _dataset(Path(root) / table)
     if ds is None:
         return None
     present = [c for c in columns if c in ds.schema.names]
-    return ds.to_table(columns=present)
+    return ds.to_table(columns=present, filter=where)
 
 
-def read_table(root: StrPath, table: str, *, resolve_duplicates: bool = False) -> pa.Table | None:
+# the column that orders a table's rows in time, for `current=True` (first one present)
+NEWEST_BY = ("built_at", "finished_at", "started_at")
+
+
+def read_table(root: StrPath, table: str, *, current: bool = False,
+               resolve_duplicates: bool = False) -> pa.Table | None:
     """A whole table with the union of all parts' schemas (new answer columns read as null).
 
-    `resolve_duplicates` (pages): duplicate rows carry the answer of the row they point at.
+    With `current`, only the newest row per `key` (by the first of `NEWEST_BY` the table
+    has, then run id): e.g. the current generation of each document. With
+    `resolve_duplicates` (pages), duplicate rows carry the answer of the row they point at.
     """
     folder = Path(root) / table
     if not folder.is_dir():
@@ -79,9 +89,24 @@ def read_table(root: StrPath, table: str, *, resolve_duplicates: bool = False) -
     schema = pa.unify_schemas([pq.read_schema(p) for p in files])
     ds = pads.dataset([str(p) for p in files], schema=schema, format="parquet",
                       partitioning="hive", partition_base_dir=str(folder))
+    rows = ds.to_table()
     if resolve_duplicates and table == "pages":
-        return duplicates.resolve_duplicates(ds.to_table())
-    return ds.to_table()
+        rows = duplicates.resolve_duplicates(rows)
+    return newest_per_key(rows) if current else rows
+
+
+def newest_per_key(table: pa.Table) -> pa.Table:
+    """The newest row of each `key`, ordered by key."""
+    if table.num_rows == 0:
+        return table
+    when = next(c for c in (*NEWEST_BY, "run_id") if c in table.column_names)
+    order = [("key", "ascending"), (when, "descending")]
+    if "run_id" in table.column_names:
+        order.append(("run_id", "descending"))
+    ordered = table.take(pc.sort_indices(table, sort_keys=order))
+    keys = ordered["key"]
+    first = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1))
+    return ordered.filter(pa.concat_arrays([pa.array([True]), *first.chunks]))
 
 
 def rows_of_run(root: StrPath, table: str, run_id: str, cols: list[str]) -> set[tuple]:
