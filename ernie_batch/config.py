@@ -7,6 +7,7 @@ in the file: it comes from the environment (or a Prefect Secret block) as a Secr
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -30,6 +31,11 @@ __all__ = ["ConfigError", "JobConfig", "load_config", "api_key"]
 DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
 DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
 CREDITS_PER_USD = 2_000_000  # the vendor's published conversion
+
+
+def whole_credits(credits: float) -> int:
+    """Credits as the vendor bills them (headers, usage logs): an integer, halves rounded up."""
+    return math.floor(credits + 0.5)
 
 DEFAULT_TEMPLATE = (
     "You are reading page $page of $page_count of the document '$file_name'.\n"
