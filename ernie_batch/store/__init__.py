@@ -5,6 +5,7 @@ Layout (DESIGN.md's output contract), append-only, Hive partitions by the run's 
     OUTPUT/pages/date=D/part-<run_id>-<nnnn>.parquet
     OUTPUT/attempts/date=D/part-<run_id>-<nnnn>.parquet
     OUTPUT/runs/date=D/run-<run_id>.parquet       written last
+    OUTPUT/billing/date=D/part-<reconcile_id>-<nnnn>.parquet   the vendor's usage logs (reconcile)
     OUTPUT/_journal/<run_id>.jsonl                every record the moment it exists
     OUTPUT/.lock                                  one run at a time
 
@@ -30,6 +31,7 @@ from ernie_batch.store.lock import (
 )
 from ernie_batch.store.records import (
     ATTEMPTS_SCHEMA,
+    BILLING_SCHEMA,
     RUNS_SCHEMA,
     AttemptRow,
     PageRow,
@@ -50,7 +52,8 @@ from ernie_batch.store.tables import (
 )
 
 __all__ = [
-    "ATTEMPTS_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision", "DoneIndex", "FileLock",
+    "ATTEMPTS_SCHEMA", "BILLING_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision",
+    "DoneIndex", "FileLock",
     "Journal", "data_lock", "holding_dead_run", "run_id_lock",
     "LockedError", "OutputError", "OutputLock", "PageRow", "RunRow", "TableWriter",
     "UnitDecision", "check_writable", "decode_schema", "encode_schema", "from_journal",
