@@ -339,3 +339,10 @@ def test_the_scheduled_reconcile_logs_a_warning_when_not_exact(prefect_harness, 
     warnings = [r.getMessage() for r in seen if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "NOT exact" in warnings[0] and "mismatched 1" in warnings[0]
     assert len(table(tmp_path / "out", "billing")) == 1
+
+
+def test_a_date_that_is_no_date_is_a_usage_error(tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text(f'[output]\npath = "{tmp_path / "out"}"\n')
+    rc, _, text = cli(config, "--since", "yesterday")
+    assert rc == 2 and "error: --since: not an ISO date" in text
