@@ -79,7 +79,8 @@ def make_corpus(folder: Path, images: int = IMAGES, pdf_pages: int = PDF_PAGES,
 
 
 def write_config(path: Path, sources: Path, output: Path, base_url: str, *,
-                 concurrency: int, workers: int = -1, flush_rows: int = 5) -> Path:
+                 concurrency: int, workers: int = -1, flush_rows: int = 5,
+                 lag_s: float = 0.0) -> Path:
     q = json.dumps  # a JSON string is a valid TOML basic string
     path.write_text(f"""name = "chaos"
 [sources]
@@ -101,7 +102,7 @@ workers = {workers}
 path = {q(str(output))}
 flush_rows = {flush_rows}
 [reconcile]
-lag_s = 0
+lag_s = {lag_s}
 """)
     return path
 

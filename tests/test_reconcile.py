@@ -126,14 +126,12 @@ def test_faults_and_a_kill_with_requests_in_flight_reconcile_to_the_credit(sim_f
     assert set(billing["run_id"]) == {dead.run_id, summary.run_id}
 
 
-def write_cli_config(tmp_path: Path, sim, out: Path, **reconcile: float) -> Path:
+def write_cli_config(tmp_path: Path, sim, out: Path, lag_s: float) -> Path:
     src = tmp_path / "in"
     if not src.exists():
         chaos.make_corpus(src, images=5, pdf_pages=1, seed=31)
-    cfg = chaos.write_config(tmp_path / "job.toml", src, out, sim.url, concurrency=4)
-    with open(cfg, "a") as fh:
-        fh.write("[reconcile]\n" + "".join(f"{k} = {v}\n" for k, v in reconcile.items()))
-    return cfg
+    return chaos.write_config(tmp_path / "job.toml", src, out, sim.url, concurrency=4,
+                              lag_s=lag_s)
 
 
 def cli(config: Path, *args: str) -> tuple[int, dict | None, str]:

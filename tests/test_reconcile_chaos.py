@@ -32,8 +32,6 @@ def test_faults_and_kills_then_reconcile_account_for_every_credit(tmp_path):
     rng = random.Random(int(time.time()))
     with SimServer(SimSettings(api_key=TEST_KEY, latency_s=0.3, seed=7, faults=FAULTS)) as sim:
         cfg = chaos.write_config(tmp_path / "job.toml", src, out, sim.url, concurrency=4)
-        with open(cfg, "a") as fh:
-            fh.write("[reconcile]\nlag_s = 0\n")
         for n in range(KILLS):
             before = len(sim.simulator.ledger)
             proc = chaos.start_cli(cfg, env, tmp_path / f"kill-{n}.log")
