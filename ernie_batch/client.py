@@ -3,13 +3,17 @@
 `complete()` never raises for anything the server or the network does: it returns a
 `CallResult` whose `outcome` tells the dispatcher what to do (retry, fall back, stop).
 The key lives only in the client's default headers; no repr, error or log carries it.
+Each request carries its `X-Client-Request-Id`; the response's headers are read before its
+body, so the cost headers (`x-aimlapi-credits-used`) still count when the body is then lost.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,13 +22,14 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import SecretStr
 
-from ernie_batch.config import CREDITS_PER_USD
+from ernie_batch.config import CREDITS_PER_USD, whole_credits
 from ernie_batch.errors import ConfigError, one_line
 from ernie_batch.retry_after import parse_retry_after
-from ernie_batch.vocab import AttemptOutcome
+from ernie_batch.vocab import AttemptOutcome, CreditsSource
 
 FATAL_CODES = {401: "invalid or missing API key", 403: "out of credits or forbidden",
                404: "wrong endpoint or base URL"}
+REQUEST_ID_HEADER = "X-Client-Request-Id"
 
 
 @dataclass(slots=True)
@@ -43,10 +48,44 @@ class CallResult:
     retry_after: float | None = None
     error: str | None = None  # one line
     unreachable: bool = False  # the host did not resolve or refused the connection
+    inference_id: str | None = None  # x-inference-id: what the vendor's logs know it by
+    credits_source: CreditsSource | None = None  # None: no cost known
+    cost_mismatch: bool | None = None  # body and header both known and different
 
-    @property
-    def billed(self) -> bool:
-        return self.outcome == AttemptOutcome.OK
+
+@dataclass(frozen=True, slots=True)
+class HeaderCost:
+    """The tracing and cost headers of one response (each None when not sent)."""
+
+    inference_id: str | None
+    credits: float | None
+    usd: float | None
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> HeaderCost:
+        return cls(headers.get("x-inference-id") or None,
+                   _number(headers.get("x-aimlapi-credits-used")),
+                   _number(headers.get("x-aimlapi-usd-spent")))
+
+    def apply(self, res: CallResult) -> CallResult:
+        """Stamp the inference id on `res`; its cost from these headers unless its body gave one."""
+        res.inference_id = self.inference_id
+        if self.credits is None:
+            return res
+        if res.credits_source == CreditsSource.BODY:
+            res.cost_mismatch = whole_credits(res.credits) != whole_credits(self.credits)
+        else:
+            res.credits, res.credits_source = self.credits, CreditsSource.HEADER
+            res.usd = self.usd if self.usd is not None else self.credits / CREDITS_PER_USD
+        return res
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +130,12 @@ def _api_message(response: httpx.Response) -> str:
     return one_line(str(body))
 
 
-def parse_completion(body: Any) -> tuple[str, str | None, str | None, int, int, float, float]:
-    """(content, finish_reason, id, prompt, completion tokens, credits, usd); ValueError if malformed."""
+def parse_completion(
+        body: Any) -> tuple[str, str | None, str | None, int, int, float | None, float | None]:
+    """(content, finish_reason, id, prompt, completion tokens, credits, usd); ValueError if malformed.
+
+    Credits are None when the body carries no `meta.usage.credits_used` (usd then too).
+    """
     if not isinstance(body, dict):
         raise ValueError("response is not a JSON object")
     try:
@@ -106,9 +149,11 @@ def parse_completion(body: Any) -> tuple[str, str | None, str | None, int, int, 
         content = json.dumps(content)
     usage = body.get("usage") or {}
     meta = (body.get("meta") or {}).get("usage") or {}
-    credits = float(meta.get("credits_used") or 0.0)
+    used = meta.get("credits_used")
+    credits = float(used) if used is not None else None
     usd_spent = meta.get("usd_spent")
-    usd = float(usd_spent) if usd_spent is not None else credits / CREDITS_PER_USD
+    usd = (float(usd_spent) if usd_spent is not None
+           else credits / CREDITS_PER_USD if credits is not None else None)
     return (
         content,
         choice.get("finish_reason"),
@@ -156,11 +201,21 @@ class ApiClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def complete(self, body: dict[str, Any]) -> CallResult:
+    async def complete(self, body: dict[str, Any], request_id: str | None = None) -> CallResult:
+        """One chat-completions request; `request_id` goes out as `X-Client-Request-Id`."""
         started = datetime.now(UTC)
         t0 = time.perf_counter()
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
         try:
-            response = await self._http.post("/chat/completions", json=body)
+            async with self._http.stream("POST", "/chat/completions", json=body,
+                                         headers=headers) as response:
+                cost = HeaderCost.of(response.headers)
+                try:
+                    await response.aread()
+                except httpx.HTTPError as exc:  # the headers arrived, the body did not
+                    error = f"body lost after the headers ({type(exc).__name__}: {exc})"
+                    return cost.apply(self._fail(AttemptOutcome.TRANSPORT_ERROR,
+                                                 response.status_code, started, t0, error))
         except httpx.TimeoutException as exc:
             error = f"timeout ({type(exc).__name__})"
             return self._fail(AttemptOutcome.TRANSPORT_ERROR, None, started, t0, error)
@@ -169,7 +224,7 @@ class ApiClient:
             result = self._fail(AttemptOutcome.TRANSPORT_ERROR, None, started, t0, error)
             result.unreachable = isinstance(exc, httpx.ConnectError)
             return result
-        return self._classify(response, started, t0)
+        return cost.apply(self._classify(response, started, t0))
 
     def _fail(self, outcome: AttemptOutcome, code: int | None, started: datetime, t0: float,
               error: str, retry_after: float | None = None) -> CallResult:
@@ -184,9 +239,12 @@ class ApiClient:
             except ValueError as exc:
                 return self._fail(AttemptOutcome.TRANSPORT_ERROR, code, started, t0,
                                   f"unreadable 200 response: {exc}")
-            return CallResult(AttemptOutcome.OK, code, started, time.perf_counter() - t0,
-                              content=content, finish_reason=finish, response_id=rid,
-                              prompt_tokens=pt, completion_tokens=ct, credits=credits, usd=usd)
+            res = CallResult(AttemptOutcome.OK, code, started, time.perf_counter() - t0,
+                             content=content, finish_reason=finish, response_id=rid,
+                             prompt_tokens=pt, completion_tokens=ct)
+            if credits is not None:
+                res.credits, res.usd, res.credits_source = credits, usd or 0.0, CreditsSource.BODY
+            return res
         message = _api_message(response)
         if code == 429:
             return self._fail(AttemptOutcome.RATE_LIMITED, code, started, t0, f"HTTP 429: {message}",

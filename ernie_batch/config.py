@@ -7,6 +7,7 @@ in the file: it comes from the environment (or a Prefect Secret block) as a Secr
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -30,6 +31,11 @@ __all__ = ["ConfigError", "JobConfig", "load_config", "api_key"]
 DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
 DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
 CREDITS_PER_USD = 2_000_000  # the vendor's published conversion
+
+
+def whole_credits(credits: float) -> int:
+    """Credits as the vendor bills them (headers, usage logs): an integer, halves rounded up."""
+    return math.floor(credits + 0.5)
 
 DEFAULT_TEMPLATE = (
     "You are reading page $page of $page_count of the document '$file_name'.\n"
@@ -76,6 +82,7 @@ class ApiOptions(_Section):
     timeout_s: float = Field(default=120.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     allow_insecure_http: bool = False  # send the key over plain HTTP to a non-loopback host
+    usage_logs_url: str | None = None  # GET /v2/logs; default: base_url less its /v1, + /v2/logs
 
 
 class RequestOptions(_Section):
@@ -178,6 +185,14 @@ class ScheduleOptions(_Section):
     timezone: str = "UTC"
 
 
+class ReconcileOptions(_Section):
+    """`ernie-batch reconcile` against the vendor's usage logs, and its schedule under `serve`."""
+
+    lag_s: float = Field(default=120.0, ge=0)  # the vendor logs a charge this long after delivery
+    cron: str | None = None  # serve reconciles on this cron (schedule.timezone), when set
+    lookback_days: float = Field(default=3.0, gt=0, le=92)  # scheduled: runs started this recently
+
+
 class JobConfig(_Section):
     """Everything one job needs; `prompt.fingerprint()` digests what shapes an answer."""
 
@@ -194,6 +209,7 @@ class JobConfig(_Section):
     output: OutputOptions = Field(default_factory=OutputOptions)
     budget: BudgetOptions = Field(default_factory=BudgetOptions)
     schedule: ScheduleOptions = Field(default_factory=ScheduleOptions)
+    reconcile: ReconcileOptions = Field(default_factory=ReconcileOptions)
 
     # resolved by load_config, not read from the file
     config_path: Path | None = Field(default=None, exclude=True)

@@ -13,6 +13,8 @@ catches a builtin today (a `ValueError` for bad media or a bad schedule) still c
     ├── OutputError           the output folder cannot be used (found before any request)
     ├── LockedError           another live run holds the output folder
     ├── BudgetStopped         the run is stopping: no more requests may be sent
+    ├── UsageLogsError        the vendor's usage logs could not be read (401, 403, network)
+    │   └── NoUsageLogs       the endpoint has no usage logs (404: vLLM, Ollama)
     └── ServerStartError      (also RuntimeError) the local Prefect server did not come up
 
 The simulator's HTTP control-flow exception (`ernie_batch.sim.app.ApiError`) is not a user
@@ -75,6 +77,14 @@ class LockedError(ErnieBatchError):
 
 class BudgetStopped(ErnieBatchError):
     """The run is stopping: no more requests may be sent."""
+
+
+class UsageLogsError(ErnieBatchError):
+    """The vendor's usage logs (`GET /v2/logs`) could not be read: a key, network or server problem."""
+
+
+class NoUsageLogs(UsageLogsError):
+    """The endpoint has no usage logs (404): an OpenAI-compatible server that is not the vendor's."""
 
 
 class ServerStartError(ErnieBatchError, RuntimeError):

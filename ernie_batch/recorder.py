@@ -2,9 +2,12 @@
 
 A row is durable the moment its journal line is written; the Parquet buffers follow and are
 flushed as numbered parts (attempts before pages) every `flush_rows` rows or
-`flush_seconds`. The recorder also keeps the run's progress counters and is the one place a
-run's manifest (`runs` row) is built, for finished runs and for killed ones that recovery
-replays from their journals.
+`flush_seconds`. Each request is journaled as `sent` before it goes out: one whose
+response is never recorded (the process died, or gave up waiting) becomes a `lost`
+attempt row, here (`lost`, `abandon_in_flight`) or when recovery folds the journal.
+The recorder also keeps the run's progress counters and is the one place a run's manifest
+(`runs` row) is built, for finished runs and for killed ones that recovery replays from
+their journals.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,15 @@ class RunInfo:
         return cls(**values)
 
 
+def lost_attempt(sent: dict[str, Any], error: str) -> AttemptRow:
+    """The `lost` row of a `sent` journal record (or the recorder's copy of one)."""
+    started = sent["started_at"]
+    if isinstance(started, str):
+        started = datetime.fromisoformat(started)
+    return AttemptRow.lost(sent["run_id"], sent["key"], int(sent["attempt"]), started,
+                           sent.get("client_request_id"), sent.get("temperature"), error)
+
+
 class RunRecorder:
     """The rows, progress and manifest of one run."""
 
@@ -100,6 +112,7 @@ class RunRecorder:
         self._credits: list[float | None] = []
         self._usd: list[float | None] = []
         self.touched: set[tuple[str, str]] = set()  # (source_sha256, fingerprint): documents
+        self._in_flight: dict[tuple[str, int], dict[str, Any]] = {}  # sent, not yet answered
 
     def open_journal(self, extra: dict[str, Any]) -> None:
         """Start the run's journal (only once the output lock is held: recovery folds the rest)."""
@@ -107,6 +120,37 @@ class RunRecorder:
                                self.info.header() | extra)
 
     # ---- rows
+
+    def sent(self, key: str, attempt: int, client_request_id: str | None,
+             temperature: float | None) -> None:
+        """Journal a request about to go out: if no response is recorded, it ends as `lost`."""
+        record = {"run_id": self.run_id, "key": key, "attempt": attempt,
+                  "client_request_id": client_request_id, "temperature": temperature,
+                  "started_at": datetime.now(UTC)}
+        if self.journal is not None:
+            self.journal.write({"t": "sent", **record})
+        self._in_flight[(key, attempt)] = record
+
+    def lost(self, key: str, attempt: int, error: str) -> None:
+        """Record a sent request whose response will never be recorded (abandoned, cancelled)."""
+        record = self._in_flight.get((key, attempt))
+        if record is not None:
+            self.attempt(lost_attempt(record, error))
+
+    def awaiting(self, key: str, attempt: int) -> bool:
+        """True while a sent request's response may still be recorded (not abandoned)."""
+        return (key, attempt) in self._in_flight
+
+    def abandon_in_flight(self, error: str) -> int:
+        """Every request sent and not answered becomes a `lost` row (an interrupt gave up on them).
+
+        A response that still arrives afterwards is not recorded (see `awaiting`): the
+        `lost` row stands, so each request has one row.
+        """
+        pending = list(self._in_flight)
+        for key, attempt in pending:
+            self.lost(key, attempt, error)
+        return len(pending)
 
     def attempt(self, row: AttemptRow) -> None:
         self.add_attempt(row.as_dict())
@@ -118,6 +162,7 @@ class RunRecorder:
         """Journal the row, buffer it (unless `write` is False: already in Parquet), count it."""
         if self.journal is not None:
             self.journal.write({"t": "attempt", **row})
+        self._in_flight.pop((row["key"], row["attempt"]), None)
         if write:
             self.attempts.add(row)
         self._credits.append(row["credits"])
@@ -181,7 +226,12 @@ class RunRecorder:
         )
 
     def close(self, manifest: RunRow | None) -> None:
-        """Write the last parts, then the manifest (if given), then drop the journal."""
+        """Write the last parts, then the manifest (if given), then drop the journal.
+
+        A request still unanswered here was abandoned: it gets its `lost` row first, so
+        deleting the journal never drops a request that was sent.
+        """
+        self.abandon_in_flight("the run ended before this request's response was recorded")
         self.maybe_flush(force=True)
         if manifest is not None:
             write_run_row(self.root, self.date, manifest)

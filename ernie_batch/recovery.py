@@ -2,10 +2,12 @@
 
 A killed run's journal holds every row that reached it; some of them may already be in
 Parquet parts (flushed before the kill), so rows are added only when the run's parts lack
-them. Its documents are built (unless it wrote them before it died) with the merge rules
-its journal's header recorded, and its manifest by the same `RunRecorder` as a finished
-run's, with outcome `interrupted`. A recovery cut short by another kill is simply done
-again: the journal is deleted only after its rows, documents and manifest are written.
+them. A request journaled as `sent` with no `attempt` record was in flight when the process
+died: it becomes an `attempts` row with outcome `lost` and null credits. Its documents are
+built (unless it wrote them before it died) with the merge rules its journal's header
+recorded, and its manifest by the same `RunRecorder` as a finished run's, with outcome
+`interrupted`. A recovery cut short by another kill is simply done again: the journal is
+deleted only after its rows, documents and manifest are written.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from ernie_batch.documents import DocumentSpec, build_documents
-from ernie_batch.recorder import RunInfo, RunRecorder
+from ernie_batch.recorder import RunInfo, RunRecorder, lost_attempt
 from ernie_batch.store import (
     ATTEMPTS_SCHEMA,
     decode_schema,
@@ -30,6 +32,8 @@ from ernie_batch.store import (
     run_row_path,
 )
 from ernie_batch.vocab import RunOutcome
+
+LOST_IN_FLIGHT = "sent; the process died before its response was recorded"
 
 
 def remove_dead_temp_files(root: Path, own_run: str | None = None) -> int:
@@ -81,16 +85,23 @@ def _fold_run(root: Path, run_id: str, header: dict[str, Any], records: list[dic
     recorder = RunRecorder(root, info, schema, prefix="part-recovered",
                            flush_rows=sys.maxsize, flush_seconds=math.inf)  # one part each
     paths: set[str] = set()
+    in_flight: dict[tuple[str, int], dict[str, Any]] = {}
     for rec in records:
         kind = rec.get("t")
-        if kind == "page":
+        if kind == "sent":
+            in_flight[(rec["key"], int(rec["attempt"]))] = rec
+        elif kind == "page":
             row = from_journal(rec, schema)
             paths.add(row["source_path"])
             recorder.add_page(row, write=(row["key"], row["source_path"], row["page"])
                               not in have_pages)
         elif kind == "attempt":
             row = from_journal(rec, ATTEMPTS_SCHEMA)
+            in_flight.pop((row["key"], row["attempt"]), None)
             recorder.add_attempt(row, write=(row["key"], row["attempt"]) not in have_attempts)
+    for (key, attempt), sent in in_flight.items():
+        row = lost_attempt(sent | {"run_id": run_id}, LOST_IN_FLIGHT).as_dict()
+        recorder.add_attempt(row, write=(key, attempt) not in have_attempts)
     recorder.maybe_flush(force=True)
     if not rows_of_run(root, "documents", run_id, ["key"]):  # else: written before the kill
         spec = DocumentSpec.from_header(header.get("documents"), schema)

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ernie_batch import store
+from ernie_batch import billing, store
 from ernie_batch.documents import counts_by_run
 from ernie_batch.summary import RunSummary
 from ernie_batch.vocab import FAILED, UnitStatus
@@ -65,7 +65,7 @@ def summary_markdown(s: RunSummary) -> str:
 
 # the columns of dataset_report's tables that hold numbers (right-aligned on a terminal)
 NUMERIC = ("units", "units_ok", "units_failed", "requests", "credits", "usd", "documents",
-           "complete", "incomplete", "conflicting")
+           "complete", "incomplete", "conflicting", "recorded_credits", "vendor_credits")
 
 
 def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
@@ -102,7 +102,24 @@ def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, li
             row["label"] = named.get("prompt_label")
             row["template"] = named.get("template_path")
             row["schema"] = named.get("schema_path")
+    _add_vendor_credits(root, report["runs"])
     return report | extra
+
+
+def _add_vendor_credits(root: Path, runs: list[dict[str, Any]]) -> None:
+    """Once a reconcile wrote `billing`: each run's recorded attempt credits beside the vendor's."""
+    vendor = billing.vendor_credits_by_run(root)
+    if not vendor:
+        return
+    attempts = store.read_columns(root, "attempts", ["run_id", "credits"])
+    recorded: dict[str, list[float]] = {}
+    if attempts is not None:
+        for run_id, credits in zip(attempts["run_id"].to_pylist(),
+                                   attempts["credits"].to_pylist(), strict=True):
+            recorded.setdefault(run_id, []).append(credits)
+    for row in runs:
+        row["recorded_credits"] = store.sum_exact(recorded.get(row["run_id"], []))
+        row["vendor_credits"] = vendor.get(row["run_id"])
 
 
 def _totals(pages: Any, by: str) -> list[dict[str, Any]]:

@@ -54,8 +54,8 @@ class RowMaker:
         row.raw_answer = last.content if last else None
         row.response_id = last.response_id if last else None
         row.attempts = len(attempts)
-        row.prompt_tokens = sum(a.prompt_tokens for a in attempts)
-        row.completion_tokens = sum(a.completion_tokens for a in attempts)
+        row.prompt_tokens = sum(a.prompt_tokens or 0 for a in attempts)
+        row.completion_tokens = sum(a.completion_tokens or 0 for a in attempts)
         row.credits = sum_exact(a.credits for a in attempts)
         row.usd = sum_exact(a.usd for a in attempts)
         row.latency_s = last.latency_s if last else None
@@ -64,7 +64,7 @@ class RowMaker:
         return row
 
     def attempt_row(self, key: str, n: int, res: CallResult, temperature: float,
-                    verdict: Verdict | None) -> AttemptRow:
+                    verdict: Verdict | None, client_request_id: str | None = None) -> AttemptRow:
         outcome = res.outcome
         if verdict is not None and verdict.value is None:
             outcome = AttemptOutcome.INVALID_ANSWER
@@ -73,5 +73,7 @@ class RowMaker:
             outcome=outcome, error=res.error, response_id=res.response_id,
             prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
             credits=res.credits, usd=res.usd, temperature=temperature, latency_s=res.latency_s,
-            started_at=res.started_at,
+            started_at=res.started_at, client_request_id=client_request_id,
+            inference_id=res.inference_id, credits_source=res.credits_source,
+            cost_mismatch=res.cost_mismatch,
         )

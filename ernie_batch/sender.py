@@ -8,7 +8,8 @@ Layered like httpx's `_send_handling_auth -> _send_handling_redirects -> _send_s
   bodies** with backoff (a 429's pause is the budget's, shared by every sender), up to
   `retries.transport` times, and moves the whole run to the next `response_format` when the
   endpoint refuses one with a 400, around
-* `_send_single`: a budget lease, one HTTP call, the answer judged, the attempt recorded.
+* `_send_single`: a budget lease, the request journaled as sent (with its
+  `X-Client-Request-Id`), one HTTP call, the answer judged, the attempt recorded.
 
 A 401/403/404 stops the whole run (`RunStop`), as does `budget.max_credits`; a unit caught
 mid-way keeps the attempts it made.
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ernie_batch import answers, prompt, tokens
+from ernie_batch import answers, prompt, request_ids, tokens
 from ernie_batch.client import ApiClient, CallResult
 from ernie_batch.config import JobConfig
 from ernie_batch.content import parts_sha256
@@ -175,21 +176,29 @@ class UnitSender:
                 self.stop.set(RunOutcome.INTERRUPTED, "the request budget was stopped")
                 continue
             break
+        n = len(t.attempts) + 1
+        request_id = request_ids.build(self.rows.run_id, t.key, n)
+        self.recorder.sent(t.key, n, request_id, t.temperature)  # journaled before it goes out
         self._credits_in_flight += est_credits
         try:
-            res = await self.client.complete(body)
+            res = await self.client.complete(body, request_id=request_id)
         except BaseException:  # cancelled: free the slot, or the run stalls at the cap
             self.budget.release(lease, outcome="error")
+            self.recorder.lost(t.key, n, "cancelled while the request was in flight")
             raise
         finally:
             self._credits_in_flight -= est_credits
         self.budget.release(lease, outcome=_lease_outcome(res.outcome),
                             actual_tokens=res.prompt_tokens or None, retry_after=res.retry_after)
         self._check_reachable(res)
+        if not self.recorder.awaiting(t.key, n):  # abandoned meanwhile: its `lost` row stands
+            t.not_sent = not t.attempts
+            t.error = "abandoned in flight when the run was interrupted"
+            return None
         t.last = res
         t.verdict = (answers.judge(res.content, res.finish_reason, self.cfg.resolved.sent_schema)
                      if res.outcome == AttemptOutcome.OK else None)
-        row = self.rows.attempt_row(t.key, len(t.attempts) + 1, res, t.temperature, t.verdict)
+        row = self.rows.attempt_row(t.key, n, res, t.temperature, t.verdict, request_id)
         t.attempts.append(row)
         self.recorder.attempt(row)
         return res

@@ -37,6 +37,14 @@ class AttemptOutcome(StrEnum):
     TRANSPORT_ERROR = "transport_error"  # timeout, reset, unreadable body
     BAD_REQUEST = "bad_request"  # another 4xx: the request is wrong
     FATAL = "fatal"  # 401, 403, 404: the whole run stops
+    LOST = "lost"  # sent, but no response recorded: the process died or abandoned it (credits null)
+
+
+class CreditsSource(StrEnum):
+    """Where an attempt's credits came from (the `attempts.credits_source` column; null: no cost known)."""
+
+    BODY = "body"  # meta.usage.credits_used of the response body
+    HEADER = "header"  # x-aimlapi-credits-used: the body was lost or carried none
 
 
 class RunKind(StrEnum):

@@ -9,8 +9,10 @@ are shared with tests/test_secrets.py, which scans every byte they produced for 
 Bounds tested (see the README's "Chaos" section):
   * kill -9: a response the API delivered but the killed run had not journaled yet was
     in flight at the kill, so at most `concurrency` per kill are lost (paid, not recorded,
-    asked again by the resume); everything journaled is never requested again.
-  * faults: Parquet credits equal the ledger's delivered credits exactly.
+    asked again by the resume); each is an `attempts` row with outcome `lost` (its request
+    was journaled as sent); everything journaled is never requested again.
+  * faults: Parquet credits equal the ledger's credits of every response whose headers
+    reached us exactly (a body cut off after its headers is recorded from its cost header).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def make_corpus(folder: Path, images: int = IMAGES, pdf_pages: int = PDF_PAGES,
 
 
 def write_config(path: Path, sources: Path, output: Path, base_url: str, *,
-                 concurrency: int, workers: int = -1, flush_rows: int = 5) -> Path:
+                 concurrency: int, workers: int = -1, flush_rows: int = 5,
+                 lag_s: float = 0.0) -> Path:
     q = json.dumps  # a JSON string is a valid TOML basic string
     path.write_text(f"""name = "chaos"
 [sources]
@@ -98,6 +101,8 @@ workers = {workers}
 [output]
 path = {q(str(output))}
 flush_rows = {flush_rows}
+[reconcile]
+lag_s = {lag_s}
 """)
     return path
 
@@ -126,6 +131,16 @@ def start_cli(config: Path, env: dict[str, str], log: Path, *args: str) -> subpr
              *args],
             cwd=PROJECT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+
+def reconcile_cli(config: Path, env: dict[str, str], log: Path) -> tuple[int, dict[str, Any]]:
+    """`ernie-batch reconcile --json` over every run of the config's output: (rc, figures)."""
+    res = subprocess.run([sys.executable, "-m", "ernie_batch.cli", "reconcile", "--config",
+                          str(config), "--since", "2000-01-01", "--json"], cwd=PROJECT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    log.write_text(res.stdout + res.stderr)
+    lines = res.stdout.strip().splitlines()
+    return res.returncode, json.loads(lines[-1]) if lines else {}
 
 
 def run_cli(config: Path, env: dict[str, str], log: Path, *args: str,
@@ -301,7 +316,8 @@ def _run_campaign(root: Path) -> Campaign:
         rc = run_cli(cfg, env, log_file("faults"))
         wait_idle(sim)
         c.faults = {"output": out, "units": units, "rc": rc, "ledger": sim.ledger()["entries"],
-                    "stats": dict(sim.simulator.stats)}
+                    "stats": dict(sim.simulator.stats),
+                    "reconcile": reconcile_cli(cfg, env, log_file("faults-reconcile"))}
     c.timings["faults"] = time.monotonic() - t0
 
     t0 = time.monotonic()
@@ -361,7 +377,8 @@ def _kill_resume(root: Path, sim: Any, env: dict[str, str]) -> dict[str, Any]:
     wait_idle(sim)
     return {"output": out, "units": units, "seed": seed, "kills": kills, "rc": rc,
             "finished_early": finished_early, "ledger": sim.ledger()["entries"],
-            "final_s": time.monotonic() - final_started}
+            "final_s": time.monotonic() - final_started,
+            "reconcile": reconcile_cli(cfg, env, log_file("kill-reconcile"))}
 
 
 @pytest.fixture(scope="module")
@@ -400,23 +417,31 @@ def test_kill9_and_resume_lose_nothing_and_pay_nothing_twice(chaos):
     # money: what the API delivered vs what Parquet holds
     delivered = [e for e in book if e["delivered"]]
     assert len(delivered) == len(book)  # no faults here: every billed response was sent
-    recorded = set(attempts["response_id"])
-    assert attempts["response_id"].is_unique
+    assert attempts["client_request_id"].notna().all() and attempts["client_request_id"].is_unique
+    lost_rows = attempts[attempts["outcome"] == "lost"]
+    replied = attempts[attempts["outcome"] != "lost"]
+    recorded = set(replied["response_id"])
+    assert replied["response_id"].is_unique
     assert recorded <= {e["response_id"] for e in book}
     lost = [e for e in delivered if e["response_id"] not in recorded]
     bound_n = len(kills) * CONCURRENCY
     max_credits = max(e["credits"] for e in book)
     assert len(lost) <= bound_n, info
+    # each response lost in flight was journaled as sent: a `lost` row, no credits, its request id
+    assert {e["client_request_id"] for e in lost} <= set(lost_rows["client_request_id"]), info
+    assert len(lost_rows) <= bound_n, info
+    assert lost_rows["credits"].isna().all() and lost_rows["credits_source"].isna().all()
+    assert set(lost_rows["run_id"]) <= set(runs.loc[runs["outcome"] == "interrupted", "run_id"])
     for e in lost:  # each one was answered around a kill: in flight when the group died
         assert any(k["at"] - 2 <= e["at"] <= k["at"] + LATENCY_S + 2 for k in kills), (e, info)
     ledger_credits = math.fsum(e["credits"] for e in delivered)
-    parquet_credits = math.fsum(attempts["credits"])
+    parquet_credits = math.fsum(attempts["credits"].dropna())
     assert parquet_credits <= ledger_credits
     assert parquet_credits >= ledger_credits - bound_n * max_credits
     assert parquet_credits == math.fsum(e["credits"] for e in delivered
                                         if e["response_id"] in recorded)
     # pages.credits is the sum of the unit's attempts, per run
-    by_attempts = attempts.groupby(["run_id", "key"])["credits"].apply(math.fsum)
+    by_attempts = replied.groupby(["run_id", "key"])["credits"].apply(math.fsum)
     for row in pages.itertuples():
         assert row.credits == by_attempts[(row.run_id, row.key)]
     assert math.isclose(math.fsum(runs["credits"]), parquet_credits, rel_tol=1e-12)
@@ -431,15 +456,23 @@ def test_kill9_and_resume_lose_nothing_and_pay_nothing_twice(chaos):
     # a kill between a unit's attempt line and its page line leaves an attempt without a page:
     # that unit was in flight too, and is asked again
     paged = set(zip(pages["run_id"], pages["key"], strict=True))
-    orphans = [a for a in attempts.itertuples() if (a.run_id, a.key) not in paged]
+    orphans = [a for a in replied.itertuples() if (a.run_id, a.key) not in paged]
     asked = Counter(e["content_sha256"] for e in book)
     repeats = sum(n - 1 for n in asked.values())
     assert repeats == len(lost) + len(orphans), (repeats, len(lost), len(orphans), info)
     assert repeats <= bound_n, info
     assert set(asked) == set(pages["content_sha256"])
+    # the vendor's usage logs account for every credit: those lost in flight are `lost` rows'
+    rc, figures = run["reconcile"]
+    assert rc == 0 and figures["exact"], figures
+    assert figures["vendor_credits"] == math.fsum(e["credits"] for e in book)
+    assert figures["recorded_credits"] == parquet_credits
+    assert figures["unrecorded_credits"] == math.fsum(
+        e["credits"] for e in book if e["client_request_id"] in set(lost_rows["client_request_id"]))
     print(json.dumps({"seed": run["seed"], "kills": len(kills), "units": run["units"],
                       "kill_after_k": [k["k"] for k in kills], "requests": len(book),
-                      "lost_in_flight": len(lost), "asked_twice": repeats, "bound": bound_n,
+                      "lost_in_flight": len(lost), "lost_rows": len(lost_rows),
+                      "asked_twice": repeats, "bound": bound_n,
                       "parts_at_kills": [k["parts"] for k in kills],
                       "ledger_credits": ledger_credits, "parquet_credits": parquet_credits,
                       "seconds": chaos.timings}))
@@ -460,15 +493,25 @@ def test_api_faults_complete_and_credits_match_the_ledger(chaos):
     assert failed["error"].notna().all() and (failed["error"].str.len() > 0).all()
     assert (pages["status"] == "ok").mean() >= 0.95
     assert (run["rc"] == 0) == failed.empty
-    # a truncated body was billed but never reached us: not in Parquet, marked undelivered
-    undelivered = {e["response_id"] for e in book if not e["delivered"]}
-    assert len(undelivered) == stats["truncated"]
-    assert not undelivered & set(attempts["response_id"].dropna())
-    delivered = [e for e in book if e["delivered"]]
-    assert sorted(attempts.loc[attempts["credits"] > 0, "response_id"]) == sorted(
-        e["response_id"] for e in delivered)
-    ledger_credits = math.fsum(e["credits"] for e in delivered)
+    # a truncated body was billed and its headers reached us, its body did not: the cost
+    # is recorded from its x-aimlapi-credits-used header, on the attempt that got it
+    cut = [e for e in book if e["headers_delivered"] and not e["delivered"]]
+    assert len(cut) == stats["truncated"]
+    assert not {e["response_id"] for e in cut} & set(attempts["response_id"].dropna())
+    from_header = attempts[attempts["credits_source"] == "header"]
+    assert sorted(from_header["inference_id"]) == sorted(e["inference_id"] for e in cut)
+    assert (from_header["outcome"] == "transport_error").all()
+    heard = [e for e in book if e["headers_delivered"]]
+    assert len(heard) == len(book)  # no slow answers here: every billed response's headers came
+    assert sorted(attempts.loc[attempts["credits"] > 0, "inference_id"]) == sorted(
+        e["inference_id"] for e in heard)
+    assert not attempts["cost_mismatch"].fillna(False).any()
+    ledger_credits = math.fsum(e["credits"] for e in heard)
     assert math.fsum(attempts["credits"]) == ledger_credits
+    rc, figures = run["reconcile"]  # nothing unrecorded: every billed response's headers came
+    assert rc == 0 and figures["exact"], figures
+    assert figures["vendor_credits"] == figures["recorded_credits"] == ledger_credits
+    assert figures["unrecorded_credits"] == 0 and figures["vendor_requests"] >= len(book)
     assert math.isclose(math.fsum(pages["credits"]), ledger_credits, rel_tol=1e-12)
     # every failed request is in the attempts table with its outcome
     outcomes = Counter(attempts["outcome"])

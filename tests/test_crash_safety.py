@@ -59,13 +59,19 @@ def killed_run(cfg, *, lose_last_pages_part: bool) -> Pipeline:
     journal = run.recorder.journal.path
     with open(journal, "a", encoding="utf-8") as fh:  # a line cut by the kill
         fh.write('{"t":"page","run_id":"' + run.run_id + '","key":"ab')
+    leave_locks_behind(run)
+    return run
+
+
+def leave_locks_behind(run: Pipeline) -> None:
+    """As a kill leaves them: the lock files stay, naming a process that is gone, and the
+    kernel has dropped the flocks."""
     lock = run.root / ".lock"
     owner = json.loads(lock.read_text())
-    lock.write_text(json.dumps({**owner, "pid": dead_pid()}))  # its process is gone,
-    for lock in (run._lock._lock, run._data_lock, run._own_lock):  # the kernel dropped its
-        os.close(lock._fd)                                          # flocks: files stay behind
-        lock._fd = None
-    return run
+    lock.write_text(json.dumps({**owner, "pid": dead_pid()}))
+    for held in (run._lock._lock, run._data_lock, run._own_lock):
+        os.close(held._fd)
+        held._fd = None
 
 
 @pytest.fixture

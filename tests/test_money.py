@@ -83,3 +83,20 @@ def test_budget_stops_dispatch_within_the_in_flight_bound(sim_factory, tmp_path)
     worst_request = max(e["credits"] for e in sim.ledger()["entries"])
     assert spent <= 5000.0 + concurrency * worst_request
     assert (pages["status"] == "ok").sum() == len(sim.ledger()["entries"])
+
+
+def test_the_budget_counts_the_header_credits_of_bodies_lost_in_transfer(sim_factory, tmp_path):
+    sim = sim_factory(faults=FaultRates(truncated=1.0))  # every body is cut off after its headers
+    concurrency = 2
+    summary, out = run(sim, tmp_path, **{"budget.max_credits": 3000.0,
+                                         "limits.concurrency": concurrency,
+                                         "retries.backoff_base_s": 0.01})
+    book = sim.ledger()["entries"]
+    assert all(e["headers_delivered"] and not e["delivered"] for e in book)
+    attempts = pd.read_parquet(out / "attempts")
+    assert (attempts["credits_source"] == "header").all()
+    assert summary.outcome == "budget_stopped" and summary.units_ok == 0
+    spent = math.fsum(e["credits"] for e in book)
+    assert summary.credits == spent > 0
+    worst_request = max(e["credits"] for e in book)
+    assert spent <= 3000.0 + concurrency * worst_request

@@ -214,11 +214,16 @@ def test_faults_end_as_ok_pages_or_error_rows_and_credits_reconcile(recorded_sim
     assert summary.outcome == ("completed" if failed.empty else "partial")
 
     book = server.ledger()["entries"]
-    delivered = [e for e in book if e["delivered"]]
     undelivered = [e for e in book if not e["delivered"]]
     assert len(undelivered) >= stats["truncated"] + 1  # truncated, and slow ones timed out
     assert not {e["response_id"] for e in undelivered} & set(attempts["response_id"].dropna())
-    credits = math.fsum(e["credits"] for e in delivered)
+    # a truncated body's headers came, with its cost; a slow answer timed out before its headers
+    heard = [e for e in book if e["headers_delivered"]]
+    assert len(heard) < len(book)
+    cut = [e for e in heard if not e["delivered"]]
+    assert sorted(attempts.loc[attempts["credits_source"] == "header", "inference_id"]) == sorted(
+        e["inference_id"] for e in cut)
+    credits = math.fsum(e["credits"] for e in heard)
     assert math.fsum(attempts["credits"]) == credits
     assert math.isclose(math.fsum(pages["credits"]), credits, rel_tol=1e-12)
     assert summary.credits == credits

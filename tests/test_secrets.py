@@ -129,7 +129,8 @@ def test_no_byte_any_run_produced_holds_the_key():
     prefect_bytes = b"".join(p.read_bytes() for p in c.home.glob("prefect.db*"))
     assert b"ernie-ingest" in prefect_bytes and b"process-batch" in prefect_bytes
     logs = sorted(p.name for p in c.logs.iterdir())
-    assert {"faults.log", "hostile.log", "kill-0.log", "kill-final.log"} <= set(logs)
+    assert {"faults.log", "hostile.log", "kill-0.log", "kill-final.log",
+            "kill-reconcile.log"} <= set(logs)
     assert files > 100, files
     print(json.dumps({"files_scanned": files, "logs": logs,
                       "bytes": sum(p.stat().st_size for r in roots for p in r.rglob("*")
@@ -144,6 +145,7 @@ def test_no_decoded_parquet_value_holds_the_key():
     parts = [p for r in [c.root, *chaos.EXTRA_OUTPUTS] for p in r.rglob("*.parquet")]
     assert len(parts) > 20
     assert {"pages", "attempts", "documents", "runs"} <= {p.parent.parent.name for p in parts}
+    assert any(p.parent.parent.name == "billing" for p in parts)  # reconcile's table too
     for part in parts:
         text = json.dumps(pq.read_table(part).to_pylist(), default=str)
         assert TEST_KEY not in text, part

@@ -141,7 +141,8 @@ def run_server(**kwargs: Any) -> SimServer:
 def test_good_request_answers_schema_bills_and_records(server: SimServer) -> None:
     msgs = messages(image_part(png(size=(60, 40))), file_part(pdf(2)))
     digest = content_sha256(msgs)
-    r = post(server, request_body(msgs, max_tokens=512, temperature=0.0))
+    r = post(server, request_body(msgs, max_tokens=512, temperature=0.0),
+             headers={**AUTH, "X-Client-Request-Id": "eb:run-1:key.a_b:1"})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
@@ -157,7 +158,7 @@ def test_good_request_answers_schema_bills_and_records(server: SimServer) -> Non
     text_len = len("Extract the fields.")
     prompt = tokens.prompt_tokens(text_len, [(60, 40)], 2)
     completion = tokens.completion_tokens(content)
-    credits = round(prompt * 0.882 + completion * 2.625, 4)
+    credits = math.floor(prompt * 0.882 + completion * 2.625 + 0.5)  # whole credits
     assert body["usage"] == {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -175,6 +176,23 @@ def test_good_request_answers_schema_bills_and_records(server: SimServer) -> Non
     assert entry["content_sha256"] == digest and entry["delivered"] is True
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (prompt, completion)
     assert entry["credits"] == credits and entry["status_code"] == 200 and entry["fault"] is None
+    # the tracing and cost headers, sent before the body
+    assert r.headers["x-aimlapi-credits-used"] == str(credits)
+    assert float(r.headers["x-aimlapi-usd-spent"]) == body["meta"]["usage"]["usd_spent"]
+    assert r.headers["x-inference-id"] == entry["inference_id"]
+    assert r.headers["x-client-request-id"] == entry["client_request_id"] == "eb:run-1:key.a_b:1"
+    assert entry["headers_delivered"] is True
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 129, "é".encode(), "a/b", "a,b"])
+def test_a_client_request_id_outside_the_rule_is_dropped_silently(server: SimServer,
+                                                                   bad: str | bytes) -> None:
+    r = post(server, request_body(messages(image_part(png((9, 9, len(bad) % 250))))),
+             headers={**AUTH, "X-Client-Request-Id": bad})
+    assert r.status_code == 200  # still answered and billed, but nothing correlates it
+    assert "x-client-request-id" not in r.headers and r.headers["x-inference-id"]
+    entry = next(e for e in server.ledger()["entries"] if e["response_id"] == r.json()["id"])
+    assert entry["client_request_id"] is None
 
 
 def test_answers_are_deterministic_by_content(server: SimServer) -> None:

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from ernie_batch.cli import documents, info, run, service  # noqa: F401 - each registers its commands
+from ernie_batch.cli import (  # noqa: F401 - each registers its commands
+    documents,
+    info,
+    reconcile,
+    run,
+    service,
+)
 from ernie_batch.cli.common import app, console
 from ernie_batch.vocab import ExitCode
 

@@ -107,28 +107,36 @@ class RunFlags:
                 **given({"sources.settle_seconds": self.settle})}
 
 
-def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:
-    """Add `RunFlags`' options to a command; it receives them as one `flags: RunFlags` argument.
+def with_flags(cls: type) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Add the options of the dataclass `cls` to a command; it receives them as one `flags`
+    argument (an instance of `cls`).
 
     Typer reads a command's options from its signature, so the wrapper's signature is the
     command's own parameters followed by the shared ones.
     """
-    hints = {f.name: typing.get_type_hints(RunFlags, include_extras=True)[f.name]
-             for f in fields(RunFlags)}
-    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                annotation=hints[f.name]) for f in fields(RunFlags)]
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
-           if p.name != "flags"]
 
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> None:
-        flags = RunFlags(**{name: kwargs.pop(name) for name in hints})
-        return command(**kwargs, flags=flags)
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        hints = {f.name: typing.get_type_hints(cls, include_extras=True)[f.name]
+                 for f in fields(cls)}
+        shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                    annotation=hints[f.name]) for f in fields(cls)]
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.name != "flags"]
 
-    wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items()
-                                  if k != "flags"}, **hints}
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            flags = cls(**{name: kwargs.pop(name) for name in hints})
+            return command(**kwargs, flags=flags)
+
+        wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items()
+                                      if k != "flags"}, **hints}
+        return wrapper
+
+    return decorate
+
+
+with_run_flags = with_flags(RunFlags)  # the options every run command shares
 
 
 def selection(run_ids: list[str] | None, since: str | None, until: str | None) -> Any:
@@ -136,6 +144,19 @@ def selection(run_ids: list[str] | None, since: str | None, until: str | None) -
     from ernie_batch.selection import RunSelection
 
     return RunSelection(tuple(run_ids or ()), since, until)
+
+
+@dataclass(frozen=True)
+class SelectionFlags:
+    """The options of commands that look at runs (CONTRACT "Run selection"), and `--json`."""
+
+    run_ids: RunIdOpt = None
+    since: SinceOpt = None
+    until: UntilOpt = None
+    as_json: JsonOpt = False
+
+    def selection(self) -> Any:
+        return selection(self.run_ids, self.since, self.until)
 
 
 def load(config: Path | None, flags: dict[str, Any]) -> Any:

@@ -1,8 +1,9 @@
-"""A local simulator of the AI/ML API chat-completions endpoint (starlette + uvicorn).
+"""A local simulator of the AI/ML API chat-completions endpoint and its usage logs (starlette + uvicorn).
 
 The pipeline's tests, demo and benchmarks run against it. Modules: `validation` (the 400s),
 `answers` (schema-true JSON), `window` (the 429s of RPM/TPM), `faults` (injected failures),
-`app` (the routes, billing and ledger) and `server` (running it).
+`usage_logs` (`GET /v2/logs`), `app` (the routes, billing, headers and ledger) and `server`
+(running it).
 """
 
 from ernie_batch.sim.answers import generate_value

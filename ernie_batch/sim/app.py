@@ -2,8 +2,12 @@
 
 It behaves like the real API (see shared/API-FACTS.md): Bearer auth, request validation with
 the vendor's 400 body, RPM/TPM sliding windows and a concurrency cap answered with 429 +
-Retry-After, credits billed per request, and faults injected at seeded rates. Every billed
-request goes into a ledger that tests read back (`GET /_sim/ledger`, `SimServer.ledger()`).
+Retry-After, whole credits billed per request, tracing and cost headers sent before the
+body (`x-inference-id`, `x-client-request-id`, `x-aimlapi-credits-used`,
+`x-aimlapi-usd-spent`), the usage logs (`GET /v2/logs`, see `usage_logs`), and faults
+injected at seeded rates. Every billed request goes into a ledger that tests read back
+(`GET /_sim/ledger`, `SimServer.ledger()`), which says whether its headers and its body
+reached the client.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ernie_batch import tokens
-from ernie_batch.config import CREDITS_PER_USD
+from ernie_batch.config import CREDITS_PER_USD, whole_credits
 from ernie_batch.content import content_sha256
 from ernie_batch.sim.answers import answer_schema, compose_answer
 from ernie_batch.sim.faults import (
@@ -36,6 +41,7 @@ from ernie_batch.sim.faults import (
     FaultRates,
     TransportLookup,
 )
+from ernie_batch.sim.usage_logs import LogRow, UsageLogs
 from ernie_batch.sim.validation import (
     ApiError,
     Checked,
@@ -48,6 +54,7 @@ from ernie_batch.sim.window import SlidingWindow, retry_after
 DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
 LOW_BALANCE_THRESHOLD = 10_000.0
 UNLIMITED_BALANCE = 1_000_000_000_000.0
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the vendor's rule; others dropped
 
 
 @dataclass
@@ -75,22 +82,46 @@ class SimSettings:
     # tests script answers: content_sha256 of a request's media -> the answer to give (any
     # JSON value, valid or not); other requests get generated answers; faults still apply
     scripted: dict[str, Any] = field(default_factory=dict)
+    usage_logs: bool = True  # False: no GET /v2/logs (404), as on vLLM or Ollama
+    logs_lag_s: float = 0.0  # seconds from a charge to its row in GET /v2/logs
+    logs_limit: int = 200  # GET /v2/logs calls accepted per logs_window_s (then 429)
+    logs_window_s: float = 60.0
+    body_credits_offset: float = 0.0  # added to the body's credits_used only (not billed)
 
 
 @dataclass
 class LedgerEntry:
-    """One billed request, as the vendor would charge it."""
+    """One billed request, as the vendor would charge it (whole credits)."""
 
     response_id: str
     content_sha256: str
     prompt_tokens: int
     completion_tokens: int
-    credits: float
+    credits: int
     usd: float
-    delivered: bool
+    delivered: bool  # the whole body was sent to a client still there
     status_code: int
     fault: str | None
     at: float
+    inference_id: str = ""
+    client_request_id: str | None = None
+    headers_delivered: bool = True  # the headers (with the cost) were sent to the client
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request that reached the model: its ids and when it arrived."""
+
+    arrived: float
+    inference_id: str
+    client_request_id: str | None
+    model: str
+
+    def headers(self) -> dict[str, str]:
+        found = {"x-inference-id": self.inference_id}
+        if self.client_request_id is not None:
+            found["x-client-request-id"] = self.client_request_id
+        return found
 
 
 def error_body(status: int, message: str, path: str) -> dict[str, Any]:
@@ -123,14 +154,19 @@ class Simulator:
         self.in_flight = 0
         self.closing = False  # set on shutdown: slow answers stop waiting
         self.transport_lookup: TransportLookup | None = None
+        self.logs = UsageLogs(settings.logs_lag_s, settings.logs_limit, settings.logs_window_s,
+                              self.authorized)
         self._fault_rng = random.Random(settings.seed)
         self._latency_rng = random.Random(settings.seed + 1)
         self._id_rng = random.Random()  # ids unique across simulator instances
-        # the API's routes only under /v1, as the real one (a base URL without /v1 is a 404
-        # there and here); /_sim/* are the simulator's own, for tests and benchmarks only
+        # the API's routes only under /v1 (and /v2/logs at the root), as the real one: a base
+        # URL without /v1 is a 404 there and here; /_sim/* are the simulator's own, for tests
+        # and benchmarks only
         routes = [Route("/v1/chat/completions", self.chat_completions, methods=["POST"])]
         if settings.has_balance:
             routes.append(Route("/v1/billing/balance", self.billing_balance, methods=["GET"]))
+        if settings.usage_logs:
+            routes.append(Route("/v2/logs", self.usage_logs_view, methods=["GET"]))
         routes += [Route("/_sim/ledger", self.ledger_view, methods=["GET"]),
                    Route("/_sim/reset", self.reset, methods=["POST"])]
         self.app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_exception})
@@ -145,29 +181,48 @@ class Simulator:
         return {
             "credits": math.fsum(e.credits for e in entries),
             "credits_delivered": math.fsum(e.credits for e in entries if e.delivered),
+            "credits_headers_delivered": math.fsum(e.credits for e in entries
+                                                   if e.headers_delivered),
             "usd": math.fsum(e.usd for e in entries),
             "requests": len(entries),
         }
 
-    def bill(self, response_id: str, checked: Checked, completion: int, *, delivered: bool,
-             fault: str | None) -> tuple[float, float]:
-        """Charge one request: ledger entry and balance; returns (credits, usd)."""
+    def bill(self, response_id: str, checked: Checked, completion: int, call: Call, *,
+             delivered: bool, headers_delivered: bool, fault: str | None) -> tuple[int, float]:
+        """Charge one request in whole credits: ledger entry, log row, balance; (credits, usd)."""
         s = self.settings
-        credits = round(
-            checked.prompt_tokens * s.credits_per_prompt_token
-            + completion * s.credits_per_completion_token,
-            4,
-        )
+        credits = whole_credits(checked.prompt_tokens * s.credits_per_prompt_token
+                                + completion * s.credits_per_completion_token)
         usd = round(credits / CREDITS_PER_USD, 10)
+        now = time.time()
         self.ledger.append(LedgerEntry(
             response_id=response_id, content_sha256=checked.digest,
             prompt_tokens=checked.prompt_tokens, completion_tokens=completion,
             credits=credits, usd=usd, delivered=delivered, status_code=200,
-            fault=fault, at=time.time(),
+            fault=fault, at=now, inference_id=call.inference_id,
+            client_request_id=call.client_request_id, headers_delivered=headers_delivered,
         ))
+        self.log(call, "succeeded", now, credits, usd, checked.prompt_tokens, completion)
         if self.balance is not None:
             self.balance -= credits
         return credits, usd
+
+    def log(self, call: Call, status: str, charged_at: float, credits: int = 0, usd: float = 0.0,
+            tokens_input: int = 0, tokens_output: int = 0) -> None:
+        """The request's row in the usage logs, visible `logs_lag_s` after its charge."""
+        self.logs.add(LogRow(
+            created=call.arrived, visible_at=charged_at + self.settings.logs_lag_s,
+            status=status, model=call.model, credits=credits, usd=usd,
+            tokens_input=tokens_input, tokens_output=tokens_output,
+            request_id=str(uuid.uuid4()), inference_id=call.inference_id,
+            client_request_id=call.client_request_id,
+        ))
+
+    def new_call(self, request: Request, checked: Checked) -> Call:
+        sent = request.headers.get("x-client-request-id")
+        valid = sent if sent is not None and CLIENT_REQUEST_ID.fullmatch(sent) else None
+        return Call(arrived=time.time(), inference_id=str(uuid.uuid4()),
+                    client_request_id=valid, model=str(checked.body["model"]))
 
     def new_id(self) -> str:
         alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -272,9 +327,14 @@ class Simulator:
             return error_response(exc.status, exc.message, request.url.path, exc.headers)
 
     async def answer(self, request: Request) -> Response:
-        """Validate, admit, draw a fault, wait, then answer and bill."""
+        """Validate, admit, draw a fault, wait, then answer and bill.
+
+        A request that reached the model has a usage-log row: `succeeded` when billed,
+        `failed` (cost 0) when a 5xx, a reset or an HTML page ended it.
+        """
         checked = await self.validate(request)
         self.admit(checked.prompt_tokens)
+        call = self.new_call(request, checked)
         fault = self.draw_fault()
         if fault == "rate_limited":  # a busy provider answers at once
             raise self.fault_error(fault)
@@ -283,8 +343,12 @@ class Simulator:
             delivered = await self.wait_slow(request)
         else:
             await self.pause()
+        if fault in ("server_error", "reset", "non_json"):
+            self.log(call, "failed", time.time())
         if fault == "server_error":
-            raise self.fault_error(fault)
+            error = self.fault_error(fault)
+            error.headers.update(call.headers())
+            raise error
         headers = self.window.headers(time.monotonic())
         if fault == "reset":
             self.count("reset")
@@ -292,7 +356,11 @@ class Simulator:
         if fault == "non_json":
             self.count("non_json")
             return Response(NON_JSON_BODY, 200, headers, media_type="text/html")
-        body = self.completion(checked, fault, delivered=delivered and fault != "truncated")
+        body, credits, usd = self.completion(checked, fault, call,
+                                             delivered=delivered and fault != "truncated",
+                                             headers_delivered=delivered)
+        headers |= call.headers() | {"x-aimlapi-credits-used": str(credits),
+                                     "x-aimlapi-usd-spent": str(usd)}
         self.count(fault or "ok")
         if fault == "truncated":
             return DroppedResponse(self.transport_lookup, self._render(body), headers)
@@ -302,13 +370,16 @@ class Simulator:
     def _render(body: dict[str, Any]) -> bytes:
         return JSONResponse(body).body
 
-    def completion(self, checked: Checked, fault: str | None, *, delivered: bool) -> dict[str, Any]:
-        """The 200 body of the vendor's response schema; bills the request."""
+    def completion(self, checked: Checked, fault: str | None, call: Call, *, delivered: bool,
+                   headers_delivered: bool) -> tuple[dict[str, Any], int, float]:
+        """The 200 body of the vendor's response schema, and what it was billed (credits, usd)."""
         content, finish = compose_answer(checked, fault, self.settings.scripted.get(checked.digest))
         completion = tokens.completion_tokens(content)
         response_id = self.new_id()
-        credits, usd = self.bill(response_id, checked, completion, delivered=delivered, fault=fault)
-        meta_usage: dict[str, float] = {"credits_used": credits}
+        credits, usd = self.bill(response_id, checked, completion, call, delivered=delivered,
+                                 headers_delivered=headers_delivered, fault=fault)
+        offset = self.settings.body_credits_offset
+        meta_usage: dict[str, float] = {"credits_used": credits + offset if offset else credits}
         if self.settings.send_usd:
             meta_usage["usd_spent"] = usd
         return {
@@ -330,7 +401,7 @@ class Simulator:
                 "completion_tokens_details": None,
             },
             "meta": {"usage": meta_usage},
-        }
+        }, credits, usd
 
     async def billing_balance(self, request: Request) -> Response:
         if not self.authorized(request):
@@ -358,7 +429,15 @@ class Simulator:
     async def reset(self, request: Request) -> Response:
         self.ledger.clear()
         self.stats.clear()
+        self.logs.clear()
         return JSONResponse({"ok": True})
+
+    async def usage_logs_view(self, request: Request) -> Response:
+        try:
+            return JSONResponse(self.logs.answer(request))
+        except ApiError as exc:
+            self.count(exc.outcome)
+            return error_response(exc.status, exc.message, request.url.path, exc.headers)
 
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500

@@ -6,6 +6,7 @@ Layout (DESIGN.md's output contract), append-only, Hive partitions by the run's 
     OUTPUT/attempts/date=D/part-<run_id>-<nnnn>.parquet
     OUTPUT/documents/date=D/part-<run_id>-<nnnn>.parquet   derived from pages (documents.py)
     OUTPUT/runs/date=D/run-<run_id>.parquet       written last
+    OUTPUT/billing/date=D/part-<reconcile_id>-<nnnn>.parquet   the vendor's usage logs (reconcile)
     OUTPUT/_journal/<run_id>.jsonl                every record the moment it exists
     OUTPUT/.lock                                  one run at a time
 
@@ -31,6 +32,7 @@ from ernie_batch.store.lock import (
 )
 from ernie_batch.store.records import (
     ATTEMPTS_SCHEMA,
+    BILLING_SCHEMA,
     RUNS_SCHEMA,
     AttemptRow,
     PageRow,
@@ -52,7 +54,8 @@ from ernie_batch.store.tables import (
 )
 
 __all__ = [
-    "ATTEMPTS_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision", "DoneIndex", "FileLock",
+    "ATTEMPTS_SCHEMA", "BILLING_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision",
+    "DoneIndex", "FileLock",
     "Journal", "data_lock", "holding_dead_run", "run_id_lock",
     "LockedError", "OutputError", "OutputLock", "PageRow", "RunRow", "TableWriter",
     "UnitDecision", "check_writable", "decode_schema", "encode_schema", "from_journal",

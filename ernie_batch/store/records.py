@@ -14,6 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from ernie_batch.vocab import AttemptOutcome
+
 TS = pa.timestamp("us", tz="UTC")
 
 PAGE_HEAD = [
@@ -102,6 +104,30 @@ RUNS_SCHEMA = pa.schema(
     ]
 )
 
+# one row per row of the vendor's usage logs (`reconcile`), partitioned by its `created` date
+BILLING_SCHEMA = pa.schema(
+    [
+        pa.field("inference_id", pa.string()),  # the vendor's charge id: rows are unique on it
+        pa.field("request_id", pa.string()),
+        pa.field("client_request_id", pa.string()),
+        pa.field("created", TS),
+        pa.field("status", pa.string()),  # succeeded, failed
+        pa.field("model", pa.string()),
+        pa.field("origin", pa.string()),
+        pa.field("cost_credits", pa.int64()),
+        pa.field("cost_usd", pa.float64()),
+        pa.field("tokens_input", pa.int64()),
+        pa.field("tokens_output", pa.int64()),
+        pa.field("tokens_total", pa.int64()),
+        pa.field("run_id", pa.string()),  # ours: the attempt it is (null for another's request)
+        pa.field("key", pa.string()),
+        pa.field("attempt", pa.int16()),
+        pa.field("matched", pa.bool_()),  # an attempt row of ours holds it
+        pa.field("recorded_credits", pa.float64()),  # what that attempt recorded (null: unknown)
+        pa.field("reconcile_id", pa.string()),  # the reconcile that first saw it
+    ]
+)
+
 _HEAD = tuple(f.name for f in PAGE_HEAD)
 _TAIL = tuple(f.name for f in PAGE_TAIL)
 
@@ -171,7 +197,11 @@ ATTEMPT_COLUMNS = tuple(f.name for f in ATTEMPTS_SCHEMA)
 
 @dataclass(slots=True)
 class AttemptRow:
-    """One HTTP request's row (`attempts`): its outcome, tokens, credits and timing."""
+    """One HTTP request's row (`attempts`): its outcome, tokens, credits and timing.
+
+    A `lost` row (sent, no response recorded) knows only what was known before sending:
+    tokens, credits, usd and latency are null.
+    """
 
     run_id: str
     key: str
@@ -180,17 +210,26 @@ class AttemptRow:
     outcome: str
     error: str | None
     response_id: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    credits: float
-    usd: float
-    temperature: float
-    latency_s: float
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    credits: float | None
+    usd: float | None
+    temperature: float | None
+    latency_s: float | None
     started_at: datetime
     client_request_id: str | None = None
     inference_id: str | None = None
     credits_source: str | None = None
     cost_mismatch: bool | None = None
+
+    @classmethod
+    def lost(cls, run_id: str, key: str, attempt: int, started_at: datetime,
+             client_request_id: str | None, temperature: float | None, error: str) -> AttemptRow:
+        """The row of a request that was sent and whose response was never recorded."""
+        return cls(run_id=run_id, key=key, attempt=attempt, status_code=None, outcome=AttemptOutcome.LOST,
+                   error=error, response_id=None, prompt_tokens=None, completion_tokens=None,
+                   credits=None, usd=None, temperature=temperature, latency_s=None,
+                   started_at=started_at, client_request_id=client_request_id)
 
     def as_dict(self) -> dict[str, Any]:
         return _columns(self, ATTEMPT_COLUMNS)

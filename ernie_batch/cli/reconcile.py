@@ -1,0 +1,97 @@
+"""`reconcile`: the selected runs' recorded credits against the vendor's usage logs; the `billing` table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ernie_batch.cli.common import (
+    BaseUrlOpt,
+    ConfigOpt,
+    OutputOpt,
+    SelectionFlags,
+    app,
+    console,
+    fail,
+    kv_table,
+    load,
+    out,
+    overrides,
+    with_flags,
+)
+from ernie_batch.vocab import ExitCode
+
+FIGURES = ("vendor_requests", "vendor_credits", "recorded_credits", "unrecorded_credits",
+           "unbilled_recorded", "mismatched", "pending", "foreign_requests", "foreign_credits")
+
+
+@app.command()
+@with_flags(SelectionFlags)
+def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: OutputOpt = None, *,
+              flags: SelectionFlags) -> None:
+    """Match the selected runs' requests (default: the newest run) with the vendor's usage
+    logs, add what is new to the billing table, and say whether every credit is accounted for.
+
+    Exit 0 when exact, 1 when not (or something is still pending), 2 when the endpoint has
+    no usage logs, 3 when they cannot be read (key, network)."""
+    import asyncio
+
+    from ernie_batch import store
+    from ernie_batch.client import check_base_url
+    from ernie_batch.config import ConfigError, api_key
+    from ernie_batch.discover import parse_bound
+    from ernie_batch.errors import NoUsageLogs, UsageLogsError
+    from ernie_batch.reconcile import reconcile_runs
+
+    cfg = load(config, overrides(base_url, output))
+    try:
+        check_base_url(cfg.api.base_url, cfg.api.allow_insecure_http)
+        key = api_key(cfg)
+    except ConfigError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+    chosen = flags.selection()
+    try:
+        parse_bound(chosen.since, "--since")
+        parse_bound(chosen.until, "--until")
+    except ValueError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+    try:
+        result = asyncio.run(reconcile_runs(cfg, key, chosen))
+    except (NoUsageLogs, ConfigError) as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+    except UsageLogsError as exc:
+        raise fail(str(exc), ExitCode.FATAL) from None
+    except store.LockedError as exc:
+        raise fail(str(exc), ExitCode.LOCKED) from None
+    figures = result.figures
+    code = ExitCode.OK if figures.exact else ExitCode.FAILED
+    if flags.as_json:
+        print(json.dumps(figures.as_json()), flush=True)
+        raise typer.Exit(code)
+    if not result.run_ids:
+        console.print(f"no runs of {chosen.describe} in {cfg.output.path}")
+    window = (f"{result.start:%Y-%m-%d %H:%M:%S} to {result.end:%Y-%m-%d %H:%M:%S} UTC"
+              if result.start and result.end else "none yet (every request is within the lag)")
+    rows = [("runs", ", ".join(result.run_ids) or "none"), ("logs window", window),
+            *((name, _show(getattr(figures, name))) for name in FIGURES),
+            ("billing rows added", f"{result.added} to {Path(cfg.output.path) / 'billing'}"),
+            ("exact", "yes" if figures.exact else "NO")]
+    out.print(kv_table("ernie-batch reconcile", rows))
+    if len(result.per_run) > 1:
+        table = Table(title="per run", title_justify="left")
+        for col in ("run", "vendor_requests", "vendor_credits", "recorded_credits",
+                    "unrecorded_credits", "pending", "exact"):
+            table.add_column(col, justify="left" if col == "run" else "right")
+        for run_id, f in result.per_run.items():
+            table.add_row(run_id, str(f.vendor_requests), _show(f.vendor_credits),
+                          _show(f.recorded_credits), _show(f.unrecorded_credits), str(f.pending),
+                          "yes" if f.exact else "NO")
+        out.print(table)
+    raise typer.Exit(code)
+
+
+def _show(value: float | int) -> str:
+    return f"{value:,.4f}" if isinstance(value, float) else f"{value:,}"
