@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,3 +336,27 @@ def render_pdf(
     finally:
         doc.close()
     return out, count
+
+
+def render_previews(path: Path, opts: PdfOptions, pages: Iterable[int], max_side: int) -> dict:
+    """{1-based page: PIL image or PdfError}: pages rendered small for the review page.
+
+    Separate from `render_pdf` (what `pdf.mode = "image"` sends): a preview is only looked at.
+    """
+    doc = _open_pdfium(path, opts)
+    out: dict = {}
+    try:
+        for number in sorted(set(pages)):
+            try:
+                page = doc[number - 1]
+                try:
+                    scale = render_scale(page.get_size(), max_side)
+                    out[number] = page.render(scale=scale).to_pil()
+                finally:
+                    page.close()
+            except Exception as exc:  # noqa: BLE001 - one page must not lose the rest
+                out[number] = PdfError(f"cannot render page {number}: {one_line(exc, 200)}",
+                                       page=number)
+    finally:
+        doc.close()
+    return out

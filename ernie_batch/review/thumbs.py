@@ -1,0 +1,200 @@
+"""Thumbnails for the review: each page re-created from its source, checked, encoded small.
+
+The prepared media is not stored, so a page is re-created the way the run made it: the
+source is hashed (a different sha256 than `source_sha256`: placeholder, the page shown would
+not be the page answered), then `prepare.prepare_document` runs again with the config's
+options and each unit's `parts_sha256` is compared with the recorded `content_sha256`
+(pikepdf's page split and pdfium's renders are deterministic, as is the image preparation
+for the same Pillow). What is shown is separate from what is checked: PDF pages are rendered
+with pdfium at thumbnail size, images are shrunk from the prepared (upright, flattened)
+image, and both go through `images.encode` under a byte budget.
+
+Documents are examined in pebble worker processes, like the run's preparation (killable on
+`prepare.timeout_s`, `prepare.workers` of them, inline with -1).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ernie_batch.config import ImageOptions, JobConfig, PdfOptions
+from ernie_batch.errors import InputError, one_line
+from ernie_batch.vocab import PreviewCheck
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """What the review needs of one page row: which page of which version of the file."""
+
+    page: int
+    page_last: int
+    source_sha256: str
+    content_sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """A card's thumbnail (None: a placeholder) and what the check found."""
+
+    check: PreviewCheck
+    image: bytes | None = None
+    mime: str = "image/jpeg"
+    note: str = ""  # the reason for a placeholder, or what a mismatch means
+
+
+@dataclass(frozen=True, slots=True)
+class ThumbOptions:
+    side: int  # longest side, pixels
+    max_bytes: int  # encoded size at most
+
+    @property
+    def encoding(self) -> ImageOptions:
+        return ImageOptions(max_bytes=self.max_bytes, jpeg_quality=70)
+
+
+def preview_document(path: str, doc_type: str, wants: list[Want], images: ImageOptions,
+                     pdf: PdfOptions, thumbs: ThumbOptions) -> list[Preview]:
+    """One preview per want, in order. Never raises: every problem is a placeholder's note."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # libraries warn about every defect they repair
+        try:
+            return _preview(Path(path), doc_type, wants, images, pdf, thumbs)
+        except Exception as exc:  # noqa: BLE001 - a placeholder, never a lost review
+            note = f"no preview: {type(exc).__name__}: {one_line(exc, 200)}"
+            return [Preview(PreviewCheck.UNAVAILABLE, note=note) for _ in wants]
+
+
+def _preview(path: Path, doc_type: str, wants: list[Want], images: ImageOptions,
+             pdf: PdfOptions, thumbs: ThumbOptions) -> list[Preview]:
+    from ernie_batch.content import parts_sha256
+    from ernie_batch.discover import sha256_file
+    from ernie_batch.prepare import prepare_document
+    from ernie_batch.units import Document, PageUnit, UnitFailure
+
+    try:
+        stat = path.stat()
+        sha = sha256_file(path)
+    except OSError as exc:
+        gone = Preview(PreviewCheck.GONE, note=f"source gone: {exc.strerror or exc}")
+        return [gone] * len(wants)
+    changed = Preview(PreviewCheck.CHANGED, note="source changed since this page was answered "
+                                                 "(its sha256 differs): not shown")
+    if all(w.source_sha256 != sha for w in wants):
+        return [changed] * len(wants)
+    doc = Document(path=path, root=path.parent, sha256=sha, doc_type=doc_type,
+                   size=stat.st_size, mtime=stat.st_mtime)
+    units: dict[tuple[int, int], PageUnit] = {}
+    failures: dict[int, str] = {}
+    for item in prepare_document(doc, images, pdf):
+        if isinstance(item, PageUnit):
+            units[(item.page, item.page_last)] = item
+        elif isinstance(item, UnitFailure):
+            failures.setdefault(item.page, item.error)
+    current = [w for w in wants if w.source_sha256 == sha]
+    shown = _pdf_thumbs(path, pdf, current, thumbs) if doc_type == "pdf" else {}
+    out = []
+    for w in wants:
+        if w.source_sha256 != sha:
+            out.append(changed)
+            continue
+        unit = units.get((w.page, w.page_last))
+        check, note = _check(w, None if unit is None else parts_sha256(unit.parts))
+        if doc_type == "pdf":
+            image = shown.get(w.page)
+        elif unit is not None:
+            image = _image_thumb(unit.parts[0].data, thumbs)
+        else:
+            image = InputError(failures.get(w.page, "the page was not re-created"))
+        if isinstance(image, Exception):
+            out.append(Preview(PreviewCheck.UNAVAILABLE, note=f"no preview: {image}"))
+        elif image is None:
+            out.append(Preview(PreviewCheck.UNAVAILABLE, note="no preview"))
+        else:
+            out.append(Preview(check, image[0], image[1], note))
+    return out
+
+
+def _check(want: Want, digest: str | None) -> tuple[PreviewCheck, str]:
+    if want.content_sha256 is None:
+        return PreviewCheck.UNCHECKED, "never sent: nothing to compare with"
+    if digest == want.content_sha256:
+        return PreviewCheck.MATCH, "the page re-created from its source is what was sent"
+    return PreviewCheck.DIFFERS, ("re-created from the same source, the media differs from what "
+                                  "was sent (preparation options or libraries changed)")
+
+
+def _pdf_thumbs(path: Path, pdf: PdfOptions, wants: list[Want],
+                thumbs: ThumbOptions) -> dict[int, tuple[bytes, str] | Exception]:
+    from ernie_batch.pdf import render_previews
+
+    try:
+        rendered = render_previews(path, pdf, (w.page for w in wants), thumbs.side)
+    except Exception as exc:  # noqa: BLE001 - the document cannot be opened: every page says so
+        return {w.page: InputError(one_line(exc, 200)) for w in wants}
+    return {page: im if isinstance(im, Exception) else encode_thumb(im, thumbs)
+            for page, im in rendered.items()}
+
+
+def _image_thumb(data: bytes, thumbs: ThumbOptions) -> tuple[bytes, str]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft(im.mode, (thumbs.side, thumbs.side))  # JPEG: decode at reduced size
+        return encode_thumb(im, thumbs)
+
+
+def encode_thumb(im, thumbs: ThumbOptions) -> tuple[bytes, str]:  # noqa: ANN001 - PIL image
+    """JPEG under the byte budget, longest side `thumbs.side` (the run's own encoder)."""
+    from ernie_batch.images import encode, normalise
+
+    small = normalise(im, 1, thumbs.side)
+    data, mime, _ = encode(small, thumbs.encoding, try_png=False)
+    return data, mime
+
+
+# --- many documents ----------------------------------------------------------------------
+
+
+def previews(wants: list[tuple[str, str, Want]], cfg: JobConfig) -> list[Preview]:
+    """One preview per (source_path, doc_type, want), in order; documents in worker processes."""
+    thumbs = ThumbOptions(cfg.review.thumb_side, cfg.review.thumb_bytes)
+    by_doc: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, (path, doc_type, _) in enumerate(wants):
+        by_doc[(path, doc_type)].append(i)
+    out: list[Preview | None] = [None] * len(wants)
+    jobs = [(path, doc_type, [wants[i][2] for i in idx]) for (path, doc_type), idx
+            in by_doc.items()]
+    for (path, doc_type), result in zip(by_doc, _run(jobs, cfg, thumbs), strict=True):
+        for i, preview in zip(by_doc[(path, doc_type)], result, strict=True):
+            out[i] = preview
+    return [p for p in out if p is not None]
+
+
+def _run(jobs: list[tuple[str, str, list[Want]]], cfg: JobConfig,
+         thumbs: ThumbOptions) -> Iterable[list[Preview]]:
+    """The previews of each job, in job order: inline, or in a pebble pool."""
+    from ernie_batch.prepare import INLINE, _mp_context, worker_count
+
+    if cfg.prepare.workers == INLINE or len(jobs) <= 1:
+        return [preview_document(p, t, w, cfg.images, cfg.pdf, thumbs) for p, t, w in jobs]
+    from pebble import ProcessPool
+
+    workers = min(worker_count(cfg.prepare.workers), len(jobs))
+    with ProcessPool(max_workers=workers, max_tasks=cfg.prepare.max_tasks_per_worker,
+                     context=_mp_context()) as pool:
+        futures = [pool.schedule(preview_document,
+                                 args=(p, t, w, cfg.images, cfg.pdf, thumbs),
+                                 timeout=cfg.prepare.timeout_s) for p, t, w in jobs]
+        results = []
+        for future, (_, _, w) in zip(futures, jobs, strict=True):
+            try:
+                results.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - timed out or the worker died
+                note = f"no preview: {type(exc).__name__}: {one_line(exc, 200)}"
+                results.append([Preview(PreviewCheck.UNAVAILABLE, note=note) for _ in w])
+    return results
