@@ -319,3 +319,37 @@ def test_cli_review(reviewed, tmp_path):
                               "--html", str(tmp_path / "none.html")])
     assert res.exit_code == 0 and "no pages" in res.output
     assert not (tmp_path / "none.html").exists()
+
+
+# ------------------------------------------------------------------ the end of a run
+
+
+def test_a_run_with_review_html_writes_its_review_and_names_it(prefect_harness, sim_factory,
+                                                              api_env, tmp_path):
+    """`[review] html = true`: the ingest flow writes OUTPUT/review/<run_id>.html after the
+    manifest, and the summary and the run's markdown artifact name it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.ingest import ingest
+    from tests.conftest import PROJECT
+
+    sim = sim_factory()
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_corpus(src, images=2, pdf_pages=2, seed=21)
+    overrides = {"api.base_url": sim.url, "sources.paths": [str(src)], "output.path": str(out),
+                 "prepare.workers": -1, "review.html": True}
+    summary = asyncio.run(ingest(config_path=str(PROJECT / "configs" / "demo.toml"),
+                                 overrides=overrides))
+    path = out / "review" / f"{summary['run_id']}.html"
+    assert summary["review_html"] == str(path) and path.exists()
+    assert len(cards_of(path.read_text(encoding="utf-8"))) == summary["units_ok"] == 4
+
+    async def markdown() -> list[str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["ernie-batch-ingest-report"])))
+            return [a.data for a in found]
+
+    assert any(f"**review**: {path}" in text and summary["run_id"] in text
+               for text in asyncio.run(markdown()))
