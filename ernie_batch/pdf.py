@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,25 +338,16 @@ def render_pdf(
     return out, count
 
 
-def render_previews(path: Path, opts: PdfOptions, pages: Iterable[int], max_side: int) -> dict:
-    """{1-based page: PIL image or PdfError}: pages rendered small for the review page.
+def open_for_rendering(path: Path, opts: PdfOptions):  # noqa: ANN201 - pypdfium2 document
+    """The document as pdfium opens it for `render_pdf` (repaired first when it must be);
+    the caller closes it. The review renders its thumbnails from it (`render_page`)."""
+    return _open_pdfium(path, opts)
 
-    Separate from `render_pdf` (what `pdf.mode = "image"` sends): a preview is only looked at.
-    """
-    doc = _open_pdfium(path, opts)
-    out: dict = {}
+
+def render_page(doc, number: int, max_side: int):  # noqa: ANN001, ANN201 - pypdfium2, PIL
+    """Page `number` (1-based) of an open pdfium document, longest side `max_side` pixels."""
+    page = doc[number - 1]
     try:
-        for number in sorted(set(pages)):
-            try:
-                page = doc[number - 1]
-                try:
-                    scale = render_scale(page.get_size(), max_side)
-                    out[number] = page.render(scale=scale).to_pil()
-                finally:
-                    page.close()
-            except Exception as exc:  # noqa: BLE001 - one page must not lose the rest
-                out[number] = PdfError(f"cannot render page {number}: {one_line(exc, 200)}",
-                                       page=number)
+        return page.render(scale=render_scale(page.get_size(), max_side)).to_pil()
     finally:
-        doc.close()
-    return out
+        page.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,55 @@ def test_conflicts_json_is_read_defensively(text, fields):
 # ------------------------------------------------------------------ thumbnails
 
 
+def make_text_pdf(path: Path, pages: int, rng: random.Random) -> None:
+    """A digital document: every page ~45 lines of distinct text (Helvetica, vector)."""
+    import pikepdf
+
+    words = ("invoice total amount due payment account reference supplier customer order "
+             "delivery quantity price tax net gross date number item service period terms "
+             "balance statement credit debit remittance bank transfer receipt").split()
+    pdf = pikepdf.new()
+    font = pdf.make_indirect(pikepdf.Dictionary(Type=pikepdf.Name.Font,
+                                                Subtype=pikepdf.Name.Type1,
+                                                BaseFont=pikepdf.Name.Helvetica))
+    for n in range(pages):
+        lines = [f"{path.stem} page {n + 1}"] + [
+            " ".join(rng.choice(words) for _ in range(rng.randint(6, 12)))
+            + f" {rng.randint(1, 99999)}" for _ in range(45)]
+        ops = ["BT", "/F1 16 Tf", "56 790 Td", f"({lines[0]}) Tj", "/F1 10 Tf", "0 -28 Td"]
+        for line in lines[1:]:
+            ops += [f"({line}) Tj", "0 -15 Td"]
+        ops.append("ET")
+        page = pdf.add_blank_page(page_size=(595, 842))
+        page.Resources = pikepdf.Dictionary(Font=pikepdf.Dictionary(F1=font))
+        page.Contents = pdf.make_stream("\n".join(ops).encode("latin-1"))
+    pdf.save(path)
+
+
+def test_a_dense_text_page_stays_legible_within_the_budget(tmp_path):
+    """A grey page is a 4-grey PNG at a size a JPEG of the same budget cannot reach."""
+    import io
+
+    from PIL import Image
+
+    from ernie_batch.config import PdfOptions
+    from ernie_batch.pdf import open_for_rendering, render_page
+    from ernie_batch.review.thumbs import ThumbOptions, encode_thumb
+
+    make_text_pdf(tmp_path / "dense.pdf", 1, random.Random(1))
+    doc = open_for_rendering(tmp_path / "dense.pdf", PdfOptions())
+    try:
+        data, mime, _ = encode_thumb(lambda side: render_page(doc, 1, side),
+                                     ThumbOptions(800, 15000))
+        jpeg, _, _ = encode_thumb(lambda side: render_page(doc, 1, side).convert("RGB").convert(
+            "RGBA"), ThumbOptions(800, 15000))  # RGBA: not seen as grey, so JPEG only
+    finally:
+        doc.close()
+    assert mime == "image/png" and len(data) <= 15000
+    png_side, jpeg_side = (max(Image.open(io.BytesIO(d)).size) for d in (data, jpeg))
+    assert png_side >= 600 and png_side > 1.5 * jpeg_side
+
+
 def previews_by_path(text: str) -> dict[str, list[str]]:
     """Source path -> the media block of each of its cards (thumbnail or placeholder)."""
     found: dict[str, list[str]] = {}
@@ -210,7 +260,7 @@ def test_thumbnails_are_the_pages_sent_and_small(reviewed, tmp_path):
         blocks = media[row.source_path]
         assert all("✓ the media sent" in b for b in blocks), row.source_path
     assert len(media[str(reviewed.src / "bundle.pdf")]) == 3
-    images = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', text)
+    images = re.findall(r'src="data:image/(?:jpeg|png);base64,([^"]+)"', text)
     assert len(images) == (pages["content_sha256"].notna()).sum()
     sizes = [len(base64.b64decode(b)) for b in images]
     assert max(sizes) <= cfg.review.thumb_bytes

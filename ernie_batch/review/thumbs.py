@@ -7,7 +7,7 @@ options and each unit's `parts_sha256` is compared with the recorded `content_sh
 (pikepdf's page split and pdfium's renders are deterministic, as is the image preparation
 for the same Pillow). What is shown is separate from what is checked: PDF pages are rendered
 with pdfium at thumbnail size, images are shrunk from the prepared (upright, flattened)
-image, and both go through `images.encode` under a byte budget.
+image, and both are encoded under a byte budget (`encode_thumb`).
 
 Documents are examined in pebble worker processes, like the run's preparation (killable on
 `prepare.timeout_s`, `prepare.workers` of them, inline with -1).
@@ -18,9 +18,10 @@ from __future__ import annotations
 import io
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ernie_batch.config import ImageOptions, JobConfig, PdfOptions
 from ernie_batch.errors import InputError, one_line
@@ -47,14 +48,13 @@ class Preview:
     note: str = ""  # the reason for a placeholder, or what a mismatch means
 
 
+THUMB_JPEG_QUALITY = 50  # only looked at, small: quality matters less than size
+
+
 @dataclass(frozen=True, slots=True)
 class ThumbOptions:
     side: int  # longest side, pixels
     max_bytes: int  # encoded size at most
-
-    @property
-    def encoding(self) -> ImageOptions:
-        return ImageOptions(max_bytes=self.max_bytes, jpeg_quality=70)
 
 
 def preview_document(path: str, doc_type: str, wants: list[Want], images: ImageOptions,
@@ -130,31 +130,94 @@ def _check(want: Want, digest: str | None) -> tuple[PreviewCheck, str]:
 
 def _pdf_thumbs(path: Path, pdf: PdfOptions, wants: list[Want],
                 thumbs: ThumbOptions) -> dict[int, tuple[bytes, str] | Exception]:
-    from ernie_batch.pdf import render_previews
+    from ernie_batch.pdf import open_for_rendering, render_page
 
     try:
-        rendered = render_previews(path, pdf, (w.page for w in wants), thumbs.side)
+        doc = open_for_rendering(path, pdf)
     except Exception as exc:  # noqa: BLE001 - the document cannot be opened: every page says so
         return {w.page: InputError(one_line(exc, 200)) for w in wants}
-    return {page: im if isinstance(im, Exception) else encode_thumb(im, thumbs)
-            for page, im in rendered.items()}
+    out: dict[int, tuple[bytes, str] | Exception] = {}
+    side = thumbs.side
+    try:
+        for number in sorted({w.page for w in wants}):
+            try:
+                # pages of a document are alike: start a little above what the last one needed
+                data, mime, side = encode_thumb(lambda s, n=number: render_page(doc, n, s),
+                                                thumbs, start=int(side * 1.1))
+                out[number] = (data, mime)
+            except Exception as exc:  # noqa: BLE001 - one page must not lose the rest
+                out[number] = InputError(f"cannot render page {number}: {one_line(exc, 200)}")
+    finally:
+        doc.close()
+    return out
 
 
 def _image_thumb(data: bytes, thumbs: ThumbOptions) -> tuple[bytes, str]:
     from PIL import Image
 
+    from ernie_batch.images import normalise
+
     with Image.open(io.BytesIO(data)) as im:
-        im.draft(im.mode, (thumbs.side, thumbs.side))  # JPEG: decode at reduced size
-        return encode_thumb(im, thumbs)
+        im.load()
+        data, mime, _ = encode_thumb(lambda side: normalise(im, 1, side), thumbs)
+        return data, mime
 
 
-def encode_thumb(im, thumbs: ThumbOptions) -> tuple[bytes, str]:  # noqa: ANN001 - PIL image
-    """JPEG under the byte budget, longest side `thumbs.side` (the run's own encoder)."""
-    from ernie_batch.images import encode, normalise
+def encode_thumb(draw: Callable[[int], Any], thumbs: ThumbOptions,
+                 start: int | None = None) -> tuple[bytes, str, int]:
+    """(data, mime, side): the smallest of a JPEG and, for grey pages, a 4-grey PNG, drawn
+    (`draw(side)` -> a PIL image) at the largest size that fits `thumbs.max_bytes`, trying
+    `start` first when given (the size the document's previous page needed).
 
-    small = normalise(im, 1, thumbs.side)
-    data, mime, _ = encode(small, thumbs.encoding, try_png=False)
-    return data, mime
+    Text pages are what the budget hurts: a dense page fits 15 KB as a JPEG only at ~300
+    pixels, as a 4-grey PNG at ~700 and stays legible. Photos stay JPEG. Each try draws the
+    page anew at the smaller size (a PNG of a resized render is larger: resampling adds greys).
+    """
+    side = min(thumbs.side, start or thumbs.side)
+    while True:
+        im = draw(side)
+        grey = im.mode == "L" or _is_grey(im)
+        if grey:
+            im = im.convert("L")
+        elif im.mode != "RGB":
+            im = im.convert("RGB")
+        data, mime = min(_candidates(im, grey), key=lambda c: len(c[0]))
+        if len(data) <= thumbs.max_bytes or side <= 64:
+            return data, mime, side
+        # bytes grow with the side to the power ~1.6 for text pages (2 for photos): aim a
+        # little under, so one more try usually fits
+        shrink = 0.97 * (thumbs.max_bytes / len(data)) ** (1 / 1.6)
+        side = max(64, int(max(im.size) * min(0.9, max(0.4, shrink))))
+
+
+def _is_grey(im: Any) -> bool:
+    """Channels within a few levels of each other everywhere (a black-and-white page)."""
+    from PIL import ImageChops
+
+    if im.mode != "RGB":
+        return False
+    r, g, b = im.split()
+    return all(ImageChops.difference(x, y).getextrema()[1] <= 8 for x, y in ((r, g), (g, b)))
+
+
+_FOUR_GREYS = [min(3, (v + 42) // 85) for v in range(256)]  # nearest of 0, 85, 170, 255
+
+
+def _candidates(im: Any, grey: bool) -> list[tuple[bytes, str]]:
+    from PIL import Image
+
+    out = [(_save(im, "JPEG", quality=THUMB_JPEG_QUALITY), "image/jpeg")]
+    if grey:
+        levels = Image.frombytes("P", im.size, im.point(_FOUR_GREYS).tobytes())
+        levels.putpalette([0, 0, 0, 85, 85, 85, 170, 170, 170, 255, 255, 255])
+        out.append((_save(levels, "PNG", bits=2, compress_level=6), "image/png"))
+    return out
+
+
+def _save(im: Any, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **params)
+    return buf.getvalue()
 
 
 # --- many documents ----------------------------------------------------------------------
