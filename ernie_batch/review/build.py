@@ -48,8 +48,9 @@ def build_review(cfg: JobConfig, run_ids: list[str], html_path: Path,
     if not sel.cards:
         return ReviewResult([], 0, seconds)
     t0 = time.perf_counter()
-    shown = previews([(c.source_path, c.doc_type, Want(c.page, c.page_last, c.source_sha256,
-                                                       c.content_sha256)) for c in sel.cards], cfg)
+    shown = previews([(c.row.source_path, c.row.doc_type,
+                       Want(c.row.page, c.row.page_last, c.row.source_sha256, c.row.content_sha256))
+                      for c in sel.cards], cfg)
     seconds["previews"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     svgs = chart_svgs(sel.totals)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,60 +19,49 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ernie_batch import store
+from ernie_batch.store import PageRow
 from ernie_batch.vocab import FAILED, UnitStatus
 
-PAGE_COLUMNS = ["run_id", "key", "fingerprint", "source_path", "source_sha256", "doc_type",
-                "page", "page_last", "page_count", "content_sha256", "status", "error",
-                "duplicate_of_path", "answer_json", "raw_answer", "attempts", "credits", "usd",
-                "latency_s", "queued_s", "started_at", "date"]
+_ROW_FIELDS = [f.name for f in fields(PageRow) if f.name != "answers"]
+_ZERO_WHEN_NULL = ("attempts", "prompt_tokens", "completion_tokens", "credits", "usd")
+PAGE_COLUMNS = [*_ROW_FIELDS, "date"]  # no answer_<field> columns: answer_json has them
 RAW_LIMIT = 4000  # characters of a raw answer shown on a card (the rest is in Parquet)
 
 
 @dataclass(frozen=True, slots=True)
 class Card:
-    """One page of the review: where it came from, what was extracted, what it cost."""
+    """One page of the review: its `pages` row, the answer's fields, its attempts' outcomes."""
 
-    run_id: str
-    key: str
-    fingerprint: str
-    source_path: str
-    source_sha256: str
-    doc_type: str
-    page: int
-    page_last: int
-    page_count: int | None
-    content_sha256: str | None
-    status: str
-    error: str | None
-    duplicate_of_path: str | None
+    row: PageRow  # answer columns left out: `fields` has the answer, from answer_json
     fields: tuple[tuple[str, str | None], ...]  # (name, value as text; None when empty)
-    raw_answer: str | None  # only for pages without a valid answer
-    attempts: int
-    outcomes: tuple[str, ...]  # each attempt's outcome, in order
-    credits: float
-    usd: float
-    latency_s: float | None
+    outcomes: tuple[str, ...] = ()  # each attempt's outcome, in order
     conflicts: tuple[str, ...] = ()  # fields the documents table says disagree across pages
-    date: str = ""
+    date: str = ""  # the run's partition date
 
     @property
     def folder(self) -> str:
-        return str(Path(self.source_path).parent)
+        return str(Path(self.row.source_path).parent)
 
     @property
     def empty(self) -> tuple[str, ...]:
         return tuple(name for name, value in self.fields if value is None)
 
     @property
+    def raw_answer(self) -> str | None:
+        """The model's text, for a page without a valid answer (cut at RAW_LIMIT)."""
+        raw = self.row.raw_answer
+        return raw[:RAW_LIMIT] if raw and self.row.answer_json is None else None
+
+    @property
     def rank(self) -> int:
         """The odd ones first: failures, conflicts, empty fields, then ok, then not sent."""
-        if self.status in FAILED:
+        if self.row.status in FAILED:
             return 0
         if self.conflicts:
             return 1
         if self.empty:
             return 2
-        return 3 if self.status == UnitStatus.OK else 4
+        return 3 if self.row.status == UnitStatus.OK else 4
 
 
 @dataclass(slots=True)
@@ -123,29 +112,23 @@ def gather(root: Path, run_ids: list[str], statuses: list[str] | None = None,
                                                ()))
         cards.append(card)
         names += [n for n, _ in card.fields if n not in names]
-    cards.sort(key=lambda c: (c.rank, c.source_path, c.page, c.run_id))
+    cards.sort(key=lambda c: (c.rank, c.row.source_path, c.row.page, c.row.run_id))
     return Selection(cards, totals(cards, max_runs_in_chart), names, conflicts is not None)
 
 
 def make_card(row: dict[str, Any], expected: list[str], outcomes: tuple[str, ...],
               conflicts: tuple[str, ...]) -> Card:
-    """A card from one `pages` row (a dict); missing columns of old parts read as None."""
+    """A card from one `pages` row (a dict); columns missing from old parts read as None."""
     answer = _answer(row.get("answer_json"))
-    fields = _fields(answer, expected) if answer is not None else ()
-    raw = row.get("raw_answer") if answer is None else None
     started = row.get("started_at")
+    values = {name: row.get(name) for name in _ROW_FIELDS}
+    values.update({name: values[name] or 0 for name in _ZERO_WHEN_NULL})
+    values["page"] = values["page"] or 1
+    values["page_last"] = values["page_last"] or values["page"]
     return Card(
-        run_id=row["run_id"], key=row["key"], fingerprint=row.get("fingerprint") or "",
-        source_path=row.get("source_path") or "", source_sha256=row.get("source_sha256") or "",
-        doc_type=row.get("doc_type") or "", page=int(row.get("page") or 1),
-        page_last=int(row.get("page_last") or row.get("page") or 1),
-        page_count=row.get("page_count"), content_sha256=row.get("content_sha256"),
-        status=row.get("status") or "", error=row.get("error"),
-        duplicate_of_path=row.get("duplicate_of_path"), fields=fields,
-        raw_answer=raw[:RAW_LIMIT] if raw else None, attempts=int(row.get("attempts") or 0),
-        outcomes=outcomes, credits=float(row.get("credits") or 0.0),
-        usd=float(row.get("usd") or 0.0), latency_s=row.get("latency_s"),
-        conflicts=conflicts,
+        row=PageRow(**values),
+        fields=_fields(answer, expected) if answer is not None else (),
+        outcomes=outcomes, conflicts=conflicts,
         date=str(row.get("date") or (f"{started:%Y-%m-%d}" if isinstance(started, datetime)
                                      else "")),
     )
@@ -177,16 +160,17 @@ def display(value: Any) -> str | None:
 
 def totals(cards: list[Card], max_runs_in_chart: int = 20) -> Totals:
     """Counts, exact money sums (`math.fsum`) and the charts' series of a set of cards."""
-    t = Totals(pages=len(cards), statuses=Counter(c.status for c in cards),
-               requests=sum(c.attempts for c in cards),
-               credits=math.fsum(c.credits for c in cards), usd=math.fsum(c.usd for c in cards),
-               latencies=[c.latency_s for c in cards if c.latency_s is not None],
-               runs=sorted({c.run_id for c in cards}))
+    rows = [c.row for c in cards]
+    t = Totals(pages=len(rows), statuses=Counter(r.status for r in rows),
+               requests=sum(r.attempts for r in rows),
+               credits=math.fsum(r.credits for r in rows), usd=math.fsum(r.usd for r in rows),
+               latencies=[r.latency_s for r in rows if r.latency_s is not None],
+               runs=sorted({r.run_id for r in rows}))
     by_run = len(t.runs) <= max_runs_in_chart
     t.credits_by_what = "run" if by_run else "day"
     groups: dict[str, list[float]] = defaultdict(list)
     for c in cards:
-        groups[c.run_id if by_run else c.date].append(c.credits)
+        groups[c.row.run_id if by_run else c.date].append(c.row.credits)
     t.credits_by = {k: math.fsum(v) for k, v in sorted(groups.items())}
     return t
 

@@ -74,8 +74,8 @@ def render(sel: Selection, cards: Sequence[tuple[Card, Preview]], charts: Sequen
 
 
 def _card_data(i: int, c: Card) -> dict[str, Any]:
-    return {"i": i, "status": c.status, "folder": c.folder, "empty": list(c.empty),
-            "conflicts": list(c.conflicts), "credits": c.credits, "latency": c.latency_s}
+    return {"i": i, "status": c.row.status, "folder": c.folder, "empty": list(c.empty),
+            "conflicts": list(c.conflicts), "credits": c.row.credits, "latency": c.row.latency_s}
 
 
 def _totals(sel: Selection) -> str:
@@ -109,7 +109,7 @@ def _filters(sel: Selection, cards: list[Card]) -> str:
     folders: dict[str, int] = {}
     empties: dict[str, int] = {}
     for c in cards:
-        statuses[c.status] = statuses.get(c.status, 0) + 1
+        statuses[c.row.status] = statuses.get(c.row.status, 0) + 1
         folders[c.folder] = folders.get(c.folder, 0) + 1
         for name in c.empty:
             empties[name] = empties.get(name, 0) + 1
@@ -144,12 +144,13 @@ def _parts_nav(part: Part) -> str:
 
 
 def _pages(c: Card) -> str:
-    pages = f"page {c.page}" if c.page == c.page_last else f"pages {c.page}–{c.page_last}"
-    return pages + (f" of {c.page_count}" if c.page_count else "")
+    r = c.row
+    pages = f"page {r.page}" if r.page == r.page_last else f"pages {r.page}–{r.page_last}"
+    return pages + (f" of {r.page_count}" if r.page_count else "")
 
 
 def _media(c: Card, p: Preview) -> str:
-    name = Path(c.source_path).name
+    name = Path(c.row.source_path).name
     if p.image is None:
         return f'<div class="ph">{esc(p.note)}</div>'
     b64 = base64.b64encode(p.image).decode("ascii")
@@ -177,13 +178,14 @@ def _fields(c: Card) -> str:
 
 
 def _card(i: int, c: Card, p: Preview) -> str:
-    status = esc(c.status)
-    parts = [f'<h2><span class="path">{esc(c.source_path)}</span> · {esc(_pages(c))} '
+    r = c.row
+    status = esc(r.status)
+    parts = [f'<h2><span class="path">{esc(r.source_path)}</span> · {esc(_pages(c))} '
              f'<span class="badge st-{status}">{status}</span></h2>']
-    if c.error:
-        parts.append(f'<p class="error">{esc(c.error)}</p>')
-    if c.duplicate_of_path:
-        parts.append(f'<p class="meta">same content as {esc(c.duplicate_of_path)}</p>')
+    if r.error:
+        parts.append(f'<p class="error">{esc(r.error)}</p>')
+    if r.duplicate_of_path:
+        parts.append(f'<p class="meta">same content as {esc(r.duplicate_of_path)}</p>')
     if c.conflicts:
         parts.append(f'<p class="error">conflicting across the document: '
                      f'{esc(", ".join(c.conflicts))}</p>')
@@ -192,10 +194,10 @@ def _card(i: int, c: Card, p: Preview) -> str:
         parts.append(f"<details><summary>raw answer</summary><pre>{esc(c.raw_answer)}</pre>"
                      "</details>")
     outcomes = f" ({', '.join(c.outcomes)})" if c.outcomes else ""
-    latency = f"{c.latency_s:.2f} s" if c.latency_s is not None else "–"
-    parts.append(f'<p class="meta">attempts {c.attempts}{esc(outcomes)} · '
-                 f"{c.credits:,.2f} credits · {c.usd:.6f} USD · latency {latency} · "
-                 f"run {esc(c.run_id)} · prompt {esc(c.fingerprint[:12])}</p>")
+    latency = f"{r.latency_s:.2f} s" if r.latency_s is not None else "–"
+    parts.append(f'<p class="meta">attempts {r.attempts}{esc(outcomes)} · '
+                 f"{r.credits:,.2f} credits · {r.usd:.6f} USD · latency {latency} · "
+                 f"run {esc(r.run_id)} · prompt {esc((r.fingerprint or '')[:12])}</p>")
     return (f'<article class="card st-{status}" data-i="{i}" id="card-{i}">'
             f'<div class="media">{_media(c, p)}</div><div class="body">{"".join(parts)}</div>'
             "</article>")
