@@ -215,7 +215,8 @@ def make_text_pdf(path: Path, pages: int, rng: random.Random) -> None:
 
 
 def test_a_dense_text_page_stays_legible_within_the_budget(tmp_path):
-    """A grey page is a 4-grey PNG at a size a JPEG of the same budget cannot reach."""
+    """A text page is a 4-grey PNG at a size a JPEG of the same budget cannot reach; a grey
+    photo stays a JPEG (four greys would posterize it)."""
     import io
 
     from PIL import Image
@@ -236,6 +237,10 @@ def test_a_dense_text_page_stays_legible_within_the_budget(tmp_path):
     assert mime == "image/png" and len(data) <= 15000
     png_side, jpeg_side = (max(Image.open(io.BytesIO(d)).size) for d in (data, jpeg))
     assert png_side >= 600 and png_side > 1.5 * jpeg_side
+    photo = Image.radial_gradient("L").resize((600, 400))  # greys all over, like a photo
+    _, mime, _ = encode_thumb(lambda side: photo.resize((side, side * 2 // 3)),
+                              ThumbOptions(800, 15000))
+    assert mime == "image/jpeg"
 
 
 def previews_by_path(text: str) -> dict[str, list[str]]:

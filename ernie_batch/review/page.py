@@ -4,7 +4,7 @@ Nothing here reads files or Parquet: it turns cards, previews and chart SVG into
 piece of data goes through `html.escape` (text and attributes alike); the filter data is
 JSON in a `<script type="application/json">` block with `<`, `>` and `&` written as
 `\\u003c`-style escapes, so no value can close the block. The Content-Security-Policy
-(`static.CSP`) is the first thing in `<head>`.
+(`static.CSP`) comes first in `<head>`, right after the charset.
 """
 
 from __future__ import annotations
