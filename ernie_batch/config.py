@@ -193,6 +193,16 @@ class ReconcileOptions(_Section):
     lookback_days: float = Field(default=3.0, gt=0, le=92)  # scheduled: runs started this recently
 
 
+class ReviewOptions(_Section):
+    """The review page (`ernie-batch review`, and one per run when `html` is true)."""
+
+    html: bool = False  # write OUTPUT/review/<run_id>.html at the end of each run
+    pages_per_file: int = Field(default=2000, ge=1)  # more pages split into linked files
+    thumb_side: int = Field(default=800, ge=64, le=4000)  # longest side of a thumbnail, pixels
+    # JPEG bytes a thumbnail may take (base64 in the page adds a third: 15,000 -> 20 KB)
+    thumb_bytes: int = Field(default=15_000, ge=10_000)
+
+
 class JobConfig(_Section):
     """Everything one job needs; `prompt.fingerprint()` digests what shapes an answer."""
 
@@ -210,6 +220,9 @@ class JobConfig(_Section):
     budget: BudgetOptions = Field(default_factory=BudgetOptions)
     schedule: ScheduleOptions = Field(default_factory=ScheduleOptions)
     reconcile: ReconcileOptions = Field(default_factory=ReconcileOptions)
+
+
+    review: ReviewOptions = Field(default_factory=ReviewOptions)
 
     # resolved by load_config, not read from the file
     config_path: Path | None = Field(default=None, exclude=True)

@@ -336,3 +336,18 @@ def render_pdf(
     finally:
         doc.close()
     return out, count
+
+
+def open_for_rendering(path: Path, opts: PdfOptions):  # noqa: ANN201 - pypdfium2 document
+    """The document as pdfium opens it for `render_pdf` (repaired first when it must be);
+    the caller closes it. The review renders its thumbnails from it (`render_page`)."""
+    return _open_pdfium(path, opts)
+
+
+def render_page(doc, number: int, max_side: int):  # noqa: ANN001, ANN201 - pypdfium2, PIL
+    """Page `number` (1-based) of an open pdfium document, longest side `max_side` pixels."""
+    page = doc[number - 1]
+    try:
+        return page.render(scale=render_scale(page.get_size(), max_side)).to_pil()
+    finally:
+        page.close()

@@ -39,6 +39,8 @@ def summary_rows(s: RunSummary) -> list[tuple[str, str]]:
         ("duration", f"{s.duration_s:.1f} s"),
         ("parquet", s.output),
     ]
+    if s.review_html:
+        rows.append(("review", s.review_html))
     if s.error:
         rows.append(("error", s.error))
     return rows

@@ -82,3 +82,4 @@ class RunSummary(BaseModel):
     settle_s: float = 0.0  # sources.settle_seconds: what "still growing" meant
     top_errors: list[tuple[str, int]] = []
     recovered_runs: list[str] = []
+    review_html: str | None = None  # the run's review page ([review] html = true)

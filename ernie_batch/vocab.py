@@ -83,6 +83,17 @@ class RunOutcome(StrEnum):
     INTERRUPTED = "interrupted"
 
 
+class PreviewCheck(StrEnum):
+    """What the review found when it re-created a page from its source (a card's thumbnail)."""
+
+    MATCH = "match"  # the media re-created is byte for byte what was sent (content_sha256)
+    DIFFERS = "differs"  # same source, other media: preparation options or libraries changed
+    UNCHECKED = "unchecked"  # nothing recorded to compare with (the page was never sent)
+    GONE = "gone"  # the source file is no longer there: placeholder
+    CHANGED = "changed"  # the source file's sha256 is not the one recorded: placeholder
+    UNAVAILABLE = "unavailable"  # the page cannot be rendered: placeholder with the reason
+
+
 class PassedOver(StrEnum):
     """Why discovery did not consider a file (`files_passed_over` in summaries and `--json`)."""
 

@@ -64,6 +64,10 @@ async def run_flow(kind: str, config_path: str | None, sources: list[str] | None
             summary: RunSummary = await run.finish()
         finally:
             _RUNS.pop(run.run_id, None)
+    if cfg.review.html:  # after the manifest: the review reads what the run wrote
+        from ernie_batch.review import review_of_run
+
+        summary = await asyncio.to_thread(review_of_run, cfg, summary)
     await _artifacts(summary)
     if deployment.get_id():  # a scheduled run: `serve` shows one line per run
         print(finished_line(summary), flush=True)

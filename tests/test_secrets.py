@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,27 @@ def test_the_cli_stopped_by_a_401_prints_no_key(sim_factory, tmp_path):
     assert "key rejected" in text and "401" in text  # found by the probe, before any request
     assert TEST_KEY not in text
     assert sim.ledger()["entries"] == [] and chaos.table(out, "attempts").empty
+
+
+def test_the_review_pages_of_the_chaos_runs_hold_no_key():
+    """`ernie-batch review` over each campaign output, every run, with the key in its
+    environment: the pages (errors, raw answers, file names) and its output hold no key."""
+    c = chaos.campaign()
+    pages = []
+    for out in c.outputs():
+        html = c.root / "reviews" / f"{out.parent.name}.html"
+        log = chaos.log_file(f"review-{out.parent.name}")
+        with open(log, "wb") as fh:
+            rc = subprocess.run(
+                [sys.executable, "-m", "ernie_batch.cli", "review", "-c",
+                 str(out.parent / "job.toml"), "--since", "2000-01-01", "--html", str(html)],
+                cwd=chaos.PROJECT, env=chaos.cli_env(c.home), stdout=fh,
+                stderr=subprocess.STDOUT, timeout=300).returncode
+        assert rc == 0, log.read_text()
+        pages.append(html.read_text(encoding="utf-8").count('<article class="card'))
+        files, hits = scan([html, log])
+        assert files == 2 and hits == []
+    assert all(pages), pages
 
 
 def test_no_byte_any_run_produced_holds_the_key():

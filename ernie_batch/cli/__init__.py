@@ -12,6 +12,7 @@ from ernie_batch.cli import (  # noqa: F401 - each registers its commands
     documents,
     info,
     reconcile,
+    review,
     run,
     service,
 )
