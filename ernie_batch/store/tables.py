@@ -1,4 +1,8 @@
-"""Parquet tables: rows buffered and written as numbered parts; tables read across parts and schemas."""
+"""Parquet tables: rows buffered and written as numbered parts; tables read across parts and schemas.
+
+Every read lists a table through `snapshot.read_files`, so a compaction in progress (or cut
+short) never shows a row twice or hides one.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ernie_batch.store.files import write_parquet_atomic
 from ernie_batch.store.records import RUNS_SCHEMA, RunRow
+from ernie_batch.store.snapshot import read_files
 
 
 class TableWriter:
@@ -42,46 +48,48 @@ class TableWriter:
         self.rows = []
 
 
-def _dataset(folder: Path) -> pads.Dataset | None:
-    if not folder.is_dir():
-        return None
-    files = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        return None
-    return pads.dataset(files, format="parquet", partitioning="hive",
-                        partition_base_dir=str(folder))
+def _dataset(root: Path, table: str, files: list[Path],
+             schema: pa.Schema | None = None) -> pads.Dataset:
+    return pads.dataset([str(p) for p in files], schema=schema, format="parquet",
+                        partitioning="hive", partition_base_dir=str(root / table))
 
 
-def read_columns(root: Path, table: str, columns: list[str]) -> pa.Table | None:
-    """Only the named columns of a table, across all its parts (files may differ in answer columns)."""
-    ds = _dataset(root / table)
-    if ds is None:
-        return None
-    present = [c for c in columns if c in ds.schema.names]
-    return ds.to_table(columns=present)
+def read_columns(root: Path, table: str, columns: list[str],
+                 where: pc.Expression | None = None) -> pa.Table | None:
+    """Only the named columns of a table, across all its parts (files may differ in answer
+    columns); with `where`, only the rows it selects (parts it rules out by their statistics
+    are not read)."""
+
+    def read(files: list[Path]) -> pa.Table | None:
+        if not files:
+            return None
+        ds = _dataset(root, table, files)
+        present = [c for c in columns if c in ds.schema.names]
+        return ds.to_table(columns=present, filter=where)
+
+    return read_files(root, table, read)
 
 
 def read_table(root: Path, table: str) -> pa.Table | None:
     """A whole table with the union of all parts' schemas (new answer columns read as null)."""
-    folder = root / table
-    if not folder.is_dir():
-        return None
-    files = sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        return None
-    schema = pa.unify_schemas([pq.read_schema(p) for p in files])
-    ds = pads.dataset([str(p) for p in files], schema=schema, format="parquet",
-                      partitioning="hive", partition_base_dir=str(folder))
-    return ds.to_table()
+
+    def read(files: list[Path]) -> pa.Table | None:
+        if not files:
+            return None
+        schema = pa.unify_schemas([pq.read_schema(p).remove_metadata() for p in files])
+        return _dataset(root, table, files, schema).to_table()
+
+    return read_files(root, table, read)
 
 
 def rows_of_run(root: Path, table: str, run_id: str, cols: list[str]) -> set[tuple]:
-    """The `cols` of the rows a run already wrote to `table`, as a set of tuples."""
-    folder = root / table
-    files = [str(p) for p in folder.rglob(f"*-{run_id}-*.parquet")] if folder.is_dir() else []
-    if not files:
+    """The `cols` of the rows a run already wrote to `table`, as a set of tuples.
+
+    Found by the `run_id` column, never by file names: compacted files hold many runs.
+    """
+    t = read_columns(root, table, cols, pc.field("run_id") == run_id)
+    if t is None:
         return set()
-    t = pq.ParquetDataset(files).read(columns=cols)
     return set(zip(*(t[c].to_pylist() for c in cols), strict=True))
 
 
