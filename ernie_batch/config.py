@@ -178,6 +178,10 @@ class ScheduleOptions(_Section):
     timezone: str = "UTC"
 
 
+class CompactOptions(_Section):
+    cron: str | None = None  # `serve` compacts the output on this schedule (schedule.timezone)
+
+
 class JobConfig(_Section):
     """Everything one job needs; `prompt.fingerprint()` digests what shapes an answer."""
 
@@ -194,6 +198,7 @@ class JobConfig(_Section):
     output: OutputOptions = Field(default_factory=OutputOptions)
     budget: BudgetOptions = Field(default_factory=BudgetOptions)
     schedule: ScheduleOptions = Field(default_factory=ScheduleOptions)
+    compact: CompactOptions = Field(default_factory=CompactOptions)
 
     # resolved by load_config, not read from the file
     config_path: Path | None = Field(default=None, exclude=True)

@@ -269,7 +269,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def maintenance_deployments(cfg: JobConfig, config_path: Path) -> list[RunnerDeployment]:
     """The deployments `serve` runs beside the ingest flow, each on its own schedule from the
     config (for example a reconciliation or a compaction cron); none by default."""
-    return []
+    from flows.compact import compact_deployment
+
+    return [d for d in (compact_deployment(cfg, config_path),) if d is not None]
 
 
 def serve_deployment(*deployments: RunnerDeployment) -> None:

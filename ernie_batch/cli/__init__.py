@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ernie_batch.cli import info, run, service  # noqa: F401 - each registers its commands
+from ernie_batch.cli import info, maintenance, run, service  # noqa: F401 - each registers its commands
 from ernie_batch.cli.common import app, console
 from ernie_batch.vocab import ExitCode
 
