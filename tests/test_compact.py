@@ -98,6 +98,23 @@ def test_compaction_keeps_every_row_of_every_table_across_a_schema_change(histor
     assert compact_output(out, TABLES, store.pages_schema([])).tables[0].files_before == 0
 
 
+def test_compaction_and_its_output_hold_no_key(history, tmp_path):
+    """The compacted files, the intents' folder and what the command prints join the secret scan."""
+    from tests.test_secrets import scan
+
+    sim, first, second, out = history
+    done = subprocess.run([sys.executable, "-m", "ernie_batch.cli", "compact", "--output", str(out)],
+                          cwd=PROJECT, capture_output=True, text=True,
+                          env={**os.environ, "AIMLAPI_API_KEY": TEST_KEY})
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "compact.log").write_text(done.stdout + done.stderr)
+    assert "compact-" in " ".join(p.name for p in files(out, "pages"))
+    count, hits = scan([out, tmp_path / "compact.log"])
+    assert count > 5 and hits == []
+    for part in files(out, "pages") + files(out, "attempts"):
+        assert TEST_KEY not in json.dumps(pq.read_table(part).to_pylist(), default=str)
+
+
 class Killed(BaseException):
     """Stands for kill -9 at one file-system step (nothing after it runs, locks drop)."""
 
