@@ -48,6 +48,11 @@ class TableWriter:
         self.rows = []
 
 
+# a dataset keeps every file's parsed footer until it is dropped: thousands of parts scanned
+# as one took 1 GB and twice the time of slices of 128 (10,000 parts, bench `history`)
+FILES_PER_SCAN = 128
+
+
 def _dataset(root: Path, table: str, files: list[Path],
              schema: pa.Schema | None = None) -> pads.Dataset:
     return pads.dataset([str(p) for p in files], schema=schema, format="parquet",
@@ -63,9 +68,12 @@ def read_columns(root: Path, table: str, columns: list[str],
     def read(files: list[Path]) -> pa.Table | None:
         if not files:
             return None
-        ds = _dataset(root, table, files)
-        present = [c for c in columns if c in ds.schema.names]
-        return ds.to_table(columns=present, filter=where)
+        parts = []
+        for i in range(0, len(files), FILES_PER_SCAN):
+            ds = _dataset(root, table, files[i:i + FILES_PER_SCAN])
+            present = [c for c in columns if c in ds.schema.names]
+            parts.append(ds.to_table(columns=present, filter=where))
+        return pa.concat_tables(parts, promote_options="default")
 
     return read_files(root, table, read)
 
@@ -76,7 +84,7 @@ def read_table(root: Path, table: str) -> pa.Table | None:
     def read(files: list[Path]) -> pa.Table | None:
         if not files:
             return None
-        schema = pa.unify_schemas([pq.read_schema(p).remove_metadata() for p in files])
+        schema = pa.unify_schemas([pq.read_schema(p) for p in files])
         return _dataset(root, table, files, schema).to_table()
 
     return read_files(root, table, read)
