@@ -7,8 +7,9 @@ measured run sends 10 new images to the simulator (in its own process) and runs 
 process of its own: its start-up is `Pipeline.startup_s` (entry to locks, recovery and the
 done-index ready), its memory the rise of its peak RSS over the run. Baseline, in the same
 process after the run: pyarrow's plain read of the same files' done-index key columns (best
-of two; the page cache and pyarrow's thread pools are warmed first). Headline: raw read
-time / start-up (goal >= 0.667: start-up at most 1.5x the raw read), before compaction.
+of two; the history is synced to disk, the page cache and pyarrow's thread pools warmed
+first). Headline: raw read time / start-up, the worse of before and after compaction (goal
+>= 0.667: start-up at most 1.5x the raw read).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import binascii
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -154,6 +156,7 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
 
     root = Path(args["output"])
     if args.get("warm_only"):
+        os.sync()  # the history just written is on disk: a run's fsyncs do not wait for it
         return {"raw_read_s": raw_read_s(root)}
     cfg = job_config(args["url"], Path(args["sources"]), root, rpm=0)
 
@@ -207,7 +210,8 @@ def run(scale: float = 1.0) -> dict[str, Any]:
         parts_after = len(list((hist / "pages").rglob("*.parquet")))
     return {
         "scenario": "history",
-        "ratio": round(before["raw_read_s"] / before["startup_s"], 3),
+        "ratio": round(min(before["raw_read_s"] / before["startup_s"],
+                           after["raw_read_s"] / after["startup_s"]), 3),
         "goal": round(1 / 1.5, 3),
         "startup_over_raw_read": round(before["startup_s"] / before["raw_read_s"], 3),
         "startup_over_raw_read_compacted": round(after["startup_s"] / after["raw_read_s"], 3),
