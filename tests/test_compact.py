@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import date
 from pathlib import Path
 
 import pandas as pd
@@ -208,7 +209,7 @@ def test_before_leaves_later_partitions_alone(tmp_path):
 
     generate(tmp_path, 48, 10, "fp", store.pages_schema([]))  # two days of hourly runs
     compact_output(tmp_path, ["pages"], store.pages_schema([]),
-                   before=__import__("datetime").date(2025, 1, 2))
+                   before=date(2025, 1, 2))
     by_day = Counter(p.parent.name for p in files(tmp_path, "pages"))
     assert by_day == {"date=2025-01-01": 1, "date=2025-01-02": 24}
 

@@ -75,13 +75,12 @@ def live_files(root: Path, table: str) -> list[Path]:
 
 def read_files(root: Path, table: str, read: Callable[[list[Path]], T]) -> T:
     """`read(live_files(...))`, listed again if a compaction removed a listed file meanwhile."""
-    for attempt in range(READ_ATTEMPTS):
+    for _ in range(READ_ATTEMPTS - 1):
         try:
             return read(live_files(root, table))
         except FileNotFoundError:
-            if attempt == READ_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    return read(live_files(root, table))
 
 
 def pending_path(root: Path, compaction_id: str, n: int) -> Path:
