@@ -203,6 +203,10 @@ class ReviewOptions(_Section):
     thumb_bytes: int = Field(default=15_000, ge=10_000)
 
 
+class CompactOptions(_Section):
+    cron: str | None = None  # `serve` compacts the output on this schedule (schedule.timezone)
+
+
 class JobConfig(_Section):
     """Everything one job needs; `prompt.fingerprint()` digests what shapes an answer."""
 
@@ -220,9 +224,8 @@ class JobConfig(_Section):
     budget: BudgetOptions = Field(default_factory=BudgetOptions)
     schedule: ScheduleOptions = Field(default_factory=ScheduleOptions)
     reconcile: ReconcileOptions = Field(default_factory=ReconcileOptions)
-
-
     review: ReviewOptions = Field(default_factory=ReviewOptions)
+    compact: CompactOptions = Field(default_factory=CompactOptions)
 
     # resolved by load_config, not read from the file
     config_path: Path | None = Field(default=None, exclude=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,7 +109,9 @@ class Pipeline:
         self.sender = UnitSender(cfg, self.fp, self.client, self.budget, self.recorder, self.rows,
                                  self.stop)
         self.discovery = DiscoveryStats()
-        self.done = store.DoneIndex()
+        self.done = store.DoneIndex(self.fp)
+        self._indexed: set[str] = set()  # content the done-index has read rows for
+        self.startup_s = 0.0  # entry to locks held and recovery done, plus the done-index reads
         self.recovered: list[str] = []
         self._lock = store.OutputLock(self.root, self.run_id)  # one top-level run at a time
         self._data_lock = store.data_lock(self.root, exclusive=False)  # no rewrite meanwhile
@@ -135,6 +138,7 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Pipeline:
+        entered = time.perf_counter()
         store.check_writable(self.root)
         await asyncio.to_thread(self._lock.acquire, self.opts.wait_lock_s)
         try:
@@ -142,10 +146,9 @@ class Pipeline:
                 raise store.LockedError(f"output folder {self.root} is being rewritten (compact "
                                         "or a rebuild holds it); use --wait to queue behind it")
             self._own_lock.try_acquire()
+            store.finish_interrupted(self.root)  # a compaction cut short: completed or undone
             remove_dead_temp_files(self.root, self.run_id)
             self.recovered = recover_journals(self.root, self.pages_schema, skip_run=self.run_id)
-            if not self.opts.force:
-                self.done = store.load_done(self.root, self.fp)
             self.recorder.open_journal({"pages_schema": store.encode_schema(self.pages_schema),
                                         "documents": self.document_spec.header()})
             if self._graceful is not None:
@@ -155,6 +158,7 @@ class Pipeline:
             self._signals.close()
             self._release_locks()
             raise
+        self.startup_s = time.perf_counter() - entered
         return self
 
     def _on_signal(self, hurry: bool) -> None:
@@ -186,7 +190,19 @@ class Pipeline:
         for reason, n in stats.skipped.items():
             self.discovery.skipped[reason] = self.discovery.skipped.get(reason, 0) + n
         self.discovery.still_growing.extend(stats.still_growing)
+        self._index(docs)
         return docs
+
+    def _index(self, docs: list[Document]) -> None:
+        """Learn what earlier runs did with these documents' content (once per content: `discover`
+        covers every document of a run, `process` only those handed in without it)."""
+        shas = {d.sha256 for d in docs if d.sha256 not in self._indexed}
+        if self.opts.force or not shas:
+            return
+        started = time.perf_counter()
+        self.done.add_from(self.root, shas)
+        self._indexed |= shas
+        self.startup_s += time.perf_counter() - started
 
     # ------------------------------------------------------------ processing
 
@@ -198,6 +214,7 @@ class Pipeline:
         """
         if self.stop.reason:
             return
+        self._index(docs)
         queue: asyncio.Queue[PageUnit | None] = asyncio.Queue(maxsize=self.cfg.limits.concurrency)
         workers = [asyncio.create_task(self._worker(queue))
                    for _ in range(self.cfg.limits.concurrency)]

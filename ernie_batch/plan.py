@@ -88,7 +88,7 @@ def make_plan(cfg: JobConfig, sources: list[Path] | None = None) -> Plan:
     opts = cfg.sources.model_copy(update={"paths": sources}) if sources else cfg.sources
     docs, stats = discover(opts)
     fp = prompt.fingerprint(cfg)
-    done = store.load_done(cfg.output.path, fp)
+    done = store.load_done(cfg.output.path, fp, (d.sha256 for d in docs))
     b = cfg.budget
     completion = min(b.expected_completion_tokens, cfg.request.max_tokens)
     calibrated = _calibrated(cfg, fp)

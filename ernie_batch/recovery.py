@@ -1,11 +1,13 @@
 """Folding what killed runs left in `_journal/` into Parquet, exactly once, by the next lock holder.
 
 A killed run's journal holds every row that reached it; some of them may already be in
-Parquet parts (flushed before the kill), so rows are added only when the run's parts lack
-them. A request journaled as `sent` with no `attempt` record was in flight when the process
-died: it becomes an `attempts` row with outcome `lost` and null credits. Its documents are
-built (unless it wrote them before it died) with the merge rules its journal's header
-recorded, and its manifest by the same `RunRecorder` as a finished run's, with outcome
+Parquet parts (flushed before the kill), so rows are added only when the tables lack them;
+a run's rows are found by their `run_id` column, never by file names (compacted files hold
+many runs). A request journaled as `sent` with no `attempt` record was in flight when the
+process died: it becomes an `attempts` row with outcome `lost` and null credits. Its
+documents are built (unless it wrote them before it died) with the merge rules its
+journal's header recorded, and its manifest by the same `RunRecorder` as a finished run's,
+with outcome
 `interrupted`. A recovery cut short by another kill is simply done again: the journal is
 deleted only after its rows, documents and manifest are written.
 """
@@ -29,7 +31,6 @@ from ernie_batch.store import (
     read_journal,
     remove_temp_files,
     rows_of_run,
-    run_row_path,
 )
 from ernie_batch.vocab import RunOutcome
 
@@ -108,7 +109,7 @@ def _fold_run(root: Path, run_id: str, header: dict[str, Any], records: list[dic
         build_documents(root, recorder.touched, spec, run_id=run_id, date=info.date,
                         prefix="part-recovered")
     manifest = None
-    if not run_row_path(root, info.date, run_id).exists():
+    if not rows_of_run(root, "runs", run_id, ["run_id"]):  # by column: compaction merges files
         manifest = recorder.manifest(
             finished_at=None, documents=len(paths), outcome=RunOutcome.INTERRUPTED,
             error="the run was killed; recovered from its journal", not_sent=None)

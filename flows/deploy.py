@@ -110,11 +110,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def maintenance_deployments(cfg: JobConfig, config_path: Path) -> list[RunnerDeployment]:
     """The deployments `serve` runs beside the ingest flow, each on its own schedule from the
     config (for example a reconciliation or a compaction cron); none by default."""
+    from flows.compact import compact_deployment
+
     found: list[RunnerDeployment] = []
     if cfg.reconcile.cron:
         from flows.reconcile import build_reconcile_deployment
 
         found.append(build_reconcile_deployment(cfg, config_path))
+    compacting = compact_deployment(cfg, config_path)
+    if compacting is not None:
+        found.append(compacting)
     return found
 
 

@@ -107,12 +107,13 @@ def _serve_child(settings: dict[str, Any]) -> None:
 # --- inputs and the pipeline ------------------------------------------------------------------
 
 
-def make_images(folder: Path, n: int) -> Path:
-    """`n` tiny PNGs, each with its index written into its pixels: all distinct."""
+def make_images(folder: Path, n: int, first: int = 0) -> Path:
+    """`n` tiny PNGs, each with its index written into its pixels: all distinct (another
+    `first` gives other images)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    for i in range(first, first + n):
         im = Image.new("RGB", (16, 16), (i % 251, (i // 251) % 251, 128))
         im.putpixel((0, 0), (i & 255, (i >> 8) & 255, (i >> 16) & 255))
         im.save(folder / f"page-{i:05d}.png")

@@ -11,6 +11,7 @@ import sys
 from ernie_batch.cli import (  # noqa: F401 - each registers its commands
     documents,
     info,
+    maintenance,
     reconcile,
     review,
     run,

@@ -13,7 +13,8 @@ Layout (DESIGN.md's output contract), append-only, Hive partitions by the run's 
 Every file is written to a temporary name, fsynced and renamed, so a reader never sees half
 a file. The journal makes a kill -9 cost nothing that reached us: the next run folds it in
 (`ernie_batch.recovery`). The modules: `records` (schemas and typed rows), `files` (atomic
-writes), `lock`, `journal`, `tables` (writing and reading parts), `done` (what earlier runs
+writes), `lock`, `journal`, `tables` (writing and reading parts), `snapshot` (which files a
+reader reads while compaction replaces parts: `OUTPUT/_compact/`), `done` (what earlier runs
 did, and the skip decisions).
 """
 
@@ -42,6 +43,7 @@ from ernie_batch.store.records import (
     new_run_id,
     pages_schema,
 )
+from ernie_batch.store.snapshot import finish_interrupted, live_files
 from ernie_batch.store.tables import (
     TableWriter,
     newest_per_key,
@@ -55,8 +57,8 @@ from ernie_batch.store.tables import (
 
 __all__ = [
     "ATTEMPTS_SCHEMA", "BILLING_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision",
-    "DoneIndex", "FileLock",
-    "Journal", "data_lock", "holding_dead_run", "run_id_lock",
+    "DoneIndex", "FileLock", "Journal", "data_lock", "finish_interrupted", "holding_dead_run",
+    "live_files", "run_id_lock",
     "LockedError", "OutputError", "OutputLock", "PageRow", "RunRow", "TableWriter",
     "UnitDecision", "check_writable", "decode_schema", "encode_schema", "from_journal",
     "live_lock_owner", "load_done", "new_run_id", "newest_per_key", "pages_schema",

@@ -21,7 +21,8 @@ TABLES = ("pages", "attempts", "runs", "documents", "billing")
 _RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in `path` durable (best effort: some file systems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -41,7 +42,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def remove_temp_files(root: Path, may_remove: Callable[[str], bool]) -> int:

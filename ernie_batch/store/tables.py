@@ -1,4 +1,8 @@
-"""Parquet tables: rows buffered and written as numbered parts; tables read across parts and schemas."""
+"""Parquet tables: rows buffered and written as numbered parts; tables read across parts and schemas.
+
+Every read lists a table through `snapshot.read_files`, so a compaction in progress (or cut
+short) never shows a row twice or hides one.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import pyarrow.parquet as pq
 from ernie_batch.store import duplicates
 from ernie_batch.store.files import write_parquet_atomic
 from ernie_batch.store.records import RUNS_SCHEMA, RunRow
+from ernie_batch.store.snapshot import read_files
 
 StrPath = str | os.PathLike[str]  # what the reading API takes: "data/output" as the README shows
 
@@ -47,25 +52,35 @@ class TableWriter:
         self.rows = []
 
 
-def _dataset(folder: Path) -> pads.Dataset | None:
-    if not folder.is_dir():
-        return None
-    files = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        return None
-    return pads.dataset(files, format="parquet", partitioning="hive",
-                        partition_base_dir=str(folder))
+# a dataset keeps every file's parsed footer until it is dropped: 10,000 parts scanned as
+# one raised the peak RSS by 890 MB, in slices of 128 by 80 MB (bench `history --scale 10`)
+FILES_PER_SCAN = 128
+
+
+def _dataset(root: Path, table: str, files: list[Path],
+             schema: pa.Schema | None = None) -> pads.Dataset:
+    return pads.dataset([str(p) for p in files], schema=schema, format="parquet",
+                        partitioning="hive", partition_base_dir=str(root / table))
 
 
 def read_columns(root: StrPath, table: str, columns: list[str],
                  where: pc.Expression | None = None) -> pa.Table | None:
     """Only the named columns of a table, across all its parts (files may differ in answer
-    columns); with `where`, only the rows it selects (filtered while reading)."""
-    ds = _dataset(Path(root) / table)
-    if ds is None:
-        return None
-    present = [c for c in columns if c in ds.schema.names]
-    return ds.to_table(columns=present, filter=where)
+    columns); with `where`, only the rows it selects (parts it rules out by their statistics
+    are not read)."""
+    root = Path(root)
+
+    def read(files: list[Path]) -> pa.Table | None:
+        if not files:
+            return None
+        parts = []
+        for i in range(0, len(files), FILES_PER_SCAN):
+            ds = _dataset(root, table, files[i:i + FILES_PER_SCAN])
+            present = [c for c in columns if c in ds.schema.names]
+            parts.append(ds.to_table(columns=present, filter=where))
+        return pa.concat_tables(parts, promote_options="default")
+
+    return read_files(root, table, read)
 
 
 # the column that orders a table's rows in time, for `current=True` (first one present)
@@ -80,16 +95,17 @@ def read_table(root: StrPath, table: str, *, current: bool = False,
     has, then run id): e.g. the current generation of each document. With
     `resolve_duplicates` (pages), duplicate rows carry the answer of the row they point at.
     """
-    folder = Path(root) / table
-    if not folder.is_dir():
+    root = Path(root)
+
+    def read(files: list[Path]) -> pa.Table | None:
+        if not files:
+            return None
+        schema = pa.unify_schemas([pq.read_schema(p) for p in files])
+        return _dataset(root, table, files, schema).to_table()
+
+    rows = read_files(root, table, read)
+    if rows is None:
         return None
-    files = sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        return None
-    schema = pa.unify_schemas([pq.read_schema(p) for p in files])
-    ds = pads.dataset([str(p) for p in files], schema=schema, format="parquet",
-                      partitioning="hive", partition_base_dir=str(folder))
-    rows = ds.to_table()
     if resolve_duplicates and table == "pages":
         rows = duplicates.resolve_duplicates(rows)
     return newest_per_key(rows) if current else rows
@@ -110,12 +126,13 @@ def newest_per_key(table: pa.Table) -> pa.Table:
 
 
 def rows_of_run(root: StrPath, table: str, run_id: str, cols: list[str]) -> set[tuple]:
-    """The `cols` of the rows a run already wrote to `table`, as a set of tuples."""
-    folder = Path(root) / table
-    files = [str(p) for p in folder.rglob(f"*-{run_id}-*.parquet")] if folder.is_dir() else []
-    if not files:
+    """The `cols` of the rows a run already wrote to `table`, as a set of tuples.
+
+    Found by the `run_id` column, never by file names: compacted files hold many runs.
+    """
+    t = read_columns(root, table, cols, pc.field("run_id") == run_id)
+    if t is None:
         return set()
-    t = pq.ParquetDataset(files).read(columns=cols)
     return set(zip(*(t[c].to_pylist() for c in cols), strict=True))
 
 
