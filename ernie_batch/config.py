@@ -203,6 +203,13 @@ class ReviewOptions(_Section):
     thumb_bytes: int = Field(default=15_000, ge=10_000)
 
 
+class ScaleOptions(_Section):
+    """Runs split into shard runs on a Prefect work pool (`run`/`backfill --pool`)."""
+
+    pool: str | None = None  # a work pool made by `ernie-batch deploy`; unset: one process
+    shards: int = Field(default=2, ge=1, le=256)
+
+
 class CompactOptions(_Section):
     cron: str | None = None  # `serve` compacts the output on this schedule (schedule.timezone)
 
@@ -226,6 +233,7 @@ class JobConfig(_Section):
     reconcile: ReconcileOptions = Field(default_factory=ReconcileOptions)
     review: ReviewOptions = Field(default_factory=ReviewOptions)
     compact: CompactOptions = Field(default_factory=CompactOptions)
+    scale: ScaleOptions = Field(default_factory=ScaleOptions)
 
     # resolved by load_config, not read from the file
     config_path: Path | None = Field(default=None, exclude=True)

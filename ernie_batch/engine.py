@@ -45,11 +45,15 @@ PROGRESS_OBSERVER: contextvars.ContextVar[Callable[[Progress], None] | None] = (
 
 @dataclass
 class RunOptions:
-    kind: str = "run"  # ingest, backfill, run, demo
+    kind: str = "run"  # ingest, backfill, run, demo, shard
     force: bool = False  # re-send everything selected
     retry_failed: bool = False  # also retry input_error / skipped units
     wait_lock_s: float = 0.0
     on_progress: Callable[[Progress], None] | None = None
+    # a shard run: its id given by its coordinator, who holds the folder's run lock for it
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    shard: int | None = None
 
 
 class Preparer(Protocol):
@@ -74,7 +78,7 @@ class Pipeline:
         self.opts = opts or RunOptions()
         self.root = Path(cfg.output.path)
         self.started_at = datetime.now(UTC)
-        self.run_id = store.new_run_id(self.started_at)
+        self.run_id = self.opts.run_id or store.new_run_id(self.started_at)
         self.date = f"{self.started_at:%Y-%m-%d}"
         self.fp = prompt.fingerprint(cfg)
         self.pages_schema = store.pages_schema(answer_fields(cfg.resolved.schema))
@@ -96,7 +100,8 @@ class Pipeline:
             fingerprint=self.fp, config_path=str(cfg.config_path) if cfg.config_path else None,
             template_path=str(resolved.template_path) if resolved.template_path else None,
             schema_path=str(resolved.schema_path) if resolved.schema_path else None,
-            prompt_label=cfg.prompt.label)
+            prompt_label=cfg.prompt.label, parent_run_id=self.opts.parent_run_id,
+            shard=self.opts.shard)
         self.recorder = RunRecorder(
             self.root, self.info, self.pages_schema,
             flush_rows=cfg.output.flush_rows, flush_seconds=cfg.output.flush_seconds,
@@ -140,7 +145,8 @@ class Pipeline:
     async def __aenter__(self) -> Pipeline:
         entered = time.perf_counter()
         store.check_writable(self.root)
-        await asyncio.to_thread(self._lock.acquire, self.opts.wait_lock_s)
+        if self.opts.parent_run_id is None:  # a shard run's coordinator holds it
+            await asyncio.to_thread(self._lock.acquire, self.opts.wait_lock_s)
         try:
             if not await asyncio.to_thread(self._data_lock.acquire, self.opts.wait_lock_s):
                 raise store.LockedError(f"output folder {self.root} is being rewritten (compact "

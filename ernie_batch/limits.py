@@ -168,6 +168,24 @@ class RequestBudget:
             self._free_slot()
             raise
 
+    def try_acquire(self, est_tokens: int = 0) -> Lease | None:
+        """A lease now, if nothing waits before us and the pause, the in-flight cap and both
+        pacers allow one; else None (never waits). For an owner that polls, such as the
+        coordinator handing out a shared limit."""
+        if self._stopped or self._slot_waiters or self._gate_waiting:
+            return None
+        if self._cap is not None and self._slots_taken >= self._cap:
+            return None
+        now = self._clock()
+        cost = est_tokens * self._ratio if self._tpm is not None else 0.0
+        wait = max(self._pause_until - now, self._requests.delay(now, 1.0))
+        if cost > 0:
+            wait = max(wait, self._tokens.delay(now, cost))
+        if wait > 0:
+            return None
+        self._slots_taken += 1
+        return self._admit(now, max(0, int(est_tokens)), cost)
+
     @contextlib.asynccontextmanager
     async def lease(self, est_tokens: int = 0) -> AsyncIterator[Lease]:
         """`async with budget.lease(n) as lease:` acquire, and release on the way out."""

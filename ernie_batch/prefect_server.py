@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -159,12 +160,13 @@ def drain_to_server(timeout_s: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def start_local_server(host: str = LOOPBACK, port: int | None = None,
-                       timeout_s: float = HEALTH_TIMEOUT_S,
-                       ephemeral: bool = False) -> Iterator[LocalServer]:
-    """Run a Prefect server on loopback while the block runs; always stop it after.
+                       timeout_s: float = HEALTH_TIMEOUT_S, ephemeral: bool = False,
+                       extra_env: dict[str, str] | None = None) -> Iterator[LocalServer]:
+    """Run a Prefect server while the block runs; always stop it after.
 
     The log goes to a private (0600) temporary file, kept (and named in the error) only
-    when the server fails to come up.
+    when the server fails to come up. `extra_env` adds to the server's environment (a database
+    URL goes there, never on a command line).
     """
     port = port or free_port(host)
     fd, name = tempfile.mkstemp(prefix="ernie-batch-prefect-server-", suffix=".log")
@@ -173,6 +175,7 @@ def start_local_server(host: str = LOOPBACK, port: int | None = None,
     env.pop("PREFECT_API_URL", None)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("DO_NOT_TRACK", "1")
+    env.update(extra_env or {})
     if ephemeral:
         env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                     "PREFECT__SERVER_FINAL": "1"})
@@ -228,3 +231,18 @@ def use_api(url: str) -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = old
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops us like Ctrl-C (until Prefect's runner installs its own graceful handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

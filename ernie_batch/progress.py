@@ -95,6 +95,15 @@ class ProgressView:
         else:
             self.console.print(message, highlight=False)
 
+    def note(self, message: str) -> None:
+        """A recurring status (a coordinator's shards): the live line, or a line every `every_s`."""
+        now = time.monotonic()
+        if self._live is not None:
+            self._live.update(Text(message))
+        elif now - self._last >= self.every_s:
+            self.console.print(message, highlight=False)
+            self._last = now
+
     def __call__(self, p: Progress) -> None:
         self._latest = p
         now = time.monotonic()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -44,6 +45,8 @@ class RunStop:
     reason: RunOutcome | None = None
     error: str | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)  # set with the reason
+    # told the reason once it is set (a shard run raises its coordinator's stop flag)
+    listeners: list[Callable[[RunOutcome, str | None], None]] = field(default_factory=list)
 
     def set(self, reason: RunOutcome, error: str | None) -> None:
         if self.reason is None:
@@ -51,6 +54,8 @@ class RunStop:
             self.stopped.set()
             if self.budget is not None:
                 self.budget.stop()
+            for listener in self.listeners:
+                listener(reason, error)
 
 
 @dataclass

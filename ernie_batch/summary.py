@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -82,4 +83,5 @@ class RunSummary(BaseModel):
     settle_s: float = 0.0  # sources.settle_seconds: what "still growing" meant
     top_errors: list[tuple[str, int]] = []
     recovered_runs: list[str] = []
+    shard_runs: list[dict[str, Any]] = []  # a coordinator's: each shard's accepted run
     review_html: str | None = None  # the run's review page ([review] html = true)

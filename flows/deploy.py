@@ -14,18 +14,19 @@ Prefect is imported inside the functions: its settings are read when it is impor
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ernie_batch.config import JobConfig, load_config
 from ernie_batch.errors import ConfigError, ScheduleError, ServerStartError
-from ernie_batch.prefect_server import configured_api_url, start_local_server, use_api
+from ernie_batch.prefect_server import (
+    configured_api_url,
+    sigterm_as_interrupt,
+    start_local_server,
+    use_api,
+)
 from ernie_batch.vocab import ExitCode
 
 if TYPE_CHECKING:
@@ -88,23 +89,6 @@ def build_deployment(cfg: JobConfig, config_path: Path) -> RunnerDeployment:
     except ValueError as exc:  # the timezone is checked here, not by Cron()/Interval()
         where = cfg.config_path or "(defaults)"
         raise ScheduleError(f"{where}: schedule: {_first_error(exc)}") from None
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops us like Ctrl-C (until Prefect's runner installs its own graceful handler)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def maintenance_deployments(cfg: JobConfig, config_path: Path) -> list[RunnerDeployment]:

@@ -15,6 +15,7 @@ from ernie_batch.cli import (  # noqa: F401 - each registers its commands
     reconcile,
     review,
     run,
+    scale,
     service,
 )
 from ernie_batch.cli.common import app, console

@@ -61,6 +61,11 @@ WaitOpt = Annotated[float, typer.Option(
 GraceOpt = Annotated[float, typer.Option(
     help="After Ctrl-C or SIGTERM: seconds requests in flight may still take (a second Ctrl-C "
          "ends it).")]
+PoolOpt = Annotated[str | None, typer.Option(
+    help="Run as shard runs on this Prefect work pool (`ernie-batch deploy`); default: "
+         "scale.pool.")]
+ShardsOpt = Annotated[int | None, typer.Option(
+    help="How many shard runs with --pool; default: scale.shards.")]
 SettleOpt = Annotated[float | None, typer.Option(
     "--settle", help="Pass over files modified in the last SECONDS (still being copied); "
                      "default: sources.settle_seconds.")]
@@ -99,12 +104,15 @@ class RunFlags:
     wait: WaitOpt = 0.0
     grace: GraceOpt = 10.0
     settle: SettleOpt = None
+    pool: PoolOpt = None
+    shards: ShardsOpt = None
     as_json: JsonOpt = False
     quiet: QuietOpt = False
 
     def overrides(self) -> dict[str, Any]:
         return {**overrides(self.base_url, self.output, self.concurrency, self.rpm),
-                **given({"sources.settle_seconds": self.settle})}
+                **given({"sources.settle_seconds": self.settle, "scale.pool": self.pool,
+                         "scale.shards": self.shards})}
 
 
 def with_flags(cls: type) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -170,7 +178,7 @@ def load(config: Path | None, flags: dict[str, Any]) -> Any:
 
 
 def check_before_start(config: Path | None, flags: dict[str, Any], need_key: bool = True,
-                       wait: float | None = None, sources: list[Path] | None = None) -> None:
+                       wait: float | None = None, sources: list[Path] | None = None) -> Any:
     """Everything that can be checked before Prefect starts (seconds): config, key, output.
 
     With `wait` given (a run), the sources must exist, the output folder be writable and
@@ -188,7 +196,7 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
     except ConfigError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     if wait is None:
-        return
+        return cfg
     try:
         store.check_writable(Path(cfg.output.path))
         store.wait_until_unlocked(Path(cfg.output.path), wait)  # Prefect starts once it is free
@@ -200,8 +208,23 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
     if missing:
         raise fail(f"{'sources' if sources else 'sources.paths'}: {missing[0]} does not exist",
                    ExitCode.USAGE)
+    if cfg.scale.pool:
+        check_pool(cfg)
     if key is not None:
         probe(cfg, key)
+    return cfg
+
+
+def check_pool(cfg: Any) -> None:
+    """A run on a pool needs a Prefect server (the ephemeral one has no workers) and a limit."""
+    from ernie_batch.prefect_server import configured_api_url
+
+    if not configured_api_url():
+        raise fail(f"--pool {cfg.scale.pool}: shard runs need a Prefect server with a work pool; "
+                   "set PREFECT_API_URL (`ernie-batch server start` prints it)", ExitCode.USAGE)
+    if cfg.limits.rpm <= 0 or cfg.limits.tpm > 0:
+        raise fail("limits.rpm: a run on a pool shares the API's limit between its workers, so "
+                   "it must be set (> 0), and limits.tpm must be 0", ExitCode.USAGE)
 
 
 def probe(cfg: Any, key: Any) -> Any:

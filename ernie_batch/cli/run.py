@@ -37,7 +37,7 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
     """Check what can be checked, run the flow with a progress display, print the summary, exit."""
     force, retry_failed, wait = flags.force, flags.retry_failed, flags.wait
     as_json, quiet = flags.as_json, flags.quiet
-    check_before_start(config, overrides, wait=wait, sources=sources)
+    cfg = check_before_start(config, overrides, wait=wait, sources=sources)
     prefect_defaults()
     import asyncio
 
@@ -50,7 +50,14 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
     common = {"config_path": str(config) if config else None, "force": force,
               "retry_failed": retry_failed, "wait_lock_s": wait}
     folders = [str(s) for s in sources] if sources else None
-    if kind == "backfill":
+    from ernie_batch.scale.coordinator import STATUS_OBSERVER
+
+    if cfg.scale.pool:
+        from flows.coordinate import coordinate
+
+        call = coordinate(overrides=overrides, kind=kind, pool=cfg.scale.pool,
+                          shards=cfg.scale.shards, sources=folders, **common)
+    elif kind == "backfill":
         from flows.backfill import backfill as backfill_flow
 
         call = backfill_flow(folders=folders, overrides=overrides, **common)
@@ -60,7 +67,8 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
         call = ingest(sources=folders, overrides=overrides, kind=kind, **common)
     view = ProgressView(console)
     graceful = Graceful(flags.grace)
-    tokens = (PROGRESS_OBSERVER.set(None if (quiet or as_json) else view), GRACEFUL.set(graceful))
+    tokens = (PROGRESS_OBSERVER.set(None if (quiet or as_json) else view), GRACEFUL.set(graceful),
+              STATUS_OBSERVER.set(None if (quiet or as_json) else view.note))
     try:
         with graceful.handling(), (view if not (quiet or as_json) else nothing()), \
                 prefect_api(None if (quiet or as_json) else view):
@@ -78,6 +86,7 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
     finally:
         PROGRESS_OBSERVER.reset(tokens[0])
         GRACEFUL.reset(tokens[1])
+        STATUS_OBSERVER.reset(tokens[2])
     summary = RunSummary.model_validate(result)
     print_summary(summary, as_json, quiet, f"ernie-batch {kind}")
     if summary.outcome == RunOutcome.FATAL_API_ERROR:
