@@ -69,9 +69,9 @@ class SimProcess(SimControl):
             proc.wait()
 
 
-def _warm_up(server: Any) -> None:
-    """One request answered and forgotten: a cold simulator answers its first ones ~150 ms
-    late (lazy imports, decoder plugins), which bunches them up in its rate window."""
+def warm_server(server: Any) -> None:
+    """An image and a PDF answered and forgotten: a cold simulator answers its first ones up to
+    ~0.5 s late (lazy imports, decoder plugins, pypdf), which bunches them up in its window."""
     import base64
     import io
 
@@ -79,14 +79,20 @@ def _warm_up(server: Any) -> None:
 
     from ernie_batch.sim import DEFAULT_MODEL
 
-    png = io.BytesIO()
+    png, pdf = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (4, 4)).save(png, "PNG")
-    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "warm up"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+    Image.new("RGB", (4, 4)).save(pdf, "PDF")
+    parts = [
+        {"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}},
+        {"type": "file", "file": {"filename": "warm.pdf",
+                                  "file_data": base64.b64encode(pdf.getvalue()).decode()}}]
     sim = server.simulator
-    httpx.post(server.url + "/chat/completions", json=body, timeout=60,
-               headers={"Authorization": f"Bearer {sim.settings.api_key}"})
+    for part in parts:
+        body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "warm up"}, part]}]}
+        httpx.post(server.url + "/chat/completions", json=body, timeout=60,
+                   headers={"Authorization": f"Bearer {sim.settings.api_key}"})
     sim.ledger.clear()
     sim.stats.clear()
     sim.window.entries.clear()
@@ -99,7 +105,7 @@ def _serve_child(settings: dict[str, Any]) -> None:
 
     faults = FaultRates(**settings.pop("faults", {}))
     with SimServer(SimSettings(faults=faults, **settings)) as server:
-        _warm_up(server)
+        warm_server(server)
         print(server.url, flush=True)
         sys.stdin.read()  # until the parent closes our stdin (or dies)
 

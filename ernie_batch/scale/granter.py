@@ -2,9 +2,10 @@
 
 Every grant is one lease of a `RequestBudget` (the one a single run paces itself with, at
 0.986 of a limit alone), so all the shards together send no more than it admits: in any
-window of `window_s + EXPIRY_S`, at most the configured requests. The extra `EXPIRY_S` is
-how long a shard may hold a grant before it expires: a grant is used late by at most that
-much, so its request still arrives within a window the budget counted it in. Grants go to
+window of `window_s + EXPIRY_S + SEND_S`, at most the configured requests. A shard uses a
+grant at most `EXPIRY_S` after it was issued (later, it expires), and its request reaches
+the API within about `SEND_S` more (the body built, the journal line written, the network),
+so the request still arrives within a window the budget counted it in. Grants go to
 shards that report requests waiting, round-robin. A lease is released when the shard
 reports the fate of the request it allowed (first granted, first settled), so a 429 at any
 worker lowers the one shared rate and pauses every shard by its Retry-After; no shard
@@ -21,7 +22,8 @@ import time
 from ernie_batch.limits import Lease, RequestBudget
 from ernie_batch.scale.channel import Channel, ShardReport, read_json, write_json
 
-EXPIRY_S = 0.15  # a grant older than this is not used (and counts as spent)
+EXPIRY_S = 0.1  # a grant older than this is not used (and counts as spent)
+SEND_S = 0.1  # from a grant's use to its request's arrival, at most (about)
 TICK_S = 0.01  # how often reports are read and grants written
 KEEP_BATCHES_S = 2.0  # grant batches kept in the file: enough for any reader to catch up
 
@@ -34,7 +36,7 @@ class Granter:
         self.channel = channel
         self.shards = shards
         self.budget = RequestBudget(rpm=per_window, max_in_flight=0, adaptive=adaptive,
-                                    window_s=window_s + EXPIRY_S)
+                                    window_s=window_s + EXPIRY_S + SEND_S)
         self.granted = [0] * shards
         self.rate_limited = 0  # 429s the shards met, all together
         self._batches: list[list[tuple[float, int]]] = [[] for _ in range(shards)]
