@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 SCENARIOS = ("intake", "rate", "adaptive", "overhead")  # the default set
-EXTRA = ("history",)  # by name only: minutes and a gigabyte of disk
+EXTRA = ("history", "scale")  # by name only: minutes (a gigabyte of disk; a Prefect server)
 
 
 def scenario(name: str) -> Callable[[float], dict[str, Any]]:
