@@ -76,6 +76,9 @@ def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, li
     documents each run built (complete, incomplete, conflicting)."""
     documents = counts_by_run(root, run_ids)
     extra = {"documents": documents} if documents else {}
+    shards = _shard_runs(root, run_ids)
+    if shards:
+        extra["shards"] = shards
     cols = ["run_id", "date", "source_path", "status", "credits", "usd", "attempts",
             "fingerprint"]
     table = store.read_columns(root, "pages", cols)
@@ -106,6 +109,27 @@ def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, li
             row["schema"] = named.get("schema_path")
     _add_vendor_credits(root, report["runs"])
     return report | extra
+
+
+def _shard_runs(root: Path, run_ids: list[str] | None) -> list[dict[str, Any]]:
+    """The selected coordinators' shard runs: where each ran, how it ended, whether it counts."""
+    runs = store.read_table(root, "runs")
+    if runs is None or "parent_run_id" not in runs.column_names:
+        return []
+    rows = runs.to_pylist()
+    coordinators = {r["run_id"]: r for r in rows if r["kind"] == "coordinator"
+                    and (run_ids is None or r["run_id"] in run_ids)}
+    out = []
+    for r in sorted(rows, key=lambda r: (r["parent_run_id"] or "", r["shard"] or 0)):
+        parent = coordinators.get(r["parent_run_id"])
+        if parent is None:
+            continue
+        out.append({"coordinator": parent["run_id"], "shard": r["shard"], "run_id": r["run_id"],
+                    "hostname": r["hostname"], "pid": r["pid"], "outcome": r["outcome"],
+                    "units_ok": r["units_ok"], "units_failed": r["units_failed"],
+                    "credits": r["credits"],
+                    "accepted": r["run_id"] in (parent["accepted_runs"] or [])})
+    return out
 
 
 def _add_vendor_credits(root: Path, runs: list[dict[str, Any]]) -> None:

@@ -147,6 +147,12 @@ def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(postgres, sim_fact
         per_worker = [set(re.findall(r"flow run '([0-9a-f-]{36})'",
                                      (logs / f"worker-{i}.log").read_text())) for i in range(2)]
         assert all(per_worker), "both workers ran shard runs"
+        report = subprocess.run([sys.executable, "-m", "ernie_batch.cli", "report", "-c",
+                                 str(config), "--run", coordinator["run_id"], "--json"],
+                                env=env, capture_output=True, text=True, timeout=120, cwd=PROJECT)
+        tables = json.loads(report.stdout.splitlines()[-1])
+        assert sorted(r["run_id"] for r in tables["runs"]) == sorted(shards["run_id"])
+        assert [r["accepted"] for r in tables["shards"]] == [True] * 4
     finally:
         for proc in reversed(procs):
             stop(proc)
