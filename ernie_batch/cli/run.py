@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,15 +36,8 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
              overrides: dict[str, Any], flags: RunFlags) -> None:
     """Check what can be checked, run the flow with a progress display, print the summary, exit."""
     force, retry_failed, wait = flags.force, flags.retry_failed, flags.wait
-    as_json, quiet = flags.as_json, flags.quiet
     check_before_start(config, overrides, wait=wait, sources=sources)
     prefect_defaults()
-    import asyncio
-
-    from ernie_batch.engine import PROGRESS_OBSERVER
-    from ernie_batch.errors import ConfigError, LockedError, OutputError, ServerStartError
-    from ernie_batch.interrupt import GRACEFUL, Graceful
-    from ernie_batch.progress import ProgressView
     from ernie_batch.summary import RunSummary
 
     common = {"config_path": str(config) if config else None, "force": force,
@@ -58,16 +51,37 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
         from flows.ingest import ingest
 
         call = ingest(sources=folders, overrides=overrides, kind=kind, **common)
+    summary = RunSummary.model_validate(drive(call, flags, prefect=True))
+    print_summary(summary, flags.as_json, flags.quiet, f"ernie-batch {kind}")
+    if summary.outcome == RunOutcome.FATAL_API_ERROR:
+        console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
+    raise typer.Exit(summary.exit_code)
+
+
+def drive(call: Coroutine[Any, Any, Any], flags: Any, *, prefect: bool,
+          before: str = "before the run started: nothing was sent") -> Any:
+    """Await `call` as every run command does: a progress display (unless `--quiet` or
+    `--json`), Ctrl-C and SIGTERM stopping its runs gracefully (`flags.grace`), Prefect's
+    server when `prefect`, and the errors that end a command as their exit codes.
+
+    A signal that comes while no run is working aborts, with `before` said of it."""
+    import asyncio
+
+    from ernie_batch.engine import PROGRESS_OBSERVER
+    from ernie_batch.errors import ConfigError, LockedError, OutputError, ServerStartError
+    from ernie_batch.interrupt import GRACEFUL, Graceful
+    from ernie_batch.progress import ProgressView
+
+    shown = not (flags.quiet or flags.as_json)
     view = ProgressView(console)
     graceful = Graceful(flags.grace)
-    tokens = (PROGRESS_OBSERVER.set(None if (quiet or as_json) else view), GRACEFUL.set(graceful))
+    tokens = (PROGRESS_OBSERVER.set(view if shown else None), GRACEFUL.set(graceful))
     try:
-        with graceful.handling(), (view if not (quiet or as_json) else nothing()), \
-                prefect_api(None if (quiet or as_json) else view):
-            result = asyncio.run(call)
+        with graceful.handling(), (view if shown else nothing()), \
+                (prefect_api(view if shown else None) if prefect else nothing()):
+            return asyncio.run(call)
     except KeyboardInterrupt:
-        console.print(f"interrupted by {graceful.signal_name} before the run started: "
-                      "nothing was sent", highlight=False)
+        console.print(f"interrupted by {graceful.signal_name} {before}", highlight=False)
         raise typer.Exit(graceful.exit_code) from None
     except LockedError as exc:
         raise fail(str(exc), ExitCode.LOCKED) from None
@@ -78,11 +92,6 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
     finally:
         PROGRESS_OBSERVER.reset(tokens[0])
         GRACEFUL.reset(tokens[1])
-    summary = RunSummary.model_validate(result)
-    print_summary(summary, as_json, quiet, f"ernie-batch {kind}")
-    if summary.outcome == RunOutcome.FATAL_API_ERROR:
-        console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
-    raise typer.Exit(summary.exit_code)
 
 
 @contextlib.contextmanager
@@ -172,8 +181,15 @@ def demo(
     output: OutputOpt = None,
     latency: Annotated[float, typer.Option(help="Simulated API latency, seconds.")] = 0.2,
     as_json: JsonOpt = False,
+    compare: Annotated[bool, typer.Option(
+        "--eval", help="Compare the two sample prompt versions on the labelled samples "
+                       "(into data/demo-eval) instead.")] = False,
 ) -> None:
     """Run the packaged sample documents through the built-in API simulator into data/demo-output."""
+    if compare:
+        from ernie_batch.cli.evaluate import demo_eval
+
+        demo_eval(output, latency, as_json)
     from ernie_batch.demo import CONFIG, OUTPUT, SAMPLES, demo_home
     from ernie_batch.sim import SimServer, SimSettings
 

@@ -7,6 +7,7 @@ Layout (DESIGN.md's output contract), append-only, Hive partitions by the run's 
     OUTPUT/documents/date=D/part-<run_id>-<nnnn>.parquet   derived from pages (documents.py)
     OUTPUT/runs/date=D/run-<run_id>.parquet       written last
     OUTPUT/billing/date=D/part-<reconcile_id>-<nnnn>.parquet   the vendor's usage logs (reconcile)
+    OUTPUT/evals/date=D/part-<eval_id>-<nnnn>.parquet   prompt versions scored on labels (eval)
     OUTPUT/_journal/<run_id>.jsonl                every record the moment it exists
     OUTPUT/.lock                                  one run at a time
 
@@ -33,6 +34,7 @@ from ernie_batch.store.lock import (
 from ernie_batch.store.records import (
     ATTEMPTS_SCHEMA,
     BILLING_SCHEMA,
+    EVALS_SCHEMA,
     RUNS_SCHEMA,
     AttemptRow,
     PageRow,
@@ -54,7 +56,7 @@ from ernie_batch.store.tables import (
 )
 
 __all__ = [
-    "ATTEMPTS_SCHEMA", "BILLING_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision",
+    "ATTEMPTS_SCHEMA", "BILLING_SCHEMA", "EVALS_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision",
     "DoneIndex", "FileLock",
     "Journal", "data_lock", "holding_dead_run", "run_id_lock",
     "LockedError", "OutputError", "OutputLock", "PageRow", "RunRow", "TableWriter",
