@@ -151,7 +151,8 @@ def _say_run(version: Any, summary: Any) -> None:
     console.print(
         f"{version.name}: run {summary.run_id} {summary.outcome}: {summary.units_ok} ok, "
         f"{summary.units_failed} failed, {summary.units_already_done} answered before, "
-        f"{summary.requests} requests, {summary.credits:,.0f} credits", highlight=False)
+        f"{summary.requests} requests, {summary.credits:,.0f} credits", highlight=False,
+        soft_wrap=True)
 
 
 def comparison(result: Any) -> Table:

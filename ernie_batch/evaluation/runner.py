@@ -75,7 +75,9 @@ def judge(scores: list[VersionScore], gate: str | None, max_drop: float
     best = scores[max(range(len(scores)), key=lambda i: (acc[i], -i))].config
     if gate is None:
         return best, None
-    mine = next(i for i, s in enumerate(scores) if s.config == gate)
+    mine = next((i for i, s in enumerate(scores) if s.config == gate), None)
+    if mine is None:
+        raise ValueError(f"the gated version {gate} is not among those evaluated")
     others = [a for i, a in enumerate(acc) if i != mine]
     fell = bool(others) and max(others) - acc[mine] > max_drop + SLACK
     return best, gate if fell else None
