@@ -269,3 +269,31 @@ def test_a_bad_labels_line_is_a_usage_error_naming_file_and_line(setup):
     res = cli("-c", str(a), "--labels", str(labels), "--gate", "c.toml", cwd=tmp)
     assert res.returncode == 2 and "--gate" in res.stderr
     assert sim.ledger()["entries"] == []
+
+
+def test_sigterm_stops_the_eval_like_a_run_and_scores_nothing(tmp_path, sim_factory):
+    import os
+    import signal
+    import time
+
+    pdf, png = sample(tmp_path / "docs")
+    sim = sim_factory(latency_s=2.0)
+    a = write_version(tmp_path, "a", "VERSION-A", sim.url)
+    b = write_version(tmp_path, "b", "VERSION-B", sim.url)
+    labels = write_labels(tmp_path / "labels.jsonl", pdf, None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"AIMLAPI_API_KEY": TEST_KEY, "PYTHONPATH": str(PROJECT)}
+    proc = subprocess.Popen([sys.executable, "-m", "ernie_batch.cli", "eval", "-c", str(a),
+                             "-c", str(b), "--labels", str(labels), "--grace", "0.5"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while sim.simulator.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "eval stopped: interrupted by SIGTERM" in stderr and "interrupted" in stdout
+    runs = read_table(tmp_path / "out", "runs").to_pandas()
+    assert runs["outcome"].tolist() == ["interrupted"]  # version b never started
+    assert not (tmp_path / "out" / "evals").exists()

@@ -189,7 +189,8 @@ def demo(
     if compare:
         from ernie_batch.cli.evaluate import demo_eval
 
-        demo_eval(output, latency, as_json)
+        demo_eval(output, latency, as_json)  # exits
+        return
     from ernie_batch.demo import CONFIG, OUTPUT, SAMPLES, demo_home
     from ernie_batch.sim import SimServer, SimSettings
 
