@@ -10,7 +10,6 @@ answer in the `documents` table). Every problem is a `LabelsError` naming file a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,6 @@ class LabelSet:
             else:
                 chosen.setdefault(key, set()).add(label.page)  # type: ignore[union-attr]
         return chosen
-
-    def values(self, field: str) -> Iterable[Any]:
-        """Every labelled value of `field`."""
-        return (label.fields[field] for label in self.labels if field in label.fields)
 
 
 def read_labels(path: Path) -> LabelSet:
