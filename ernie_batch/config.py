@@ -214,6 +214,22 @@ class CompactOptions(_Section):
     cron: str | None = None  # `serve` compacts the output on this schedule (schedule.timezone)
 
 
+class EvalOptions(_Section):
+    """How `ernie-batch eval` scores this version's answers against labels."""
+
+    # relative tolerance per number field ("total_amount", or "line_items.amount" inside lists)
+    tolerances: dict[str, float] = Field(default_factory=dict)
+    default_tolerance: float = Field(default=0.005, ge=0)  # numbers without their own: 0.5 %
+
+    @field_validator("tolerances")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, t in v.items() if t < 0]
+        if bad:
+            raise ValueError(f"{bad[0]}: a tolerance is a relative difference, 0 or more")
+        return v
+
+
 class JobConfig(_Section):
     """Everything one job needs; `prompt.fingerprint()` digests what shapes an answer."""
 
@@ -234,6 +250,7 @@ class JobConfig(_Section):
     review: ReviewOptions = Field(default_factory=ReviewOptions)
     compact: CompactOptions = Field(default_factory=CompactOptions)
     scale: ScaleOptions = Field(default_factory=ScaleOptions)
+    eval: EvalOptions = Field(default_factory=EvalOptions)  # how `ernie-batch eval` scores
 
     # resolved by load_config, not read from the file
     config_path: Path | None = Field(default=None, exclude=True)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,8 @@ from ernie_batch.recorder import RunInfo, RunRecorder
 from ernie_batch.recovery import recover_journals, remove_dead_temp_files
 from ernie_batch.rows import RowMaker
 from ernie_batch.sender import RunStop, UnitSender
-from ernie_batch.store import UnitDecision
+from ernie_batch.store import DocumentDecision, UnitDecision
+from ernie_batch.subset import Subset
 from ernie_batch.summary import Progress, RunSummary
 from ernie_batch.units import DiscoveryStats, Document, PageUnit, Prepared, UnitFailure
 from ernie_batch.vocab import RUN_EXIT, RunOutcome, UnitStatus
@@ -45,7 +46,7 @@ PROGRESS_OBSERVER: contextvars.ContextVar[Callable[[Progress], None] | None] = (
 
 @dataclass
 class RunOptions:
-    kind: str = "run"  # ingest, backfill, run, demo, shard
+    kind: str = "run"  # ingest, backfill, run, demo, eval, shard
     force: bool = False  # re-send everything selected
     retry_failed: bool = False  # also retry input_error / skipped units
     wait_lock_s: float = 0.0
@@ -54,6 +55,8 @@ class RunOptions:
     run_id: str | None = None
     parent_run_id: str | None = None
     shard: int | None = None
+    # only these documents (path -> pages; None: every page) are the run's: see subset.py
+    select: Mapping[str, set[int] | None] | None = None
 
 
 class Preparer(Protocol):
@@ -117,6 +120,7 @@ class Pipeline:
         self.done = store.DoneIndex(self.fp)
         self._indexed: set[str] = set()  # content the done-index has read rows for
         self.startup_s = 0.0  # entry to locks held and recovery done, plus the done-index reads
+        self.subset = Subset(self.opts.select) if self.opts.select is not None else None
         self.recovered: list[str] = []
         self._lock = store.OutputLock(self.root, self.run_id)  # one top-level run at a time
         self._data_lock = store.data_lock(self.root, exclusive=False)  # no rewrite meanwhile
@@ -245,6 +249,9 @@ class Pipeline:
     async def _dispatch(self, doc: Document, prepared: list[Prepared],
                         queue: asyncio.Queue[PageUnit | None]) -> None:
         self.progress.documents_ready += 1
+        if self.subset is not None:
+            prepared = [p for p in prepared
+                        if self.subset.wants(doc, p.page, p.page_last, p.page_count)]
         self.progress.units_known += len(prepared)
         for item in prepared:
             if isinstance(item, UnitFailure):
@@ -267,10 +274,16 @@ class Pipeline:
 
     def _needs_preparing(self, doc: Document) -> bool:
         """False when earlier runs answered every unit of this content (then no work, or duplicates)."""
+        if self.subset is not None and doc not in self.subset:
+            self.progress.documents_ready += 1  # outside the run, as if not found
+            return False
         self._count_document(doc)
         pdf = self.cfg.pdf
-        decision = self.done.for_document(doc.sha256, self.fp, str(doc.path), pdf.first_page,
-                                          pdf.last_page, self.opts.retry_failed)
+        if self.subset is not None and not self.subset.whole(doc):  # decided unit by unit
+            decision = DocumentDecision(prepare=True)
+        else:
+            decision = self.done.for_document(doc.sha256, self.fp, str(doc.path), pdf.first_page,
+                                              pdf.last_page, self.opts.retry_failed)
         for page, last, of_path, of_run in decision.duplicates:
             self._record_duplicate(doc, page, last, decision.page_count, of_path, of_run)
         self.progress.already_done += decision.already_done
@@ -306,6 +319,8 @@ class Pipeline:
 
     def _record_follower_duplicate(self, doc: Document, page: int, last: int,
                                    count: int | None, of_path: str, of_run: str) -> None:
+        if self.subset is not None and not self.subset.wants(doc, page, last, count):
+            return
         self.progress.units_known += 1
         self._record_duplicate(doc, page, last, count, of_path, of_run)
 

@@ -5,7 +5,8 @@ catches a builtin today (a `ValueError` for bad media or a bad schedule) still c
 
     ErnieBatchError
     ├── ConfigError           a config, flag or key problem: file, field, what is wrong
-    │   └── ScheduleError     (also ValueError) the [schedule] cannot be served
+    │   ├── ScheduleError     (also ValueError) the [schedule] cannot be served
+    │   └── LabelsError       an `eval` labels file that cannot be used: file, line, what
     ├── InputError            a document, page or media part that cannot be used
     │   ├── ContentError      (also ValueError) a request's media part cannot be decoded
     │   ├── PdfError          a PDF or page that cannot be prepared (row status, pages)
@@ -42,6 +43,10 @@ class ConfigError(ErnieBatchError):
 
 class ScheduleError(ConfigError, ValueError):
     """The config's [schedule] cannot be served; the message is one line."""
+
+
+class LabelsError(ConfigError):
+    """A labels file (`eval --labels`) that cannot be used; the message names file and line."""
 
 
 class InputError(ErnieBatchError):

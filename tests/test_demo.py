@@ -29,8 +29,11 @@ def packaged_assets() -> set[str]:
 
 def test_the_users_copies_under_configs_are_the_packaged_assets() -> None:
     # configs/ holds what users edit; the demo reads the packaged files: one text, two places
-    copies = [a for a in packaged_assets() if not a.startswith("samples/")]
-    assert {"demo.toml", "prompts/page.txt", "prompts/page-v2.txt", "schemas/page.json"} <= set(copies)
+    # the labels name the samples by paths relative to themselves: both stay in the package only
+    copies = [a for a in packaged_assets() if not a.startswith("samples/") and a != "labels.jsonl"]
+    assert {"demo.toml", "demo-v2.toml", "prompts/page.txt", "prompts/page-v2.txt",
+            "schemas/page.json"} <= set(copies)
+    assert not (PROJECT / "configs" / "labels.jsonl").exists()
     for asset in copies:
         assert (PROJECT / "configs" / asset).read_bytes() == (PACKAGED / asset).read_bytes(), asset
     assert not (PROJECT / "data" / "samples").exists(), "samples live only in the package"
@@ -58,6 +61,27 @@ def test_demo_writes_under_the_folder_it_runs_from_not_the_jobs_output(tmp_path:
     assert len(pages) == SAMPLE_PAGES and {p["status"] for p in pages} == {"ok"}
     assert all(p["source_path"].startswith(str(SAMPLES)) for p in pages)
     assert not (elsewhere / "data" / "output").exists()  # the real job's folder stays untouched
+
+
+def test_demo_eval_compares_the_two_sample_prompts_on_the_labelled_samples(tmp_path: Path) -> None:
+    """The simulator answers from the truth the labels and the prepare stage give, page.txt
+    misreading dates and totals far more often than page-v2.txt; run twice, sent once."""
+    res = cli("demo", "--eval", "--latency", "0", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    v1, v2 = result["versions"]
+    assert (v1["config"], v2["config"]) == ("demo.toml", "demo-v2.toml")
+    assert v1["fingerprint"] != v2["fingerprint"]
+    assert v1["accuracy"] < v2["accuracy"] and result["best"] == "demo-v2.toml"
+    assert v2["fields"]["title"]["n"] == 8 and v2["fields"]["date"]["n"] == 10  # the document's too
+    out = tmp_path / "data" / "demo-eval"
+    pages = pq.read_table(out / "pages").to_pylist()
+    assert len(pages) == 2 * SAMPLE_PAGES and {p["status"] for p in pages} == {"ok"}
+    again = cli("demo", "--eval", "--latency", "0", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "demo-v2.toml (best)" in again.stdout and "0 requests" in again.stderr
+    assert len(pq.read_table(out / "pages")) == 2 * SAMPLE_PAGES  # nothing sent again
+    assert not (tmp_path / "data" / "demo-output").exists()
 
 
 @pytest.mark.slow

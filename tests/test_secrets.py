@@ -1,7 +1,7 @@
 """Nothing leaked: the API key never appears in any byte a run produces.
 
 The chaos campaign of test_chaos.py (kill -9 and resumes, API faults, hostile inputs), the
-CLI runs of test_crash_safety.py and a 401 run here all use the distinctive TEST_KEY; then
+CLI runs of test_crash_safety.py, a 401 run and an eval here all use the distinctive TEST_KEY; then
 every file they produced is read raw: Parquet, journals, logs (stdout and stderr of every
 subprocess, exception output included), the shared PREFECT_HOME with its SQLite database
 and WAL, configs. The key must not occur, nor its base64 at any alignment.
@@ -120,6 +120,30 @@ def test_the_cli_stopped_by_a_401_prints_no_key(sim_factory, tmp_path):
     assert sim.ledger()["entries"] == [] and chaos.table(out, "attempts").empty
 
 
+def test_an_eval_with_its_gate_prints_and_records_no_key(sim_factory, tmp_path):
+    """`ernie-batch eval` (runs, the evals table, the comparison, the gate's error line)."""
+    from tests import test_eval
+
+    pdf, png = test_eval.sample(tmp_path / "docs")
+    sim = sim_factory(error_rates={"VERSION-B": {"date": 1.0}})
+    a = test_eval.write_version(tmp_path, "a", "VERSION-A", sim.url)
+    b = test_eval.write_version(tmp_path, "b", "VERSION-B", sim.url)
+    sim.simulator.settings.scripted.update(test_eval.truth_for(a, pdf, png))
+    labels = test_eval.write_labels(tmp_path / "labels.jsonl", pdf, png)
+    chaos.EXTRA_OUTPUTS.append(tmp_path)
+    log = chaos.log_file("eval")
+    with open(log, "wb") as fh:
+        rc = subprocess.run(
+            [sys.executable, "-m", "ernie_batch.cli", "eval", "-c", str(a), "-c", str(b),
+             "--labels", str(labels), "--gate", "b.toml"], cwd=tmp_path,
+            env=chaos.cli_env(chaos.prefect_home()), stdout=fh, stderr=subprocess.STDOUT,
+            timeout=300).returncode
+    assert rc == 6, log.read_text()
+    assert list((tmp_path / "out" / "evals").rglob("*.parquet"))
+    files, hits = scan([tmp_path, log])
+    assert files > 5 and hits == []
+
+
 def test_the_review_pages_of_the_chaos_runs_hold_no_key():
     """`ernie-batch review` over each campaign output, every run, with the key in its
     environment: the pages (errors, raw answers, file names) and its output hold no key."""
@@ -169,6 +193,7 @@ def test_no_decoded_parquet_value_holds_the_key():
     assert len(parts) > 20
     assert {"pages", "attempts", "documents", "runs"} <= {p.parent.parent.name for p in parts}
     assert any(p.parent.parent.name == "billing" for p in parts)  # reconcile's table too
+    assert any(p.parent.parent.name == "evals" for p in parts)  # and eval's
     for part in parts:
         text = json.dumps(pq.read_table(part).to_pylist(), default=str)
         assert TEST_KEY not in text, part

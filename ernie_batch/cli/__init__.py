@@ -10,6 +10,7 @@ import sys
 
 from ernie_batch.cli import (  # noqa: F401 - each registers its commands
     documents,
+    evaluate,
     info,
     maintenance,
     reconcile,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,15 +18,12 @@ from ernie_batch.cli.common import (
     app,
     check_before_start,
     console,
-    emit_json,
     fail,
     given,
-    kv_table,
-    nothing,
-    out,
     prefect_defaults,
     with_run_flags,
 )
+from ernie_batch.cli.drive import drive, print_summary
 from ernie_batch.vocab import ExitCode, RunOutcome
 
 
@@ -36,22 +31,13 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
              overrides: dict[str, Any], flags: RunFlags) -> None:
     """Check what can be checked, run the flow with a progress display, print the summary, exit."""
     force, retry_failed, wait = flags.force, flags.retry_failed, flags.wait
-    as_json, quiet = flags.as_json, flags.quiet
     cfg = check_before_start(config, overrides, wait=wait, sources=sources)
     prefect_defaults()
-    import asyncio
-
-    from ernie_batch.engine import PROGRESS_OBSERVER
-    from ernie_batch.errors import ConfigError, LockedError, OutputError, ServerStartError
-    from ernie_batch.interrupt import GRACEFUL, Graceful
-    from ernie_batch.progress import ProgressView
     from ernie_batch.summary import RunSummary
 
     common = {"config_path": str(config) if config else None, "force": force,
               "retry_failed": retry_failed, "wait_lock_s": wait}
     folders = [str(s) for s in sources] if sources else None
-    from ernie_batch.scale.coordinator import STATUS_OBSERVER
-
     if cfg.scale.pool:
         from flows.coordinate import coordinate
 
@@ -65,74 +51,11 @@ def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
         from flows.ingest import ingest
 
         call = ingest(sources=folders, overrides=overrides, kind=kind, **common)
-    view = ProgressView(console)
-    graceful = Graceful(flags.grace)
-    tokens = (PROGRESS_OBSERVER.set(None if (quiet or as_json) else view), GRACEFUL.set(graceful),
-              STATUS_OBSERVER.set(None if (quiet or as_json) else view.note))
-    try:
-        with graceful.handling(), (view if not (quiet or as_json) else nothing()), \
-                prefect_api(None if (quiet or as_json) else view):
-            result = asyncio.run(call)
-    except KeyboardInterrupt:
-        console.print(f"interrupted by {graceful.signal_name} before the run started: "
-                      "nothing was sent", highlight=False)
-        raise typer.Exit(graceful.exit_code) from None
-    except LockedError as exc:
-        raise fail(str(exc), ExitCode.LOCKED) from None
-    except (ConfigError, OutputError) as exc:
-        raise fail(str(exc), ExitCode.USAGE) from None
-    except ServerStartError as exc:
-        raise fail(str(exc), ExitCode.SERVER) from None
-    finally:
-        PROGRESS_OBSERVER.reset(tokens[0])
-        GRACEFUL.reset(tokens[1])
-        STATUS_OBSERVER.reset(tokens[2])
-    summary = RunSummary.model_validate(result)
-    print_summary(summary, as_json, quiet, f"ernie-batch {kind}")
+    summary = RunSummary.model_validate(drive(call, flags, prefect=True))
+    print_summary(summary, flags.as_json, flags.quiet, f"ernie-batch {kind}")
     if summary.outcome == RunOutcome.FATAL_API_ERROR:
         console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
     raise typer.Exit(summary.exit_code)
-
-
-@contextlib.contextmanager
-def prefect_api(view: Any) -> Iterator[None]:
-    """The Prefect server the flow talks to: the configured one, else a local one of our own.
-
-    Our own, not Prefect's ephemeral one: that one shares our process group, so a terminal's
-    Ctrl-C would kill it while the run still needs it (see `ernie_batch.prefect_server`).
-    """
-    from ernie_batch.prefect_server import (
-        configured_api_url,
-        drain_to_server,
-        start_local_server,
-        use_api,
-    )
-
-    if configured_api_url():
-        yield
-        return
-    if view is not None:
-        view.status("starting a local Prefect server (about 20 s the first time) …")
-    with start_local_server(ephemeral=True) as server, use_api(server.api_url):
-        if view is not None:
-            view.status("Prefect is up: taking the output folder, finding documents …")
-        try:
-            yield
-        finally:
-            drain_to_server()
-
-
-def print_summary(summary: Any, as_json: bool, quiet: bool, title: str) -> None:
-    from ernie_batch.report import summary_rows
-
-    if as_json:
-        emit_json(summary.model_dump(mode="json"))
-        return
-    if quiet:
-        return
-    out.print(kv_table(title, summary_rows(summary)))
-    for msg, n in summary.top_errors:
-        out.print(f"  {n} × {msg}", highlight=False)
 
 
 @app.command()
@@ -181,8 +104,16 @@ def demo(
     output: OutputOpt = None,
     latency: Annotated[float, typer.Option(help="Simulated API latency, seconds.")] = 0.2,
     as_json: JsonOpt = False,
+    compare: Annotated[bool, typer.Option(
+        "--eval", help="Compare the two sample prompt versions on the labelled samples "
+                       "(into data/demo-eval) instead.")] = False,
 ) -> None:
     """Run the packaged sample documents through the built-in API simulator into data/demo-output."""
+    if compare:
+        from ernie_batch.cli.evaluate import demo_eval
+
+        demo_eval(output, latency, as_json)  # exits
+        return
     from ernie_batch.demo import CONFIG, OUTPUT, SAMPLES, demo_home
     from ernie_batch.sim import SimServer, SimSettings
 

@@ -41,6 +41,7 @@ from ernie_batch.sim.faults import (
     FaultRates,
     TransportLookup,
 )
+from ernie_batch.sim.misreads import misread
 from ernie_batch.sim.usage_logs import LogRow, UsageLogs
 from ernie_batch.sim.validation import (
     ApiError,
@@ -82,6 +83,9 @@ class SimSettings:
     # tests script answers: content_sha256 of a request's media -> the answer to give (any
     # JSON value, valid or not); other requests get generated answers; faults still apply
     scripted: dict[str, Any] = field(default_factory=dict)
+    # scripted answers as the truth a prompt version misreads: version (json_schema.name, or
+    # a marker its prompt carries) -> field -> rate; seeded, see sim/misreads.py
+    error_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     usage_logs: bool = True  # False: no GET /v2/logs (404), as on vLLM or Ollama
     logs_lag_s: float = 0.0  # seconds from a charge to its row in GET /v2/logs
     logs_limit: int = 200  # GET /v2/logs calls accepted per logs_window_s (then 429)
@@ -373,7 +377,10 @@ class Simulator:
     def completion(self, checked: Checked, fault: str | None, call: Call, *, delivered: bool,
                    headers_delivered: bool) -> tuple[dict[str, Any], int, float]:
         """The 200 body of the vendor's response schema, and what it was billed (credits, usd)."""
-        content, finish = compose_answer(checked, fault, self.settings.scripted.get(checked.digest))
+        truth = self.settings.scripted.get(checked.digest)
+        if truth is not None and self.settings.error_rates:
+            truth = misread(truth, checked, self.settings.error_rates, self.settings.seed)
+        content, finish = compose_answer(checked, fault, truth)
         completion = tokens.completion_tokens(content)
         response_id = self.new_id()
         credits, usd = self.bill(response_id, checked, completion, call, delivered=delivered,

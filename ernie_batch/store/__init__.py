@@ -7,6 +7,7 @@ Layout (DESIGN.md's output contract), append-only, Hive partitions by the run's 
     OUTPUT/documents/date=D/part-<run_id>-<nnnn>.parquet   derived from pages (documents.py)
     OUTPUT/runs/date=D/run-<run_id>.parquet       written last
     OUTPUT/billing/date=D/part-<reconcile_id>-<nnnn>.parquet   the vendor's usage logs (reconcile)
+    OUTPUT/evals/date=D/part-<eval_id>-<nnnn>.parquet   prompt versions scored on labels (eval)
     OUTPUT/_journal/<run_id>.jsonl                every record the moment it exists
     OUTPUT/.lock                                  one run at a time
 
@@ -34,6 +35,7 @@ from ernie_batch.store.lock import (
 from ernie_batch.store.records import (
     ATTEMPTS_SCHEMA,
     BILLING_SCHEMA,
+    EVALS_SCHEMA,
     RUNS_SCHEMA,
     AttemptRow,
     PageRow,
@@ -56,9 +58,9 @@ from ernie_batch.store.tables import (
 )
 
 __all__ = [
-    "ATTEMPTS_SCHEMA", "BILLING_SCHEMA", "RUNS_SCHEMA", "AttemptRow", "DocumentDecision",
-    "DoneIndex", "FileLock", "Journal", "data_lock", "finish_interrupted", "holding_dead_run",
-    "live_files", "run_id_lock",
+    "ATTEMPTS_SCHEMA", "BILLING_SCHEMA", "EVALS_SCHEMA", "RUNS_SCHEMA", "AttemptRow",
+    "DocumentDecision", "DoneIndex", "FileLock", "Journal", "data_lock", "finish_interrupted",
+    "holding_dead_run", "live_files", "run_id_lock",
     "LockedError", "OutputError", "OutputLock", "PageRow", "RunRow", "TableWriter",
     "UnitDecision", "check_writable", "decode_schema", "encode_schema", "from_journal",
     "live_lock_owner", "load_done", "new_run_id", "newest_per_key", "pages_schema",

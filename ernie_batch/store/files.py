@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ernie_batch.errors import OutputError
 
-TABLES = ("pages", "attempts", "runs", "documents", "billing")
+TABLES = ("pages", "attempts", "runs", "documents", "billing", "evals")
 _RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 
 

@@ -128,6 +128,40 @@ BILLING_SCHEMA = pa.schema(
     ]
 )
 
+# `eval`: one row per (eval id, config, field), and the config's totals in its `field = "*"` row
+EVALS_SCHEMA = pa.schema(
+    [
+        pa.field("eval_id", pa.string()),
+        pa.field("config", pa.string()),  # the config's path as given on the command line
+        pa.field("fingerprint", pa.string()),
+        pa.field("field", pa.string()),  # "*": the version's totals
+        pa.field("n", pa.int64()),  # labelled (unit, field) pairs
+        pa.field("correct", pa.int64()),
+        pa.field("accuracy", pa.float64()),
+        pa.field("precision", pa.float64()),  # list fields: items matched / answered
+        pa.field("recall", pa.float64()),  # list fields: items matched / labelled
+        pa.field("f1", pa.float64()),
+        # the rest on "*" rows only (null on field rows)
+        pa.field("units", pa.int64()),  # units holding the labelled pages and documents
+        pa.field("pages", pa.int64()),  # pages they cover
+        pa.field("invalid_rate", pa.float64()),  # attempts answered invalid / answered
+        pa.field("credits", pa.float64()),  # every attempt of those units, every run
+        pa.field("usd", pa.float64()),
+        pa.field("credits_per_page", pa.float64()),
+        pa.field("usd_per_page", pa.float64()),
+        pa.field("cost_per_correct_field", pa.float64()),  # credits; null when none is correct
+        pa.field("latency_mean_s", pa.float64()),  # the answering attempts'
+        pa.field("latency_p95_s", pa.float64()),
+        pa.field("best", pa.bool_()),  # the most accurate version of this eval
+        pa.field("gated", pa.bool_()),  # --gate named it and it fell more than --max-drop behind
+        pa.field("run_id", pa.string()),  # this eval's run of the version
+        pa.field("prompt_label", pa.string()),
+        pa.field("config_path", pa.string()),  # resolved
+        pa.field("labels_path", pa.string()),  # resolved
+        pa.field("created_at", TS),
+    ]
+)
+
 _HEAD = tuple(f.name for f in PAGE_HEAD)
 _TAIL = tuple(f.name for f in PAGE_TAIL)
 
