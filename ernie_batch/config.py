@@ -208,6 +208,7 @@ class ScaleOptions(_Section):
 
     pool: str | None = None  # a work pool made by `ernie-batch deploy`; unset: one process
     shards: int = Field(default=2, ge=1, le=256)
+    retries: int = Field(default=2, ge=0, le=10)  # a crashed shard run is submitted again
 
 
 class CompactOptions(_Section):

@@ -12,11 +12,20 @@ from typing import Any
 
 from prefect import flow
 
+from ernie_batch.interrupt import GRACEFUL, Graceful
 from ernie_batch.scale.shard import run_shard
+
+GRACE_S = 10.0  # within the worker's own grace before it kills a cancelled run (30 s)
 
 
 @flow(name="ernie-shard", log_prints=False)
-async def shard(manifest: str, run_id: str) -> dict[str, Any]:
-    """Run the manifest's documents as run `run_id`; returns the shard's summary."""
-    summary = await run_shard(Path(manifest), run_id)
+async def shard(manifest: str, run_id: str, earlier: list[str] | None = None) -> dict[str, Any]:
+    """Run the manifest's documents as run `run_id`, replacing the `earlier` attempts (their
+    run ids); returns the shard's summary. SIGTERM (a cancellation from the coordinator)
+    stops it gracefully: no new request, requests in flight get a grace, what came is kept."""
+    token = GRACEFUL.set(Graceful(GRACE_S))
+    try:
+        summary = await run_shard(Path(manifest), run_id, earlier)
+    finally:
+        GRACEFUL.reset(token)
     return summary.model_dump(mode="json")

@@ -60,11 +60,14 @@ def shard_setup(tmp_path: Path, sim_url: str, shards: int, **overrides) -> tuple
 
 
 async def run_shards(channel: Channel, shards: int) -> list:
-    granter = Granter(channel, shards, per_window=PER_WINDOW, window_s=WINDOW_S)
+    granter = Granter(channel, per_window=PER_WINDOW, window_s=WINDOW_S)
+    run_ids = [store.new_run_id() for _ in range(shards)]
+    for run_id in run_ids:
+        granter.admit(run_id)
     granting = asyncio.create_task(granter.run())
     try:
-        return await asyncio.gather(*(run_shard(channel.manifest(i), store.new_run_id())
-                                      for i in range(shards)))
+        return await asyncio.gather(*(run_shard(channel.manifest(i), run_id)
+                                      for i, run_id in enumerate(run_ids)))
     finally:
         granter.stop()
         await granting

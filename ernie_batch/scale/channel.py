@@ -4,10 +4,11 @@ One writer per file, replaced atomically (temporary name, rename), read by polli
 
 * `plan.json` (coordinator): the shards, their manifests, their attempts' run ids;
 * `shard-<n>.json` (coordinator): one shard's documents and how to run them;
-* `grants.json` (coordinator): per shard, recent batches of grants with the time each was
-  issued and the cumulative count after it;
-* `shard-<n>.report.json` (the shard run): requests wanted, grants used and expired,
-  outcomes, status;
+* `grants.json` (coordinator): per shard run (by run id: a shard given to a new attempt
+  gets a new id), recent batches of grants with the time each was issued and the
+  cumulative count after it;
+* `run-<run_id>.report.json` (the shard run): requests waiting, grants used and expired,
+  outcomes, status, and which earlier attempts it took over;
 * `stop.json` (any shard run): a fatal error or a budget stop, found once and obeyed by all.
 
 Times are wall-clock seconds (`time.time()`): the coordinator and its workers share one
@@ -68,13 +69,13 @@ class Channel:
     def manifest(self, shard: int) -> Path:
         return self.folder / f"shard-{shard}.json"
 
-    def report(self, shard: int) -> Path:
-        return self.folder / f"shard-{shard}.report.json"
+    def report(self, run_id: str) -> Path:
+        return self.folder / f"run-{run_id}.report.json"
 
 
 @dataclass
 class ShardReport:
-    """A shard run's side of the limit, cumulative since it started (one file per shard)."""
+    """A shard run's side of the limit, cumulative since it started (one file per shard run)."""
 
     shard: int
     run_id: str

@@ -4,88 +4,53 @@ The coordinator runs in the calling process, never in the pool (a worker limited
 flow run at a time could not run its own shards under it). It holds the output folder's run
 lock for all its shards, owns the shared rate limit (`Granter`), submits the shard runs with
 `run_deployment`, and reads each shard's result from `OUTPUT/runs`, not from Prefect's
-results (those live on the worker's disk). Its own `runs` row (`kind = "coordinator"`) has
-no counts or money (its shard runs have them) and lists the shard runs it accepted.
+results (those live on the worker's disk). A shard run that `Crashed` (its worker went
+silent: no heartbeats) or failed is submitted again, at most `scale.retries` times, as a new
+attempt under a new run id that takes the dead one's work over or fences a live one
+(`ernie_batch.scale.shard`). Its own `runs` row (`kind = "coordinator"`) has no counts or
+money (its shard runs have them) and lists the shard runs whose rows count
+(`accepted_runs`). The same command run again after the coordinator died resumes its plan.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
-import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ernie_batch import store
+from ernie_batch import interrupt, store
 from ernie_batch.config import JobConfig
 from ernie_batch.discover import discover
 from ernie_batch.errors import ConfigError, LockedError
-from ernie_batch.recorder import RunInfo
-from ernie_batch.scale.channel import Channel, ShardReport
+from ernie_batch.scale.channel import Channel, ShardReport, write_json
 from ernie_batch.scale.granter import Granter
-from ernie_batch.scale.plan import Attempt, Plan, split, write_manifest
+from ernie_batch.scale.outcome import ShardState, finish
+from ernie_batch.scale.plan import (
+    Attempt,
+    Plan,
+    absolute_overrides,
+    find_unfinished,
+    selection_digest,
+    shard_overrides,
+    split,
+    write_manifest,
+)
 from ernie_batch.summary import RunSummary
-from ernie_batch.vocab import RUN_EXIT, ExitCode, RunKind, RunOutcome
+from ernie_batch.vocab import RunOutcome
 
 SHARD_FLOW = "ernie-shard"
+POLL_S = 1.0
 # a status line callback set by whoever starts the coordinator (the CLI), seen through Prefect
 STATUS_OBSERVER: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
     "ernie_batch_coordinator_status", default=None)
-POLL_S = 1.0
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-# the most severe outcome of the shards is the coordinator's (CONTRACT "Exit codes")
-SEVERITY = (RunOutcome.FATAL_API_ERROR, RunOutcome.BUDGET_STOPPED, RunOutcome.INTERRUPTED,
-            RunOutcome.PARTIAL, RunOutcome.COMPLETED)
 
 
 def deployment_name(pool: str) -> str:
     """The shard flow's deployment on a pool (`ernie-batch deploy` creates it)."""
     return f"{SHARD_FLOW}/{pool}"
-
-
-@dataclass
-class ShardState:
-    shard: int
-    documents: int
-    attempts: list[Attempt] = field(default_factory=list)
-    state: str = "SCHEDULED"
-    message: str | None = None
-    row: dict[str, Any] | None = None  # its accepted attempt's `runs` row
-
-    @property
-    def done(self) -> bool:
-        return self.state in FINAL
-
-
-def absolute_overrides(cfg: JobConfig, overrides: dict[str, Any],
-                       sources: list[Path] | None) -> dict[str, Any]:
-    """The overrides a worker needs to see what the coordinator sees: every path absolute."""
-    out = dict(overrides)
-    out["output.path"] = str(Path(cfg.output.path).absolute())
-    out["sources.paths"] = [str(Path(p).expanduser().absolute())
-                            for p in (sources or cfg.sources.paths)]
-    for key in ("prompt.template_file", "prompt.schema_file"):
-        if out.get(key):
-            out[key] = str(Path(out[key]).expanduser().absolute())
-    if cfg.budget.max_credits is not None:
-        out.setdefault("budget.max_credits", cfg.budget.max_credits)
-    return out
-
-
-def shard_overrides(overrides: dict[str, Any], cfg: JobConfig, shards: int) -> dict[str, Any]:
-    """Each shard's share of `budget.max_credits` (README "Running on several machines")."""
-    if cfg.budget.max_credits is None:
-        return overrides
-    return {**overrides, "budget.max_credits": cfg.budget.max_credits / shards}
-
-
-def selection_digest(how: dict[str, Any], shas: list[str]) -> str:
-    return hashlib.sha256(json.dumps([how, sorted(shas)], sort_keys=True).encode()).hexdigest()
 
 
 class Coordinator:
@@ -95,11 +60,9 @@ class Coordinator:
                  shards: int, sources: list[Path] | None = None, force: bool = False,
                  retry_failed: bool = False, wait_lock_s: float = 0.0,
                  on_status: Callable[[str], None] | None = None) -> None:
-        if cfg.limits.rpm <= 0:
+        if cfg.limits.rpm <= 0 or cfg.limits.tpm > 0:
             raise ConfigError("limits.rpm: a run on a pool shares the API's limit between its "
-                              "workers, so it must be known: set limits.rpm (> 0)")
-        if cfg.limits.tpm > 0:
-            raise ConfigError("limits.tpm: not shared between workers yet; set it to 0 with --pool")
+                              "workers, so it must be set (> 0), and limits.tpm must be 0")
         self.cfg, self.kind, self.pool, self.shards = cfg, kind, pool, shards
         self.root = Path(cfg.output.path).absolute()
         self.started_at = datetime.now(UTC)
@@ -108,151 +71,168 @@ class Coordinator:
         self.sources = sources
         self.overrides = absolute_overrides(cfg, overrides, sources)
         self.on_status = on_status or (lambda _text: None)
-        self.channel = Channel.of(self.root, self.run_id)
+        self.states: list[ShardState] = []
+        self.granter: Granter | None = None
+        self.resumed = False
+        self._graceful = interrupt.GRACEFUL.get()
+        self._cancelling = False
         self._lock = store.OutputLock(self.root, self.run_id)
         self._data_lock = store.data_lock(self.root, exclusive=False)
-        self._own_lock = store.run_id_lock(self.root, self.run_id)
-        self.states: list[ShardState] = []
+
+    @property
+    def channel(self) -> Channel:
+        return Channel.of(self.root, self.run_id)
 
     async def run(self) -> RunSummary:
         store.check_writable(self.root)
         await asyncio.to_thread(self._lock.acquire, self.wait_lock_s)
+        own = None
         try:
             if not await asyncio.to_thread(self._data_lock.acquire, self.wait_lock_s):
                 raise LockedError(f"output folder {self.root} is being rewritten; "
                                   "use --wait to queue behind it")
-            self._own_lock.try_acquire()
-            return await self._coordinate()
+            docs, stats = self._discover()
+            plan = self._plan(docs)
+            own = store.run_id_lock(self.root, self.run_id)
+            own.try_acquire()
+            granter = Granter(self.channel, per_window=plan.per_window, window_s=plan.window_s,
+                              adaptive=self.cfg.limits.adaptive)
+            self.granter = granter
+            if self.resumed:
+                granter.resume(self.channel)
+            granting = asyncio.create_task(granter.run())
+            try:
+                with self._signals():
+                    await self._watch(plan)
+            finally:
+                granter.stop()
+                await granting
+            summary = finish(self, stats.skipped, granter.rate_limited)
+            # a replaced shard run that lives on waits for grants that never come: stop it
+            write_json(self.channel.stop, {"reason": "interrupted", "shard": None,
+                                           "error": "its coordinator finished without it"})
+            return summary
         finally:
-            self._own_lock.release()
+            if own is not None:
+                own.release()
             self._data_lock.release()
             self._lock.release()
 
-    async def _coordinate(self) -> RunSummary:
+    # ---- planning
+
+    def _discover(self) -> tuple[list[Any], Any]:
         opts = self.cfg.sources
         if self.sources:
             opts = opts.model_copy(update={"paths": list(self.sources)})
-        docs, stats = discover(opts)
-        groups = split(docs, self.shards)
+        return discover(opts)
+
+    def _plan(self, docs: list[Any]) -> Plan:
+        """A new plan, or the plan of a coordinator of the same selection that died."""
         how = {"config_path": str(self.cfg.config_path) if self.cfg.config_path else None,
                "overrides": shard_overrides(self.overrides, self.cfg, self.shards),
                "kind": self.kind, "force": self.force, "retry_failed": self.retry_failed}
+        digest = selection_digest(how, self.shards, [d.sha256 for d in docs])
+        found = find_unfinished(self.root, digest)
+        if found is not None:
+            self.run_id, self.resumed = found.coordinator_run_id, True
+            self._lock.run_id = self.run_id
+            self.states = [ShardState(i, n, list(a)) for i, (n, a) in
+                           enumerate(zip(found.documents, found.attempts, strict=True))]
+            return found
         limits = self.cfg.limits
-        plan = Plan(self.run_id, selection_digest(how, [d.sha256 for d in docs]), self.shards,
+        groups = split(docs, self.shards)
+        plan = Plan(self.run_id, digest, self.shards,
                     per_window=limits.rpm * limits.window_s / 60.0, window_s=limits.window_s,
-                    attempts=[[] for _ in groups])
+                    attempts=[[] for _ in groups], documents=[len(g) for g in groups])
         for shard, group in enumerate(groups):
             write_manifest(self.channel, shard, group, how)
             self.states.append(ShardState(shard, len(group)))
-        granter = Granter(self.channel, self.shards, per_window=plan.per_window,
-                          window_s=plan.window_s, adaptive=limits.adaptive)
-        granting = asyncio.create_task(granter.run())
-        try:
-            await self._submit(plan)
-            await self._watch()
-        finally:
-            granter.stop()
-            await granting
-        return self._finish(stats.skipped, granter.rate_limited)
+        plan.write(self.channel)
+        return plan
 
-    async def _submit(self, plan: Plan) -> None:
+    # ---- submitting and watching
+
+    async def _submit(self, plan: Plan, state: ShardState) -> None:
         from prefect.deployments import run_deployment
 
-        for state in self.states:
-            if state.documents == 0:
-                state.state = "COMPLETED"  # nothing to do: no run
-                continue
-            attempt = Attempt(store.new_run_id())
-            flow_run = await run_deployment(
-                deployment_name(self.pool), timeout=0, as_subflow=True,
-                parameters={"manifest": str(self.channel.manifest(state.shard)),
-                            "run_id": attempt.run_id},
-                flow_run_name=f"{self.run_id}-shard-{state.shard}")
-            attempt.flow_run_id = str(flow_run.id)
-            state.attempts.append(attempt)
-            plan.attempts[state.shard].append(attempt)
-            plan.write(self.channel)
+        earlier = [a.run_id for a in state.attempts]
+        for run_id in earlier:
+            self.granter.retire(run_id)  # type: ignore[union-attr]
+        attempt = Attempt(store.new_run_id())
+        self.granter.admit(attempt.run_id)  # type: ignore[union-attr]
+        flow_run = await run_deployment(
+            deployment_name(self.pool), timeout=0, as_subflow=True,
+            parameters={"manifest": str(self.channel.manifest(state.shard)),
+                        "run_id": attempt.run_id, "earlier": earlier},
+            flow_run_name=f"{self.run_id}-shard-{state.shard}-{len(earlier) + 1}")
+        attempt.flow_run_id = str(flow_run.id)
+        state.attempts.append(attempt)
+        state.state, state.message = "SCHEDULED", None
+        plan.attempts[state.shard] = list(state.attempts)
+        plan.write(self.channel)
 
-    async def _watch(self) -> None:
+    async def _watch(self, plan: Plan) -> None:
         from prefect.client.orchestration import get_client
 
+        retries = self.cfg.scale.retries
         async with get_client() as client:
-            while not all(s.done for s in self.states):
+            for state in self.states:
+                if state.documents and not state.attempts:
+                    await self._submit(plan, state)
+                elif state.attempts:
+                    self.granter.admit(state.attempts[-1].run_id)  # type: ignore[union-attr]
+            while not all(s.done or not s.documents for s in self.states):
                 for state in self.states:
                     if state.done or not state.attempts:
                         continue
                     flow_run = await client.read_flow_run(state.attempts[-1].flow_run_id)
-                    state.state = flow_run.state.type.value if flow_run.state else "SCHEDULED"
-                    if flow_run.state is not None:
-                        state.message = flow_run.state.message
+                    state.observe(flow_run.state)
+                    if (state.state in ("CRASHED", "FAILED") and not self._cancelling
+                            and len(state.attempts) <= retries):
+                        await self._submit(plan, state)
+                if self._cancelling:
+                    await self._cancel(client)
                 self.on_status(self._status_line())
                 await asyncio.sleep(POLL_S)
 
     def _status_line(self) -> str:
-        reports = [ShardReport.read(self.channel.report(s.shard)) for s in self.states]
+        reports = [ShardReport.read(self.channel.report(s.attempts[-1].run_id))
+                   for s in self.states if s.attempts]
         sent = sum(r.used for r in reports if r is not None)
-        states = ", ".join(f"{s.shard}: {s.state.lower()}" for s in self.states)
+        states = ", ".join(f"{s.shard}: {s.state.lower()}" for s in self.states if s.documents)
         waiting = sum(1 for s in self.states if s.state in ("SCHEDULED", "PENDING"))
         hint = (f"; waiting for a worker of pool {self.pool!r} (`prefect worker start --pool "
                 f"{self.pool}`)" if waiting else "")
         return f"coordinator {self.run_id}: shards {states}; {sent} requests sent{hint}"
 
-    def _finish(self, passed_over: dict[str, int], rate_limited: int) -> RunSummary:
-        """Read the shards' `runs` rows, write the coordinator's, and sum the shards up."""
-        ids = {a.run_id for s in self.states for a in s.attempts}
-        rows = {}
-        runs = store.read_table(self.root, "runs")
-        if runs is not None:
-            rows = {r["run_id"]: r for r in runs.to_pylist() if r["run_id"] in ids}
-        accepted = []
+    # ---- Ctrl-C
+
+    def _signals(self) -> Any:
+        """Ctrl-C or SIGTERM: cancel the shard runs through Prefect and wait for them."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        if self._graceful is not None:
+            stack.enter_context(self._graceful.handling())
+            stack.callback(self._graceful.subscribe(self._on_signal))
+        return stack
+
+    def _on_signal(self, hurry: bool) -> None:
+        self._cancelling = True
+
+    async def _cancel(self, client: Any) -> None:
+        from prefect.states import Cancelling
+
         for state in self.states:
-            done = [a for a in state.attempts if a.run_id in rows]
-            if done:
-                state.row = rows[done[-1].run_id]
-                accepted.append(done[-1].run_id)
-        outcome = self._outcome()
-        finished = datetime.now(UTC)
-        errors = [f"shard {s.shard}: {s.message or s.state.lower()}" for s in self.states
-                  if s.row is None and s.attempts]
-        info = RunInfo(run_id=self.run_id, kind=RunKind.COORDINATOR, started_at=self.started_at,
-                       fingerprint=None, config_path=str(self.cfg.config_path)
-                       if self.cfg.config_path else None, prompt_label=self.cfg.prompt.label)
-        store.write_run_row(self.root, info.date, store.RunRow(
-            run_id=self.run_id, kind=RunKind.COORDINATOR, config_path=info.config_path,
-            fingerprint=None, started_at=self.started_at, finished_at=finished, documents=None,
-            units_ok=None, units_failed=None, units_skipped=None, units_duplicate=None,
-            units_already_done=None, units_not_sent=None, requests=None, credits=None,
-            usd=None, outcome=outcome, error="; ".join(errors) or None, hostname=info.hostname,
-            pid=info.pid, prompt_label=info.prompt_label, accepted_runs=accepted))
-        return self._summary(outcome, finished, passed_over, rate_limited, errors)
+            if state.attempts and not state.done and not state.cancel_sent:
+                await client.set_flow_run_state(state.attempts[-1].flow_run_id, Cancelling(),
+                                                force=True)
+                state.cancel_sent = True
 
-    def _outcome(self) -> RunOutcome:
-        found = {RunOutcome(s.row["outcome"]) for s in self.states if s.row is not None}
-        if any(s.row is None and s.attempts for s in self.states):
-            found.add(RunOutcome.PARTIAL)  # a shard run that failed or crashed
-        return next((o for o in SEVERITY if o in found), RunOutcome.COMPLETED)
+    @property
+    def interrupted(self) -> RunOutcome | None:
+        return RunOutcome.INTERRUPTED if self._cancelling else None
 
-    def _summary(self, outcome: RunOutcome, finished: datetime, passed_over: dict[str, int],
-                 rate_limited: int, errors: list[str]) -> RunSummary:
-        rows = [s.row for s in self.states if s.row is not None]
-
-        def total(name: str) -> int:
-            return sum(int(r[name] or 0) for r in rows)
-
-        return RunSummary(
-            run_id=self.run_id, kind=RunKind.COORDINATOR, outcome=outcome,
-            exit_code=RUN_EXIT.get(outcome, ExitCode.FAILED), error="; ".join(errors) or None,
-            documents=total("documents"), units_ok=total("units_ok"),
-            units_failed=total("units_failed"), units_skipped=total("units_skipped"),
-            units_duplicate=total("units_duplicate"),
-            units_already_done=total("units_already_done"),
-            units_not_sent=total("units_not_sent"), requests=total("requests"),
-            rate_limited=rate_limited,
-            credits=math.fsum(r["credits"] or 0.0 for r in rows),
-            usd=math.fsum(r["usd"] or 0.0 for r in rows),
-            duration_s=(finished - self.started_at).total_seconds(), output=str(self.root),
-            files_passed_over=passed_over, shard_runs=[
-                {"shard": s.shard, "run_id": s.row["run_id"], "hostname": s.row["hostname"],
-                 "outcome": s.row["outcome"], "units_ok": s.row["units_ok"]} for s in self.states
-                if s.row is not None])
-
+    @property
+    def exit_code_if_interrupted(self) -> int | None:
+        return self._graceful.exit_code if self._graceful and self._cancelling else None

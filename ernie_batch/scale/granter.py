@@ -1,15 +1,16 @@
 """The coordinator's side of the shared rate limit: one request budget, grants handed out by it.
 
 Every grant is one lease of a `RequestBudget` (the one a single run paces itself with, at
-0.986 of a limit alone), so all the shards together send no more than it admits: in any
-window of `window_s + EXPIRY_S + SEND_S`, at most the configured requests. A shard uses a
-grant at most `EXPIRY_S` after it was issued (later, it expires), and its request reaches
+0.986 of a limit alone), so all the shard runs together send no more than it admits: in any
+window of `window_s + EXPIRY_S + SEND_S`, at most the configured requests. A shard run uses
+a grant at most `EXPIRY_S` after it was issued (later, it expires), and its request reaches
 the API within about `SEND_S` more (the body built, the journal line written, the network),
-so the request still arrives within a window the budget counted it in. Grants go to
-shards that report requests waiting, round-robin. A lease is released when the shard
-reports the fate of the request it allowed (first granted, first settled), so a 429 at any
-worker lowers the one shared rate and pauses every shard by its Retry-After; no shard
-adjusts the rate itself.
+so the request still arrives within a window the budget counted it in. Grants go to the
+current shard runs that report requests waiting, round-robin; a shard run the coordinator
+replaced (its worker went silent) gets none, so it cannot send another request. A lease is
+released when the shard run reports the fate of the request it allowed (first granted,
+first settled), so a 429 at any worker lowers the one shared rate and pauses every shard by
+its Retry-After; no shard adjusts the rate itself.
 """
 
 from __future__ import annotations
@@ -28,26 +29,56 @@ TICK_S = 0.01  # how often reports are read and grants written
 KEEP_BATCHES_S = 2.0  # grant batches kept in the file: enough for any reader to catch up
 
 
-class Granter:
-    """Hands out the limit to the shards of one coordinator; `run()` until `stop()`."""
+class _Run:
+    """What the granter knows of one shard run."""
 
-    def __init__(self, channel: Channel, shards: int, *, per_window: float, window_s: float,
+    def __init__(self) -> None:
+        self.granted = 0
+        self.batches: list[tuple[float, int]] = []
+        self.leases: collections.deque[Lease] = collections.deque()
+        self.report: ShardReport | None = None
+        self.mtime = 0
+        self.settled = 0
+        self.seen_429 = 0
+
+
+class Granter:
+    """Hands out the limit to a coordinator's current shard runs; `run()` until `stop()`."""
+
+    def __init__(self, channel: Channel, *, per_window: float, window_s: float,
                  adaptive: bool = True) -> None:
         self.channel = channel
-        self.shards = shards
         self.budget = RequestBudget(rpm=per_window, max_in_flight=0, adaptive=adaptive,
                                     window_s=window_s + EXPIRY_S + SEND_S)
-        self.granted = [0] * shards
-        self.rate_limited = 0  # 429s the shards met, all together
-        self._batches: list[list[tuple[float, int]]] = [[] for _ in range(shards)]
-        self._leases: list[collections.deque[Lease]] = [collections.deque()
-                                                         for _ in range(shards)]
-        self._reports: list[ShardReport | None] = [None] * shards
-        self._mtimes = [0] * shards
-        self._settled = [0] * shards
-        self._seen_429 = [0] * shards
+        self.rate_limited = 0  # 429s the shard runs met, all together
+        self._runs: dict[str, _Run] = {}
+        self._order: list[str] = []  # the current shard runs, for round-robin
         self._next = 0
         self._stopping = asyncio.Event()
+
+    def admit(self, run_id: str) -> None:
+        """A shard run to grant to (submitted, or about to be)."""
+        self._runs.setdefault(run_id, _Run())
+        if run_id not in self._order:
+            self._order.append(run_id)
+
+    def retire(self, run_id: str) -> None:
+        """No more grants to this shard run (finished, or replaced by a new attempt)."""
+        if run_id in self._order:
+            self._order.remove(run_id)
+        run = self._runs.get(run_id)
+        if run is not None:
+            self._release_all(run)
+
+    def resume(self, channel: Channel) -> None:
+        """Go on from the grants an earlier coordinator of this plan wrote: every shard run
+        counts its grants from there (a grant is never handed out twice)."""
+        value = read_json(channel.grants)
+        for run_id, batches in (value or {}).get("runs", {}).items():
+            if batches:
+                run = self._runs.setdefault(run_id, _Run())
+                run.granted = int(batches[-1][1])
+                run.batches = [(float(t), int(n)) for t, n in batches]
 
     def stop(self) -> None:
         self._stopping.set()
@@ -58,9 +89,9 @@ class Granter:
             self._read_reports()
             granted = False
             while (wanting := self._wanting()) and (lease := self.budget.try_acquire()):
-                shard = self._pick(wanting)
-                self._leases[shard].append(lease)
-                self.granted[shard] += 1
+                run = self._runs[self._pick(wanting)]
+                run.leases.append(lease)
+                run.granted += 1
                 granted = True
             if granted:
                 self._write_grants()
@@ -68,70 +99,76 @@ class Granter:
                 await asyncio.wait_for(self._stopping.wait(), TICK_S)
         self.budget.stop()
 
-    def _wanting(self) -> list[int]:
-        """Shards with more requests waiting than grants on their way to them."""
+    def _wanting(self) -> list[str]:
+        """Current shard runs with more requests waiting than grants on their way to them."""
         out = []
-        for shard, report in enumerate(self._reports):
+        for run_id in self._order:
+            run = self._runs[run_id]
+            report = run.report
             if report is None or report.status != "running":
                 continue
-            on_their_way = self.granted[shard] - report.used - report.expired
-            if report.waiting > on_their_way:
-                out.append(shard)
+            if report.waiting > run.granted - report.used - report.expired:
+                out.append(run_id)
         return out
 
-    def _pick(self, wanting: list[int]) -> int:
-        """Round-robin over the shards that want one."""
-        shard = min(wanting, key=lambda s: (s - self._next) % self.shards)
-        self._next = (shard + 1) % self.shards
-        return shard
+    def _pick(self, wanting: list[str]) -> str:
+        """Round-robin over the current shard runs that want one."""
+        n = len(self._order)
+        run_id = min(wanting, key=lambda r: (self._order.index(r) - self._next) % n)
+        self._next = (self._order.index(run_id) + 1) % n
+        return run_id
 
     def _read_reports(self) -> None:
-        for shard in range(self.shards):
-            path = self.channel.report(shard)
+        for run_id, run in self._runs.items():
+            path = self.channel.report(run_id)
             try:
                 mtime = path.stat().st_mtime_ns
             except OSError:
                 continue
-            if mtime == self._mtimes[shard]:
+            if mtime == run.mtime:
                 continue
             report = ShardReport.read(path)
             if report is None:
                 continue
-            self._mtimes[shard] = mtime
-            self._reports[shard] = report
-            self._settle(shard, report)
+            run.mtime, run.report = mtime, report
+            self._settle(run, report)
 
-    def _settle(self, shard: int, report: ShardReport) -> None:
-        """Release the leases whose requests came back (or expired); all once a shard ended."""
-        leases = self._leases[shard]
-        new_429 = max(0, report.rate_limited - self._seen_429[shard])
-        self._seen_429[shard] = report.rate_limited
+    def _settle(self, run: _Run, report: ShardReport) -> None:
+        """Release the leases whose requests came back (or expired); all once a run ended."""
+        new_429 = max(0, report.rate_limited - run.seen_429)
+        run.seen_429 = report.rate_limited
         self.rate_limited += new_429
-        settle = report.settled - self._settled[shard]
         if report.status != "running":
-            settle = len(leases)
-        self._settled[shard] += settle
-        for i in range(min(settle, len(leases))):
+            self._release_all(run)
+            return
+        settle = report.settled - run.settled
+        run.settled += settle
+        for i in range(min(settle, len(run.leases))):
             limited = i < new_429
-            self.budget.release(leases.popleft(), outcome="rate_limited" if limited else "ok",
+            self.budget.release(run.leases.popleft(),
+                                outcome="rate_limited" if limited else "ok",
                                 retry_after=report.retry_after if limited else None)
+
+    def _release_all(self, run: _Run) -> None:
+        while run.leases:
+            self.budget.release(run.leases.popleft(), outcome="ok")
 
     def _write_grants(self) -> None:
         now = time.time()
-        shards = {}
-        for shard in range(self.shards):
-            batches = self._batches[shard]
-            if not batches or batches[-1][1] != self.granted[shard]:
-                batches.append((now, self.granted[shard]))
-            while len(batches) > 1 and batches[0][0] < now - KEEP_BATCHES_S:
-                batches.pop(0)
-            shards[str(shard)] = batches
-        write_json(self.channel.grants, {"updated": now, "shards": shards})
+        runs = {}
+        for run_id in self._order:
+            run = self._runs[run_id]
+            if not run.batches or run.batches[-1][1] != run.granted:
+                run.batches.append((now, run.granted))
+            while len(run.batches) > 1 and run.batches[0][0] < now - KEEP_BATCHES_S:
+                run.batches.pop(0)
+            runs[run_id] = run.batches
+        write_json(self.channel.grants, {"updated": now, "runs": runs})
 
 
-def grants_of(channel: Channel, shard: int) -> list[tuple[float, int]]:
-    """A shard's recent grant batches: (issued at, cumulative granted after), oldest first."""
+def grants_of(channel: Channel, run_id: str) -> list[tuple[float, int]]:
+    """A shard run's recent grant batches: (issued at, cumulative granted after), oldest first."""
     value = read_json(channel.grants)
     if not isinstance(value, dict):
         return []
-    return [(float(t), int(n)) for t, n in value.get("shards", {}).get(str(shard), [])]
+    return [(float(t), int(n)) for t, n in value.get("runs", {}).get(run_id, [])]

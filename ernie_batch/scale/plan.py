@@ -9,12 +9,15 @@ worker started anywhere finds the same files. Never the key: workers have their 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ernie_batch.scale.channel import Channel, read_json, write_json
+from ernie_batch.config import JobConfig
+from ernie_batch.scale.channel import SCALE_DIR, Channel, read_json, write_json
 from ernie_batch.units import Document
 
 
@@ -62,6 +65,7 @@ class Plan:
     per_window: float  # the shared limit: requests per window
     window_s: float
     attempts: list[list[Attempt]] = field(default_factory=list)  # per shard, oldest first
+    documents: list[int] = field(default_factory=list)  # per shard
 
     def write(self, channel: Channel) -> None:
         write_json(channel.plan, asdict(self))
@@ -73,6 +77,47 @@ class Plan:
             return None
         value["attempts"] = [[Attempt(**a) for a in shard] for shard in value.get("attempts", [])]
         return cls(**value)
+
+
+def absolute_overrides(cfg: JobConfig, overrides: dict[str, Any],
+                       sources: list[Path] | None) -> dict[str, Any]:
+    """The overrides a worker needs to see what the coordinator sees: every path absolute."""
+    out = dict(overrides)
+    out["output.path"] = str(Path(cfg.output.path).absolute())
+    out["sources.paths"] = [str(Path(p).expanduser().absolute())
+                            for p in (sources or cfg.sources.paths)]
+    for key in ("prompt.template_file", "prompt.schema_file"):
+        if out.get(key):
+            out[key] = str(Path(out[key]).expanduser().absolute())
+    return out
+
+
+def shard_overrides(overrides: dict[str, Any], cfg: JobConfig, shards: int) -> dict[str, Any]:
+    """Each shard's share of `budget.max_credits` (README "Running on several machines")."""
+    if cfg.budget.max_credits is None:
+        return overrides
+    return {**overrides, "budget.max_credits": cfg.budget.max_credits / shards}
+
+
+def selection_digest(how: dict[str, Any], shards: int, shas: list[str]) -> str:
+    """What identifies a coordinated run's plan: the same command over the same content."""
+    text = json.dumps([how, shards, sorted(shas)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def find_unfinished(root: Path, digest: str) -> Plan | None:
+    """The plan of a coordinator of this selection that died before writing its `runs` row."""
+    from ernie_batch import store
+
+    folder = Path(root) / SCALE_DIR
+    plans = [Plan.read(Channel(d)) for d in sorted(folder.iterdir())] if folder.is_dir() else []
+    candidates = [p for p in plans if p is not None and p.selection == digest]
+    if not candidates:
+        return None
+    runs = store.read_columns(root, "runs", ["run_id"], include_rejected=True)
+    finished = set(runs["run_id"].to_pylist()) if runs is not None else set()
+    unfinished = [p for p in candidates if p.coordinator_run_id not in finished]
+    return unfinished[-1] if unfinished else None
 
 
 def write_manifest(channel: Channel, shard: int, docs: list[Document],

@@ -5,6 +5,13 @@ coordinator; it takes no folder run lock (the coordinator holds it for all its s
 shard holds the shared data lock and its own run-id lock, as every writer does); its budget
 asks the coordinator for every request (`SharedBudget`); a fatal error or a budget stop here
 raises the coordinator's stop flag, and the flag raised elsewhere stops this one.
+
+A shard run that replaces an earlier attempt (its worker went silent) takes the earlier
+one's work over when that one is dead: start-up recovery folds its journal (its run-id lock
+is free), its rows count, its units are not sent again. An earlier attempt still alive (a
+worker that lost its server but lives on) is *fenced*: its rows never count as done here,
+its units are sent again, and the coordinator will not accept it; it gets no more grants,
+so it cannot send another request either. The report says which was which.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ernie_batch import store
 from ernie_batch.config import api_key, load_config
 from ernie_batch.engine import Pipeline, RunOptions
 from ernie_batch.errors import ConfigError
@@ -41,8 +49,19 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-async def run_shard(manifest_path: Path, run_id: str) -> RunSummary:
-    """Run the shard's documents under run id `run_id`; returns its summary."""
+def take_over(root: Path, recovered: list[str], earlier: list[str]) -> tuple[list[str], list[str]]:
+    """The earlier attempts this run takes over (dead: folded now or before) and those it
+    fences (alive: their run-id lock is held)."""
+    taken, fenced = [], []
+    for run_id in earlier:
+        with store.holding_dead_run(root, run_id) as dead:
+            (taken if run_id in recovered or dead else fenced).append(run_id)
+    return taken, fenced
+
+
+async def run_shard(manifest_path: Path, run_id: str,
+                    earlier: list[str] | None = None) -> RunSummary:
+    """Run the shard's documents under run id `run_id`, replacing the `earlier` attempts."""
     manifest = read_manifest(manifest_path)
     cfg = load_config(manifest.get("config_path"), manifest.get("overrides") or {})
     key = api_key(cfg)  # from this worker's environment or a Secret block, never the manifest
@@ -56,6 +75,9 @@ async def run_shard(manifest_path: Path, run_id: str) -> RunSummary:
     docs = [document_of(d) for d in manifest["documents"]]
     try:
         async with Pipeline(cfg, key, opts, budget=budget) as run:  # type: ignore[arg-type]
+            taken, fenced = take_over(run.root, run.recovered, earlier or [])
+            budget.report.extra = {"taken_over": taken, "fenced": fenced}
+            run.done.ignored_runs.update(fenced)
             budget.on_stop_flag = lambda reason, error: run.stop.set(RunOutcome(reason), error)
             run.stop.listeners.append(
                 lambda reason, error: budget.raise_stop_flag(reason, error)

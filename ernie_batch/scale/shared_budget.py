@@ -138,7 +138,7 @@ class SharedBudget:
 
     def _read_grants(self, now: float) -> None:
         fresh = 0
-        for issued, cumulative in grants_of(self.channel, self.shard):
+        for issued, cumulative in grants_of(self.channel, self.report.run_id):
             new = cumulative - self._granted_seen
             if new <= 0:
                 continue
@@ -167,5 +167,5 @@ class SharedBudget:
 
     def _write_report(self) -> None:
         self.report.updated = time.time()
-        self.report.write(self.channel.report(self.shard))
+        self.report.write(self.channel.report(self.report.run_id))
         self._dirty = False

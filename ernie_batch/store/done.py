@@ -62,6 +62,8 @@ class DoneIndex:
 
     def __init__(self, fingerprint: str | None = None) -> None:
         self.fingerprint = fingerprint
+        # runs whose rows never count as done: a replaced shard run still alive (fenced)
+        self.ignored_runs: set[str] = set()
         # sha256 -> (its part, its row in the part's docs, its units' rows [start, stop))
         self._where: dict[str, tuple[_Part, int, int, int]] = {}
         self._seen: dict[str, set[str]] = {}  # paths this run recorded duplicate rows for
@@ -77,6 +79,8 @@ class DoneIndex:
             if not wanted:
                 return
             where &= pc.field("source_sha256").isin(pa.array(wanted, pa.string()))
+        if self.ignored_runs:
+            where &= ~pc.field("run_id").isin(pa.array(sorted(self.ignored_runs), pa.string()))
         rows = read_columns(root, "pages", DONE_COLUMNS, where)
         if rows is not None and rows.num_rows:
             part = _Part.build(rows)
