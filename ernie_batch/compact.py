@@ -7,6 +7,8 @@ the table's key (`TABLE_ORDER`) so readers that filter on it (the done-index) sk
 groups by their statistics. It holds the run lock and the exclusive data lock, folds dead
 runs' journals first, and swaps files through `store.snapshot` intents: a kill at any point
 leaves a table that readers of ours see whole, and that the next lock holder finishes.
+Rows of shard runs their coordinator rejected (`store.fencing`) are dropped from the
+`DROPS_REJECTED` tables, also from a partition's lone file when it holds any.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import pyarrow.parquet as pq
 from ernie_batch.errors import LockedError
 from ernie_batch.recovery import recover_journals, remove_dead_temp_files
 from ernie_batch.store import OutputLock, data_lock, finish_interrupted, new_run_id
+from ernie_batch.store.fencing import rejected_runs
+from ernie_batch.store.files import fsync_dir
 from ernie_batch.store.snapshot import commit, pending_path
 
 # every table and the order its compacted files are sorted in (absent columns are left out:
@@ -37,7 +41,10 @@ TABLE_ORDER: dict[str, tuple[str, ...]] = {
     "documents": ("key", "built_at"),
     "billing": ("inference_id",),
 }
-DROPS_REJECTED = ("pages",)  # tables whose rows of rejected shard runs are dropped
+# tables whose rows of rejected shard runs (`store.fencing`) are dropped: answers and what is
+# derived from them. `attempts` and `runs` keep them: each attempt is a request the vendor
+# billed, and a rejected run's `runs` row is what keeps its remaining rows rejected.
+DROPS_REJECTED = ("pages", "documents")
 CHUNK_BYTES = 128 * 2**20  # uncompressed bytes rewritten at once, into one file
 ROW_GROUP_BYTES = 32 * 2**20  # uncompressed bytes per row group: a reader's unit of work
 
@@ -66,16 +73,6 @@ class CompactSummary:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def rejected_runs(root: Path) -> pa.Array:
-    """Run ids whose rows compaction drops from `DROPS_REJECTED` tables: shard runs their
-    coordinator did not accept.
-
-    The seam for shard runs (a coordinator's `runs.accepted_runs`, issues 11 and 12): until
-    they exist no run is rejected, and every row stays.
-    """
-    return pa.array([], pa.string())
 
 
 def compact_output(root: Path, tables: Iterable[str], fallback_schema: pa.Schema, *,
@@ -113,24 +110,35 @@ def _compact_table(root: Path, table: str, cid: str, before: date | None,
     folder = root / table
     if not folder.is_dir():
         return stats
+    drops = rejected if table in DROPS_REJECTED else pa.array([], pa.string())
     n = 0
     for partition in sorted(p for p in folder.glob("date=*") if p.is_dir()):
         if before is not None and partition.name.removeprefix("date=") >= before.isoformat():
             continue
         files = sorted(p for p in partition.glob("*.parquet") if not p.name.startswith("."))
-        if len(files) < 2:
+        if not _worth_rewriting(files, drops):
             continue
         touched = False
         for group in _by_schema(files):
             for chunk in _chunks(group):
-                if len(chunk) < 2:
+                if not _worth_rewriting(chunk, drops):
                     continue
                 n += 1
                 _rewrite(root, table, chunk, pending_path(root, cid, n),
-                         partition / f"compact-{cid}-{n:04d}.parquet", rejected, stats)
+                         partition / f"compact-{cid}-{n:04d}.parquet", drops, stats)
                 touched = True
         stats.partitions += touched
     return stats
+
+
+def _worth_rewriting(files: list[Path], drops: pa.Array) -> bool:
+    """Two files or more; or one that holds rows to drop."""
+    if len(files) != 1:
+        return len(files) > 1
+    if len(drops) == 0:
+        return False
+    run_ids = pq.read_table(files[0], columns=["run_id"])["run_id"]
+    return pc.any(pc.is_in(run_ids, value_set=drops)).as_py() or False
 
 
 def _by_schema(files: list[Path]) -> list[list[tuple[Path, int]]]:
@@ -163,12 +171,23 @@ def _chunks(group: list[tuple[Path, int]]) -> list[list[Path]]:
 
 
 def _rewrite(root: Path, table: str, chunk: list[Path], pending: Path, final: Path,
-             rejected: pa.Array, stats: TableCompaction) -> None:
-    """One sorted file from `chunk`'s rows, written aside, then swapped in for the chunk."""
+             drops: pa.Array, stats: TableCompaction) -> None:
+    """One sorted file from `chunk`'s rows less those of `drops`' runs, written aside, then
+    swapped in for the chunk."""
     rows = pa.concat_tables([pq.ParquetFile(p).read() for p in chunk])
     read = rows.num_rows
-    if table in DROPS_REJECTED and "run_id" in rows.column_names:
-        rows = rows.filter(pc.invert(pc.is_in(rows["run_id"], value_set=rejected)))
+    if len(drops) and "run_id" in rows.column_names:
+        rows = rows.filter(pc.invert(pc.is_in(rows["run_id"], value_set=drops)))
+    stats.files_before += len(chunk)
+    stats.rows_dropped += read - rows.num_rows
+    stats.bytes_before += sum(p.stat().st_size for p in chunk)
+    if rows.num_rows == 0:
+        # every row a rejected run's: no reader of ours sees them, whether or not the file is
+        # still there, so each file goes at once (no intent needed; a kill between is harmless)
+        for path in chunk:
+            path.unlink()
+        fsync_dir(final.parent)
+        return
     order = [(c, "ascending") for c in TABLE_ORDER.get(table, ()) if c in rows.column_names]
     if order:
         rows = rows.take(pc.sort_indices(rows, sort_keys=order))  # stable: ties keep their order
@@ -180,10 +199,7 @@ def _rewrite(root: Path, table: str, chunk: list[Path], pending: Path, final: Pa
                    else None)
     with open(pending, "rb+") as fh:
         os.fsync(fh.fileno())
-    stats.files_before += len(chunk)
     stats.files_after += 1
     stats.rows += rows.num_rows
-    stats.rows_dropped += read - rows.num_rows
-    stats.bytes_before += sum(p.stat().st_size for p in chunk)
     stats.bytes_after += pending.stat().st_size
     commit(root, pending, final, chunk)

@@ -5,7 +5,9 @@ are in Parquet, before its manifest) each (content, fingerprint) with a page row
 is rebuilt from all `ok` rows of that content and fingerprint, earlier runs' included
 (the newest row per unit), read with filters on the touched content hashes only. Its
 credits are those of every attempt of its units, every run. Each build is a new generation:
-`store.read_table(OUTPUT, "documents", current=True)` gives the newest row per key.
+`store.read_table(OUTPUT, "documents", current=True)` gives the newest row per key. Rows of
+shard runs their coordinator rejected (`store.fencing`) count in none of this: the readers
+leave them out.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 A log row is ours when an attempt of a selected run holds its `client_request_id` (or, failing
 that, its `inference_id`), or when its `client_request_id` names a selected run (an id built by
 `request_ids`) although no attempt row holds it (a run still writing, a journal not folded
-yet). Every other row in the window is another's (`foreign_*`), never matched by guess.
+yet). Every other row in the window is another's (`foreign_*`), never matched by guess. The
+selection includes shard runs their coordinator rejected (`store.fencing`): the vendor billed
+their requests, and as their attempts do not count, those credits are unrecorded.
 
     vendor_*            our rows: how many, and their credits (whole credits, the vendor's)
     recorded_credits    what our attempts recorded for the rows whose cost they hold
@@ -191,8 +193,9 @@ def _of_runs(table: pa.Table | None, run_ids: list[str]) -> pa.Table | None:
 
 
 def _runs(root: Path, run_ids: list[str]) -> list[dict[str, Any]]:
-    table = _of_runs(store.read_columns(root, "runs", ["run_id", "started_at", "finished_at"]),
-                     run_ids)
+    """Their starts and ends, rejected runs' too: the window covers every request billed."""
+    table = _of_runs(store.read_columns(root, "runs", ["run_id", "started_at", "finished_at"],
+                                        include_rejected=True), run_ids)
     return table.to_pylist() if table is not None else []
 
 
@@ -208,7 +211,7 @@ async def reconcile_runs(cfg: JobConfig, key: SecretStr, chosen: RunSelection, *
     """Read the logs for the selected runs' span, match them, add new rows to `billing`."""
     root = Path(cfg.output.path)
     reconcile_id = store.new_run_id()
-    run_ids = chosen.resolve(root)
+    run_ids = chosen.resolve(root, include_rejected=True)
     attempts = load_attempts(root, run_ids)
     now = now or datetime.now(UTC)
     span = window(attempts, _runs(root, run_ids), now, cfg.reconcile.lag_s, cfg.api.timeout_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pyarrow.compute as pc
 
 from ernie_batch import billing, store
 from ernie_batch.documents import counts_by_run
+from ernie_batch.store import fencing
 from ernie_batch.summary import RunSummary
 from ernie_batch.vocab import FAILED, UnitStatus
 
@@ -67,15 +69,18 @@ def summary_markdown(s: RunSummary) -> str:
 
 # the columns of dataset_report's tables that hold numbers (right-aligned on a terminal)
 NUMERIC = ("units", "units_ok", "units_failed", "requests", "credits", "usd", "documents",
-           "complete", "incomplete", "conflicting", "recorded_credits", "vendor_credits")
+           "complete", "incomplete", "conflicting", "recorded_credits", "vendor_credits",
+           "pages", "attempts")
 
 
 def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Totals of the selected runs' pages (all runs when None): by run, day, folder, status,
     file and prompt version (fingerprint, named by its template, schema and label); and the
-    documents each run built (complete, incomplete, conflicting)."""
+    documents each run built (complete, incomplete, conflicting). Rows of shard runs their
+    coordinator rejected count in none of these: the selected ones are `orphaned`."""
     documents = counts_by_run(root, run_ids)
-    extra = {"documents": documents} if documents else {}
+    lost = orphaned(root, run_ids)
+    extra = ({"documents": documents} if documents else {}) | ({"orphaned": lost} if lost else {})
     shards = _shard_runs(root, run_ids)
     if shards:
         extra["shards"] = shards
@@ -113,7 +118,7 @@ def dataset_report(root: Path, run_ids: list[str] | None = None) -> dict[str, li
 
 def _shard_runs(root: Path, run_ids: list[str] | None) -> list[dict[str, Any]]:
     """The selected coordinators' shard runs: where each ran, how it ended, whether it counts."""
-    runs = store.read_table(root, "runs")
+    runs = store.read_table(root, "runs", include_rejected=True)
     if runs is None or "parent_run_id" not in runs.column_names:
         return []
     rows = runs.to_pylist()
@@ -146,6 +151,35 @@ def _add_vendor_credits(root: Path, runs: list[dict[str, Any]]) -> None:
     for row in runs:
         row["recorded_credits"] = store.sum_exact(recorded.get(row["run_id"], []))
         row["vendor_credits"] = vendor.get(row["run_id"])
+
+
+def orphaned(root: Path, run_ids: list[str] | None) -> list[dict[str, Any]]:
+    """The rejected shard runs among `run_ids` (all: None), each with its coordinator, the rows
+    it left in each table (compaction drops those of `pages` and `documents`) and the credits
+    its attempts recorded: requests the vendor billed, counted in no other total."""
+    ids = (fencing.rejected_runs(root) if run_ids is None
+           else fencing.rejected_among(root, run_ids))
+    if len(ids) == 0:
+        return []
+    where = pc.field("run_id").isin(ids)
+
+    def rows(table: str, cols: list[str]) -> list[dict[str, Any]]:
+        found = store.read_columns(root, table, ["run_id", *cols], where, include_rejected=True)
+        return found.to_pylist() if found is not None else []
+
+    attempts = rows("attempts", ["credits", "usd"])
+    counted = {t: Counter(r["run_id"] for r in rows(t, [])) for t in ("pages", "documents")}
+    out = []
+    for run in sorted(rows("runs", ["parent_run_id", "shard", "outcome"]),
+                      key=lambda r: r["run_id"]):
+        rid = run["run_id"]
+        mine = [a for a in attempts if a["run_id"] == rid]
+        out.append({"run_id": rid, "coordinator": run["parent_run_id"], "shard": run["shard"],
+                    "outcome": run["outcome"], "pages": counted["pages"][rid],
+                    "attempts": len(mine), "documents": counted["documents"][rid],
+                    "credits": store.sum_exact(a["credits"] for a in mine),
+                    "usd": store.sum_exact(a["usd"] for a in mine)})
+    return out
 
 
 def _totals(pages: Any, by: str) -> list[dict[str, Any]]:

@@ -1,8 +1,10 @@
 """Which runs a command looks at: `--run ID` (repeatable), or `--since D [--until D]`, or the newest run.
 
 Shared by `report`, `reconcile`, `review` and `documents`. A coordinator's run id selects it
-and its shard runs; dates are UTC and compare with a run's start. Runs are found in the
-`runs` table and, for runs still working or killed before their manifest, in `pages`.
+and its shard runs (those it rejected only when asked: `report` lists them as orphaned,
+`reconcile` counts what the vendor billed them); dates are UTC and compare with a run's
+start. Runs are found in the `runs` table and, for runs still working or killed before their
+manifest, in `pages`.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ class RunSelection:
             return f"runs started in [{self.since or '…'}, {self.until or '…'})"
         return "the newest run"
 
-    def resolve(self, root: Path) -> list[str]:
-        """The selected run ids, shard runs of selected coordinators included, oldest first."""
-        runs = _known_runs(root)
+    def resolve(self, root: Path, *, include_rejected: bool = False) -> list[str]:
+        """The selected run ids, shard runs of selected coordinators included (rejected ones
+        with `include_rejected`, see `store.fencing`), oldest first."""
+        runs = _known_runs(root, include_rejected)
         if not runs:
             return list(self.run_ids)
         ids, starts, parents = (runs[c].to_pylist() for c in ("run_id", "started_at",
@@ -55,10 +58,12 @@ class RunSelection:
         return sorted(chosen, key=lambda rid: (order.get(rid) is None, order.get(rid), rid))
 
 
-def _known_runs(root: Path) -> pa.Table | None:
+def _known_runs(root: Path, include_rejected: bool) -> pa.Table | None:
     """run_id, started_at, parent_run_id of every run with a manifest or with page rows."""
-    runs = read_columns(root, "runs", ["run_id", "started_at", "parent_run_id"])
-    pages = read_columns(root, "pages", ["run_id", "started_at"])
+    runs = read_columns(root, "runs", ["run_id", "started_at", "parent_run_id"],
+                        include_rejected=include_rejected)
+    pages = read_columns(root, "pages", ["run_id", "started_at"],
+                         include_rejected=include_rejected)
     tables = []
     if runs is not None and runs.num_rows:
         if "parent_run_id" not in runs.column_names:  # manifests written before shard runs

@@ -98,15 +98,17 @@ def run_tables(i: int, fingerprint: str, pages_schema: pa.Schema, n: int) -> dic
 
 def generate(root: Path, runs: int, pages_per_run: int, fingerprint: str,
              pages_schema: pa.Schema) -> None:
-    """The history: one part per table and run, in the run's date partition (two threads)."""
-    from ernie_batch.store import write_parquet_atomic
+    """The history: one part per table and run, in the run's date partition, named as the
+    engine names them (a manifest `run-<run_id>.parquet`); two threads."""
+    from ernie_batch.store import run_row_path, write_parquet_atomic
 
     def one(i: int) -> None:
         at = T0 + timedelta(hours=i)
         for name, table in run_tables(i, fingerprint, pages_schema, pages_per_run).items():
             run_id = table["run_id"][0].as_py()
-            write_parquet_atomic(table, root / name / f"date={at:%Y-%m-%d}" /
-                                 f"part-{run_id}-0000.parquet")
+            day = f"{at:%Y-%m-%d}"
+            write_parquet_atomic(table, run_row_path(root, day, run_id) if name == "runs" else
+                                 root / name / f"date={day}" / f"part-{run_id}-0000.parquet")
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(one, range(runs)))

@@ -86,7 +86,7 @@ def report(
     cfg = load(config, overrides(None, output))
     chosen = selection(run_ids, since, until)
     root = Path(cfg.output.path)
-    tables = dataset_report(root, chosen.resolve(root))
+    tables = dataset_report(root, chosen.resolve(root, include_rejected=True))  # orphaned ones
     if as_json:
         emit_json(tables)
         return

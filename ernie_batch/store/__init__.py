@@ -15,7 +15,8 @@ Every file is written to a temporary name, fsynced and renamed, so a reader neve
 a file. The journal makes a kill -9 cost nothing that reached us: the next run folds it in
 (`ernie_batch.recovery`). The modules: `records` (schemas and typed rows), `files` (atomic
 writes), `lock`, `journal`, `tables` (writing and reading parts), `snapshot` (which files a
-reader reads while compaction replaces parts: `OUTPUT/_compact/`), `done` (what earlier runs
+reader reads while compaction replaces parts: `OUTPUT/_compact/`), `fencing` (the shard runs
+whose rows do not count: their coordinator did not accept them), `done` (what earlier runs
 did, and the skip decisions).
 """
 

@@ -1,7 +1,8 @@
 """Parquet tables: rows buffered and written as numbered parts; tables read across parts and schemas.
 
 Every read lists a table through `snapshot.read_files`, so a compaction in progress (or cut
-short) never shows a row twice or hides one.
+short) never shows a row twice or hides one; and leaves out the rows of shard runs their
+coordinator rejected (`fencing`), unless asked to include them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ernie_batch.store import duplicates
+from ernie_batch.store import duplicates, fencing
 from ernie_batch.store.files import write_parquet_atomic
 from ernie_batch.store.records import RUNS_SCHEMA, RunRow
 from ernie_batch.store.snapshot import read_files
@@ -64,11 +65,14 @@ def _dataset(root: Path, table: str, files: list[Path],
 
 
 def read_columns(root: StrPath, table: str, columns: list[str],
-                 where: pc.Expression | None = None) -> pa.Table | None:
+                 where: pc.Expression | None = None, *,
+                 include_rejected: bool = False) -> pa.Table | None:
     """Only the named columns of a table, across all its parts (files may differ in answer
     columns); with `where`, only the rows it selects (parts it rules out by their statistics
-    are not read)."""
+    are not read). Rows of rejected shard runs are left out unless `include_rejected`."""
     root = Path(root)
+    fence = not include_rejected and fencing.fenced(table)
+    wanted = [*columns, "run_id"] if fence and "run_id" not in columns else columns
 
     def read(files: list[Path]) -> pa.Table | None:
         if not files:
@@ -76,11 +80,15 @@ def read_columns(root: StrPath, table: str, columns: list[str],
         parts = []
         for i in range(0, len(files), FILES_PER_SCAN):
             ds = _dataset(root, table, files[i:i + FILES_PER_SCAN])
-            present = [c for c in columns if c in ds.schema.names]
+            present = [c for c in wanted if c in ds.schema.names]
             parts.append(ds.to_table(columns=present, filter=where))
         return pa.concat_tables(parts, promote_options="default")
 
-    return read_files(root, table, read)
+    rows = read_files(root, table, read)
+    if rows is None or not fence:
+        return rows
+    rows = fencing.drop_rejected(root, rows)
+    return rows if wanted is columns else rows.drop_columns(["run_id"])
 
 
 # the column that orders a table's rows in time, for `current=True` (first one present)
@@ -88,12 +96,14 @@ NEWEST_BY = ("built_at", "finished_at", "started_at")
 
 
 def read_table(root: StrPath, table: str, *, current: bool = False,
-               resolve_duplicates: bool = False) -> pa.Table | None:
+               resolve_duplicates: bool = False, include_rejected: bool = False) -> pa.Table | None:
     """A whole table with the union of all parts' schemas (new answer columns read as null).
 
-    With `current`, only the newest row per `key` (by the first of `NEWEST_BY` the table
-    has, then run id): e.g. the current generation of each document. With
-    `resolve_duplicates` (pages), duplicate rows carry the answer of the row they point at.
+    Rows of shard runs their coordinator rejected are left out (`fencing`; the `runs` rows of
+    those runs too), unless `include_rejected`. With `current`, only the newest row per `key`
+    (by the first of `NEWEST_BY` the table has, then run id) among the rows that count: e.g.
+    the current generation of each document. With `resolve_duplicates` (pages), duplicate
+    rows carry the answer of the row they point at.
     """
     root = Path(root)
 
@@ -106,6 +116,8 @@ def read_table(root: StrPath, table: str, *, current: bool = False,
     rows = read_files(root, table, read)
     if rows is None:
         return None
+    if not include_rejected and fencing.fenced(table):
+        rows = fencing.drop_rejected(root, rows)
     if resolve_duplicates and table == "pages":
         rows = duplicates.resolve_duplicates(rows)
     return newest_per_key(rows) if current else rows
@@ -128,9 +140,10 @@ def newest_per_key(table: pa.Table) -> pa.Table:
 def rows_of_run(root: StrPath, table: str, run_id: str, cols: list[str]) -> set[tuple]:
     """The `cols` of the rows a run already wrote to `table`, as a set of tuples.
 
-    Found by the `run_id` column, never by file names: compacted files hold many runs.
+    Found by the `run_id` column, never by file names: compacted files hold many runs. A
+    rejected run's rows too: they are on disk (recovery must not write them twice).
     """
-    t = read_columns(root, table, cols, pc.field("run_id") == run_id)
+    t = read_columns(root, table, cols, pc.field("run_id") == run_id, include_rejected=True)
     if t is None:
         return set()
     return set(zip(*(t[c].to_pylist() for c in cols), strict=True))
@@ -146,6 +159,7 @@ def run_row_path(root: Path, date: str, run_id: str) -> Path:
 
 
 def write_run_row(root: Path, date: str, row: RunRow) -> Path:
+    """The run's manifest, alone in `run-<run_id>.parquet` (`fencing` finds it by that name)."""
     path = run_row_path(root, date, row.run_id)
     write_parquet_atomic(pa.Table.from_pylist([row.as_dict()], schema=RUNS_SCHEMA), path)
     return path
