@@ -16,8 +16,8 @@ from ernie_batch import store
 from ernie_batch.bench import max_in_any_window
 from ernie_batch.config import SourceOptions
 from ernie_batch.discover import discover
-from ernie_batch.scale.channel import Channel
-from ernie_batch.scale.granter import Granter
+from ernie_batch.scale.channel import Channel, ShardReport
+from ernie_batch.scale.granter import Granter, grants_of
 from ernie_batch.scale.plan import split, write_manifest
 from ernie_batch.scale.shard import run_shard
 from tests.conftest import PROJECT, TEST_KEY
@@ -101,6 +101,37 @@ def test_a_budget_stop_in_one_shard_stops_the_others(sim_factory, api_env, tmp_p
     assert [s.outcome for s in summaries] == ["budget_stopped"] * 3
     assert channel.stop.exists()
     assert len(sim.ledger()["entries"]) < units  # found once, obeyed by all
+
+
+async def grant_for(channel: Channel, run_id: str, waiting: int, used: int, *,
+                    resume: bool, seconds: float) -> Granter:
+    """A granter (new, or resumed from the channel) serving one shard run that wants `waiting`."""
+    ShardReport(shard=0, run_id=run_id, waiting=waiting, used=used, ok=used).write(
+        channel.report(run_id))
+    granter = Granter(channel, per_window=100, window_s=0.5)
+    if resume:
+        granter.resume(channel)
+    granter.admit(run_id)
+    granting = asyncio.create_task(granter.run())
+    await asyncio.sleep(seconds)
+    granter.stop()
+    await granting
+    return granter
+
+
+def test_a_resumed_granter_goes_on_from_the_dead_ones_counts_after_a_clear_window(tmp_path):
+    """A coordinator that died and is run again: no grant handed out twice, no window overrun."""
+    channel = Channel(tmp_path / "_scale" / "c")
+    run_id = store.new_run_id()
+    asyncio.run(grant_for(channel, run_id, waiting=5, used=0, resume=False, seconds=0.2))
+    last_issued, granted = grants_of(channel, run_id)[-1]
+    assert granted == 5
+    granter = asyncio.run(grant_for(channel, run_id, waiting=3, used=5, resume=True,
+                                    seconds=1.2))
+    batches = grants_of(channel, run_id)
+    assert batches[-1][1] == 8  # counted on from 5, not from 0
+    first_new = min(t for t, n in batches if n > 5)
+    assert first_new >= last_issued + granter.window_s
 
 
 @pytest.mark.parametrize("args, env, fragment", [

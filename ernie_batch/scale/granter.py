@@ -48,8 +48,10 @@ class Granter:
     def __init__(self, channel: Channel, *, per_window: float, window_s: float,
                  adaptive: bool = True) -> None:
         self.channel = channel
+        self.window_s = window_s + EXPIRY_S + SEND_S
         self.budget = RequestBudget(rpm=per_window, max_in_flight=0, adaptive=adaptive,
-                                    window_s=window_s + EXPIRY_S + SEND_S)
+                                    window_s=self.window_s)
+        self.not_before = 0.0  # a resumed granter grants nothing until its window is clear
         self.rate_limited = 0  # 429s the shard runs met, all together
         self._runs: dict[str, _Run] = {}
         self._order: list[str] = []  # the current shard runs, for round-robin
@@ -72,8 +74,12 @@ class Granter:
 
     def resume(self, channel: Channel) -> None:
         """Go on from the grants an earlier coordinator of this plan wrote: every shard run
-        counts its grants from there (a grant is never handed out twice)."""
+        counts its grants from there (a grant is never handed out twice). Which of those
+        fell in the current window is not known, so it grants nothing for one window after
+        the last of them: the dead coordinator's window cannot be exceeded."""
         value = read_json(channel.grants)
+        if isinstance(value, dict) and value.get("updated"):
+            self.not_before = float(value["updated"]) + self.window_s
         for run_id, batches in (value or {}).get("runs", {}).items():
             if batches:
                 run = self._runs.setdefault(run_id, _Run())
@@ -88,7 +94,8 @@ class Granter:
         while not self._stopping.is_set():
             self._read_reports()
             granted = False
-            while (wanting := self._wanting()) and (lease := self.budget.try_acquire()):
+            while (time.time() >= self.not_before and (wanting := self._wanting())
+                   and (lease := self.budget.try_acquire())):
                 run = self._runs[self._pick(wanting)]
                 run.leases.append(lease)
                 run.granted += 1
