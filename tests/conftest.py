@@ -68,3 +68,27 @@ def job_config(sim_url: str, output: Path, sources: list[Path] | None = None, **
     }
     values.update(overrides)
     return load_config(PROJECT / "configs" / "demo.toml", values)
+
+
+def run_mounted(cfg, app):
+    """One run of the engine in process against a simulator's ASGI app (engine logic only:
+    everything about the wire stays on loopback)."""
+    import asyncio
+
+    import httpx
+    from pydantic import SecretStr
+
+    from ernie_batch.client import ApiClient
+    from ernie_batch.engine import Pipeline
+
+    async def go():
+        client = ApiClient("http://127.0.0.1:9/v1", SecretStr(TEST_KEY),  # never dialled
+                           transport=httpx.ASGITransport(app=app))
+        try:
+            async with Pipeline(cfg, SecretStr(TEST_KEY), client=client) as run:
+                await run.process(run.discover())
+                return await run.finish()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())

@@ -4,7 +4,6 @@ without a request, read back with pandas and DuckDB."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
@@ -13,26 +12,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 from pydantic import SecretStr
 
 from ernie_batch import store
-from ernie_batch.client import ApiClient
 from ernie_batch.config import load_config
 from ernie_batch.content import parts_sha256
 from ernie_batch.discover import discover
 from ernie_batch.documents import document_key
-from ernie_batch.engine import Pipeline, run_job
+from ernie_batch.engine import run_job
 from ernie_batch.prepare import prepare_document
 from ernie_batch.prompt import fingerprint
 from ernie_batch.rebuild import rebuild_documents
 from ernie_batch.report import dataset_report
 from ernie_batch.sim import SimServer, SimSettings, Simulator
 from ernie_batch.units import PageUnit
-from tests.conftest import PROJECT, SAMPLES, TEST_KEY
+from tests.conftest import PROJECT, SAMPLES, TEST_KEY, run_mounted
 
 SCHEMA = {
     "type": "object",
@@ -90,16 +87,7 @@ def script(sim: Simulator, cfg, answers: list) -> None:
 
 
 def run(cfg, sim: Simulator):
-    async def go():
-        client = ApiClient(BASE, SecretStr(TEST_KEY), transport=httpx.ASGITransport(app=sim.app))
-        try:
-            async with Pipeline(cfg, SecretStr(TEST_KEY), client=client) as pipeline:
-                await pipeline.process(pipeline.discover())
-                return await pipeline.finish()
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
+    return run_mounted(cfg, sim.app)
 
 
 def documents(cfg, current: bool = False) -> pd.DataFrame:

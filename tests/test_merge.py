@@ -4,26 +4,21 @@ an item), property-tested with hypothesis."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import shutil
 
-import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
-from ernie_batch.client import ApiClient
 from ernie_batch.config import ConfigError, load_config
-from ernie_batch.engine import Pipeline
 from ernie_batch.merge import PagePart, canonical, merge, rules_of
 from ernie_batch.prompt import fingerprint
 from ernie_batch.sim import SimSettings, Simulator
 from ernie_batch.template import strip_extensions
 from ernie_batch.vocab import MergeRule
-from tests.conftest import SAMPLES, TEST_KEY, job_config
+from tests.conftest import SAMPLES, TEST_KEY, job_config, run_mounted
 
 # fingerprints computed on main before merge rules existed: outputs made then are not re-sent
 DEFAULT_FINGERPRINT = "1972bfcc96d98cc143551005b89f1808d8205be4d7a9cb98f7cb658a75639a86"
@@ -89,18 +84,7 @@ class Recording:
 
 def received_bodies(cfg) -> list[bytes]:
     app = Recording(Simulator(SimSettings(api_key=TEST_KEY)).app)
-
-    async def go() -> None:
-        client = ApiClient("http://127.0.0.1:9/v1", SecretStr(TEST_KEY),
-                           transport=httpx.ASGITransport(app=app))
-        try:
-            async with Pipeline(cfg, SecretStr(TEST_KEY), client=client) as run:
-                await run.process(run.discover())
-                await run.finish()
-        finally:
-            await client.aclose()
-
-    asyncio.run(go())
+    run_mounted(cfg, app)
     return sorted(app.bodies)
 
 

@@ -125,13 +125,23 @@ def pool() -> Iterator[Pool]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def job(tmp_path: Path, sim, images: int, concurrency: int = 6) -> tuple[Path, int]:
+def job(tmp_path: Path, sim, images: int, concurrency: int) -> tuple[Path, int]:
     units = make_corpus(tmp_path / "in", images=images, pdf_pages=6, seed=8)
     config = write_config(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", sim.url,
                           concurrency=concurrency)
     config.write_text(config.read_text().replace(
         "rpm = 6000", f"rpm = {PER_WINDOW * 60 / WINDOW_S}\nwindow_s = {WINDOW_S}"))
     return config, units
+
+
+def pool_job(pool: Pool, sim_factory, tmp_path: Path, images: int, *, latency_s: float = 0.3,
+             concurrency: int = 4) -> tuple:
+    """The simulator under the test's limit (warmed: a cold one admits its first requests
+    late, bench/_http.py), the job's config over `images` images and a PDF, two workers."""
+    sim = sim_factory(latency_s=latency_s, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
+    warm_server(sim)
+    config, units = job(tmp_path, sim, images, concurrency)
+    return sim, config, units, workers(pool, tmp_path)
 
 
 def workers(pool: Pool, tmp_path: Path, n: int = 2) -> list[subprocess.Popen]:
@@ -189,10 +199,8 @@ def wait_for_answers(sim, run: subprocess.Popen, count: int) -> None:
 
 
 def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(pool, sim_factory, tmp_path):
-    sim = sim_factory(latency_s=0.2, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
-    warm_server(sim)  # a cold simulator admits its first requests late (bench/_http.py)
-    config, units = job(tmp_path, sim, images=126)
-    procs = workers(pool, tmp_path)
+    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 126,
+                                         latency_s=0.2, concurrency=6)
     try:
         run = backfill(pool, tmp_path, config, shards=4)
         assert run.wait(timeout=900) == 0, (tmp_path / "backfill.out").read_text()[-3000:]
@@ -237,10 +245,7 @@ def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(pool, sim_factory,
 
 def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
         pool, sim_factory, tmp_path):
-    sim = sim_factory(latency_s=0.3, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
-    warm_server(sim)
-    config, units = job(tmp_path, sim, images=126, concurrency=4)
-    procs = workers(pool, tmp_path)
+    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 126)
     try:
         run = backfill(pool, tmp_path, config, shards=4)
         wait_for_answers(sim, run, units // 3)
@@ -269,10 +274,7 @@ def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
 
 
 def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_path):
-    sim = sim_factory(latency_s=0.3, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
-    warm_server(sim)
-    config, units = job(tmp_path, sim, images=66, concurrency=4)
-    procs = workers(pool, tmp_path)
+    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 66)
     try:
         run = backfill(pool, tmp_path, config, shards=2)
         deadline = time.monotonic() + 300
@@ -312,10 +314,7 @@ def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_pat
 
 
 def test_a_coordinator_killed_and_run_again_resumes_its_plan(pool, sim_factory, tmp_path):
-    sim = sim_factory(latency_s=0.3, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
-    warm_server(sim)
-    config, units = job(tmp_path, sim, images=126, concurrency=4)
-    procs = workers(pool, tmp_path)
+    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 126)
     try:
         first = backfill(pool, tmp_path, config, shards=4)
         wait_for_answers(sim, first, units // 3)
@@ -343,10 +342,7 @@ def test_a_coordinator_killed_and_run_again_resumes_its_plan(pool, sim_factory, 
 
 
 def test_ctrl_c_on_the_coordinator_cancels_its_shard_runs(pool, sim_factory, tmp_path):
-    sim = sim_factory(latency_s=0.3, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
-    warm_server(sim)
-    config, units = job(tmp_path, sim, images=300, concurrency=4)
-    procs = workers(pool, tmp_path)
+    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 300)
     try:
         run = backfill(pool, tmp_path, config, shards=4)
         wait_for_answers(sim, run, 40)

@@ -16,21 +16,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pyarrow as pa
 import pytest
-from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from ernie_batch.client import ApiClient
-from ernie_batch.engine import Pipeline
 from ernie_batch.review import build_review
 from ernie_batch.review.gather import conflict_fields
 from ernie_batch.review.page import json_island
 from ernie_batch.review.static import CSP, SCRIPT
 from ernie_batch.sim import FaultRates, SimSettings, Simulator
 from ernie_batch.store import read_table, write_parquet_atomic
-from tests.conftest import TEST_KEY, job_config
+from tests.conftest import TEST_KEY, job_config, run_mounted
 from tests.test_chaos import make_corpus
 
 BASE = "http://127.0.0.1:9/v1"  # never dialled: the simulator's app is the transport
@@ -73,18 +69,8 @@ def make_sources(src: Path, images: int = 4, pdf_pages: int = 3) -> None:
 
 
 def run_once(cfg, faults: FaultRates | None = None, seed: int = 3) -> None:
-    sim = Simulator(SimSettings(api_key=TEST_KEY, faults=faults or FaultRates(), seed=seed))
-
-    async def go() -> None:
-        client = ApiClient(BASE, SecretStr(TEST_KEY), transport=httpx.ASGITransport(app=sim.app))
-        try:
-            async with Pipeline(cfg, SecretStr(TEST_KEY), client=client) as run:
-                await run.process(run.discover())
-                await run.finish()
-        finally:
-            await client.aclose()
-
-    asyncio.run(go())
+    run_mounted(cfg, Simulator(SimSettings(api_key=TEST_KEY, faults=faults or FaultRates(),
+                                           seed=seed)).app)
 
 
 def reviewed_output(root: Path, **overrides) -> Reviewed:
