@@ -121,6 +121,7 @@ class RequestBudget:
             raise ValueError("window_s must be > 0")
         self._configured_rpm = float(rpm) if rpm > 0 else None
         self._tpm = float(tpm) if tpm > 0 else None
+        self._full = (self._configured_rpm, self._tpm)  # before any share (set_share)
         self._cap = max_in_flight if max_in_flight > 0 else None
         self._adaptive = adaptive
         self._window = float(window_s)
@@ -136,6 +137,8 @@ class RequestBudget:
         self._event_seq = 0  # leases with a smaller seq belong to an earlier congestion event
         self._backoff_k = 0
         self._pause_until = -math.inf
+        self._held_until = -math.inf  # hold(): other runs of the key make room first
+        self._valid_until = math.inf  # renew(): a shared limit's membership still holds
         self._ratio = 1.0
         self._ratio_samples = 0
 
@@ -178,7 +181,8 @@ class RequestBudget:
             return None
         now = self._clock()
         cost = est_tokens * self._ratio if self._tpm is not None else 0.0
-        wait = max(self._pause_until - now, self._requests.delay(now, 1.0))
+        wait = max(self._pause_until - now, self._held_until - now, self._lapsed(now),
+                   self._requests.delay(now, 1.0))
         if cost > 0:
             wait = max(wait, self._tokens.delay(now, cost))
         if wait > 0:
@@ -231,6 +235,42 @@ class RequestBudget:
             fut = self._slot_waiters.popleft()
             if not fut.done():
                 fut.set_exception(BudgetStopped("the run is stopping"))
+        self._wake()
+
+    def set_share(self, fraction: float) -> None:
+        """Pace at `fraction` of the configured limits: the rest is other runs' using the
+        same key (`ernie_batch.scale.limit_share`). It applies to the next admission; the
+        caller raises a share only once the others' window has passed."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError("a share is a fraction in (0, 1]")
+        now = self._clock()
+        full_rpm, full_tpm = self._full
+        if full_rpm is not None and self._configured_rpm is not None:
+            old, new = self._configured_rpm, full_rpm * fraction
+            self._configured_rpm = new
+            # a bound or a rate learnt under the old limit still holds when it is lower
+            self._bound = new if self._bound is None or self._bound >= old else \
+                min(self._bound, new)
+            rate = new if self._rate is None or self._rate >= old else min(self._rate, new)
+            self._set_rate(rate, now)
+        if full_tpm is not None:
+            self._tpm = full_tpm * fraction
+            self._tokens.set_limit(self._tpm, self._tpm, now)
+        self._wake()
+
+    def renew(self, seconds: float) -> None:
+        """Admit for the next `seconds` only, unless renewed again: a member of a shared
+        limit that stalls stops sending before the others count it out."""
+        self._valid_until = self._clock() + seconds
+        self._wake()
+
+    def _lapsed(self, now: float) -> float:
+        return math.inf if now >= self._valid_until else 0.0
+
+    def hold(self, seconds: float) -> None:
+        """Admit nothing for `seconds` from now (`math.inf`: until told again), replacing an
+        earlier hold: a run joining others of its key waits until they made room."""
+        self._held_until = self._clock() + seconds
         self._wake()
 
     @property
@@ -299,12 +339,13 @@ class RequestBudget:
             self._check_stopped()
             now = self._clock()
             cost = est_tokens * self._ratio if self._tpm is not None else 0.0
-            wait = max(self._pause_until - now, self._requests.delay(now, 1.0))
+            wait = max(self._pause_until - now, self._held_until - now, self._lapsed(now),
+                       self._requests.delay(now, 1.0))
             if cost > 0:
                 wait = max(wait, self._tokens.delay(now, cost))
             if wait <= 0:
                 return self._admit(now, est_tokens, cost)
-            await self._sleep(wait)
+            await self._sleep(min(wait, self._window))  # woken early by any change
 
     def _admit(self, now: float, est_tokens: int, cost: float) -> Lease:
         self._requests.take(now, 1.0)

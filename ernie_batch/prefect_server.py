@@ -202,6 +202,9 @@ def start_local_server(host: str = LOOPBACK, port: int | None = None,
             log_path.unlink(missing_ok=True)
 
 
+PRIVATE_API_ENV = "ERNIE_BATCH_PRIVATE_PREFECT_API"  # the URL of a server of our own
+
+
 def configured_api_url() -> str | None:
     """PREFECT_API_URL as Prefect resolves it (environment or the active profile)."""
     from prefect.settings import get_current_settings
@@ -209,26 +212,34 @@ def configured_api_url() -> str | None:
     return get_current_settings().api.url
 
 
+def shared_server() -> bool:
+    """Whether runs talk to a Prefect server the user configured (others' runs may use it
+    too: they share the API's limit through it), not one this command started for itself."""
+    url = configured_api_url()
+    return url is not None and url != os.environ.get(PRIVATE_API_ENV)
+
+
 @contextlib.contextmanager
 def use_api(url: str) -> Iterator[None]:
-    """Point this process and the run subprocesses it starts at `url`.
+    """Point this process and the run subprocesses it starts at `url`, a server of our own.
 
     Prefect reads its settings when imported, so the environment alone is not enough here:
-    `temporary_settings` changes the live settings; the environment variable is for any
+    `temporary_settings` changes the live settings; the environment variables are for any
     child process that does not inherit them.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
+    old = {name: os.environ.get(name) for name in ("PREFECT_API_URL", PRIVATE_API_ENV)}
+    os.environ["PREFECT_API_URL"] = os.environ[PRIVATE_API_ENV] = url
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield
     finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from prefect.runtime import deployment
 from ernie_batch.config import api_key, load_config
 from ernie_batch.engine import Pipeline, RunOptions, batches
 from ernie_batch.report import finished_line, summary_markdown, summary_table
+from ernie_batch.scale.limit_share import run_membership
 from ernie_batch.summary import RunSummary
 
 _RUNS: dict[str, tuple[Pipeline, list[list[Any]]]] = {}
@@ -48,7 +49,8 @@ async def run_flow(kind: str, config_path: str | None, sources: list[str] | None
     cfg = load_config(config_path, overrides)
     key = api_key(cfg)  # from the environment or a Secret block: never a parameter
     opts = RunOptions(kind=kind, force=force, retry_failed=retry_failed, wait_lock_s=wait_lock_s)
-    async with Pipeline(cfg, key, opts) as run:
+    async with Pipeline(cfg, key, opts) as run, \
+            run_membership(cfg, key, run.run_id, run.budget):  # one limit for every run
         _RUNS[run.run_id] = (run, [])
         try:
             await discover_documents(run.run_id, sources, batch_size)

@@ -487,3 +487,29 @@ def test_an_early_429_does_not_stall_a_configured_rate() -> None:
         return budget.current_rpm
 
     assert run(main()) == pytest.approx(0.8 * 600)
+
+
+def test_a_share_of_the_limit_a_hold_and_a_lapsed_membership() -> None:
+    """What a member of a key's shared limit is told (`ernie_batch.scale.limit_share`)."""
+    clock = FakeClock()
+    budget = RequestBudget(rpm=60, tpm=6000, max_in_flight=0, window_s=60, clock=clock)
+    budget.set_share(0.5)
+    assert budget.current_rpm == 30 and budget.snapshot()["configured_rpm"] == 30
+    budget.set_share(1.0)  # a raise goes back to the configured limit, never above
+    assert budget.current_rpm == 60
+    with pytest.raises(ValueError):
+        budget.set_share(0.0)
+
+    budget.hold(math.inf)  # a newcomer: nothing until the others made room
+    assert budget.try_acquire() is None
+    clock.now += 3600
+    assert budget.try_acquire() is None
+    budget.hold(5.0)  # room in 5 s: replaces the earlier hold
+    clock.now += 5.0
+    assert budget.try_acquire() is not None
+
+    budget.renew(10.0)  # sends for 10 s only, unless renewed
+    clock.now += 10.0
+    assert budget.try_acquire() is None
+    budget.renew(10.0)
+    assert budget.try_acquire() is not None

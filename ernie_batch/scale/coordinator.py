@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from ernie_batch import interrupt, store
-from ernie_batch.config import JobConfig
+from ernie_batch.config import JobConfig, api_key
 from ernie_batch.discover import discover
 from ernie_batch.errors import ConfigError, LockedError
 from ernie_batch.scale.channel import Channel, ShardReport, write_json
 from ernie_batch.scale.granter import Granter
+from ernie_batch.scale.limit_share import LimitShare
 from ernie_batch.scale.outcome import ShardState, finish
 from ernie_batch.scale.plan import (
     Attempt,
@@ -100,13 +101,15 @@ class Coordinator:
             self.granter = granter
             if self.resumed:
                 granter.resume(self.channel)
-            granting = asyncio.create_task(granter.run())
-            try:
-                with self._signals():
-                    await self._watch(plan)
-            finally:
-                granter.stop()
-                await granting
+            async with LimitShare(self.cfg.api.base_url, api_key(self.cfg), self.run_id,
+                                  granter.window_s, granter):  # other runs of the key
+                granting = asyncio.create_task(granter.run())
+                try:
+                    with self._signals():
+                        await self._watch(plan)
+                finally:
+                    granter.stop()
+                    await granting
             summary = finish(self, stats.skipped, granter.rate_limited)
             # a replaced shard run that lives on waits for grants that never come: stop it
             write_json(self.channel.stop, {"reason": "interrupted", "shard": None,

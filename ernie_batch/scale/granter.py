@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import time
 
 from ernie_batch.limits import Lease, RequestBudget
@@ -52,6 +53,8 @@ class Granter:
         self.budget = RequestBudget(rpm=per_window, max_in_flight=0, adaptive=adaptive,
                                     window_s=self.window_s)
         self.not_before = 0.0  # a resumed granter grants nothing until its window is clear
+        self.held_until = 0.0  # hold()
+        self.valid_until = math.inf  # renew()
         self.rate_limited = 0  # 429s the shard runs met, all together
         self._runs: dict[str, _Run] = {}
         self._order: list[str] = []  # the current shard runs, for round-robin
@@ -86,6 +89,24 @@ class Granter:
                 run.granted = int(batches[-1][1])
                 run.batches = [(float(t), int(n)) for t, n in batches]
 
+    # ---- a member of the key's shared limit (`ernie_batch.scale.limit_share`)
+
+    def set_share(self, fraction: float) -> None:
+        self.budget.set_share(fraction)
+
+    def hold(self, seconds: float) -> None:
+        """Grant nothing for `seconds` from now (`math.inf`: until told again), replacing an
+        earlier hold: joining other runs of the key, it waits until they made room."""
+        self.held_until = time.time() + seconds
+
+    def renew(self, seconds: float) -> None:
+        """Grant for the next `seconds` only, unless renewed (a stalled member stops)."""
+        self.valid_until = time.time() + seconds
+
+    def _may_grant(self) -> bool:
+        now = time.time()
+        return max(self.not_before, self.held_until) <= now < self.valid_until
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -94,7 +115,7 @@ class Granter:
         while not self._stopping.is_set():
             self._read_reports()
             granted = False
-            while (time.time() >= self.not_before and (wanting := self._wanting())
+            while (self._may_grant() and (wanting := self._wanting())
                    and (lease := self.budget.try_acquire())):
                 run = self._runs[self._pick(wanting)]
                 run.leases.append(lease)
