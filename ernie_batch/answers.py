@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
@@ -44,9 +43,17 @@ def extract_json(text: str) -> Any:
     raise ValueError("no JSON found in the answer")
 
 
-@lru_cache(maxsize=8)
-def _validator(schema_json: str) -> Draft202012Validator:
-    return Draft202012Validator(json.loads(schema_json))
+_VALIDATORS: dict[int, tuple[dict[str, Any], Draft202012Validator]] = {}
+
+
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    """One validator per schema object (a job's schema is a frozen value, judged per answer)."""
+    hit = _VALIDATORS.get(id(schema))
+    if hit is None or hit[0] is not schema:  # the entry keeps its schema alive: ids stay unique
+        if len(_VALIDATORS) >= 8:
+            _VALIDATORS.clear()
+        hit = _VALIDATORS[id(schema)] = (schema, Draft202012Validator(schema))
+    return hit[1]
 
 
 def judge(text: str | None, finish_reason: str | None, schema: dict[str, Any]) -> Verdict:
@@ -59,7 +66,7 @@ def judge(text: str | None, finish_reason: str | None, schema: dict[str, Any]) -
         value = extract_json(text)
     except ValueError as exc:
         return Verdict(None, str(exc))
-    validator = _validator(json.dumps(schema, sort_keys=True))
+    validator = _validator(schema)
     error = next(iter(sorted(validator.iter_errors(value), key=lambda e: list(e.path))), None)
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"

@@ -27,10 +27,10 @@ class Document:
 
     @property
     def relative_path(self) -> str:
-        try:
-            return self.path.relative_to(self.root).as_posix()
-        except ValueError:
-            return self.path.name
+        """`path` under `root` (by name, as `Path.relative_to`), else the file name."""
+        root = str(self.root).rstrip("/") + "/"
+        path = str(self.path)
+        return path[len(root):] if path.startswith(root) else self.path.name
 
 
 @dataclass(frozen=True, slots=True)

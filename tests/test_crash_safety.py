@@ -50,7 +50,7 @@ def killed_run(cfg, *, lose_last_pages_part: bool) -> Pipeline:
         await run.process(run.discover())
         await run.pool.aclose()
         await run.client.aclose()
-        run.recorder.journal._fh.close()
+        run.recorder.journal.close(delete=False)
         return run
 
     run = asyncio.run(go())

@@ -281,7 +281,7 @@ def test_a_killed_shard_run_counts_until_its_journal_is_folded_then_is_rejected(
         await run.process(run.discover())  # flushed at the end of `process`: parts on disk
         await run.pool.aclose()
         await run.client.aclose()
-        run.recorder.journal._fh.close()  # killed before its manifest
+        run.recorder.journal.close(delete=False)  # killed before its manifest
         return run
 
     run = asyncio.run(killed())

@@ -73,7 +73,7 @@ def killed_with_requests_in_flight(cfg, after_sent: int) -> Pipeline:
         await run.process(run.discover())
         await run.pool.aclose()
         await run.client.aclose()
-        rec.journal._fh.close()
+        rec.journal.close(delete=False)
         return run
 
     run = asyncio.run(go())
