@@ -18,7 +18,7 @@ catches a builtin today (a `ValueError` for bad media or a bad schedule) still c
     │   └── NoUsageLogs       the endpoint has no usage logs (404: vLLM, Ollama)
     └── ServerStartError      (also RuntimeError) the local Prefect server did not come up
 
-The simulator's HTTP control-flow exception (`ernie_batch.sim.app.ApiError`) is not a user
+The simulator's HTTP control-flow exception (`ernie_batch.sim.validation.ApiError`) is not a user
 error and stays outside this tree.
 """
 

@@ -48,53 +48,13 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from types import TracebackType
 
 from ernie_batch.errors import BudgetStopped
+from ernie_batch.lease import OUTCOMES, Lease
 from ernie_batch.pacer import Pacer
 from ernie_batch.retry_after import MAX_RETRY_AFTER_S
 
 __all__ = ["BudgetStopped", "Lease", "RequestBudget"]
-
-OUTCOMES = ("ok", "rate_limited", "error")
-
-
-@dataclass(eq=False)
-class Lease:
-    """Permission to send one request; hand it back with `RequestBudget.release` exactly once.
-
-    Also an async context manager: leaving the block without a release releases it with
-    outcome "error" if the block raised (cancellation included), else "ok".
-    """
-
-    est_tokens: int
-    started_at: float
-    _budget: RequestBudget = field(repr=False)
-    _seq: int = field(repr=False)
-    _window_count: int = field(repr=False)  # acquisitions in the window_s ending here
-    _charged: float = field(default=0.0, repr=False)
-    _token_entry: list[float] | None = field(default=None, repr=False)
-    _released: bool = field(default=False, repr=False)
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def release(self, *, outcome: str, actual_tokens: int | None = None,
-                retry_after: float | None = None) -> None:
-        """Shorthand for `budget.release(lease, ...)`."""
-        self._budget.release(self, outcome=outcome, actual_tokens=actual_tokens,
-                             retry_after=retry_after)
-
-    async def __aenter__(self) -> Lease:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        if not self._released:
-            self._budget.release(self, outcome="error" if exc_type is not None else "ok")
-
 
 class RequestBudget:
     """One per run, shared by all its requests: see the module docstring for the design."""
@@ -180,11 +140,7 @@ class RequestBudget:
         if self._cap is not None and self._slots_taken >= self._cap:
             return None
         now = self._clock()
-        cost = est_tokens * self._ratio if self._tpm is not None else 0.0
-        wait = max(self._pause_until - now, self._held_until - now, self._lapsed(now),
-                   self._requests.delay(now, 1.0))
-        if cost > 0:
-            wait = max(wait, self._tokens.delay(now, cost))
+        wait, cost = self._wait(now, est_tokens)
         if wait > 0:
             return None
         self._slots_taken += 1
@@ -333,16 +289,22 @@ class RequestBudget:
                 fut.set_result(None)
                 return
 
+    def _wait(self, now: float, est_tokens: int) -> tuple[float, float]:
+        """(seconds until a request of `est_tokens` may go: pause, hold, lapse, both pacers;
+        its token cost)."""
+        cost = est_tokens * self._ratio if self._tpm is not None else 0.0
+        wait = max(self._pause_until - now, self._held_until - now, self._lapsed(now),
+                   self._requests.delay(now, 1.0))
+        if cost > 0:
+            wait = max(wait, self._tokens.delay(now, cost))
+        return wait, cost
+
     async def _pass_gate(self, est_tokens: int) -> Lease:
         """Holding the gate: wait until the pause is over and both pacers admit, then admit."""
         while True:
             self._check_stopped()
             now = self._clock()
-            cost = est_tokens * self._ratio if self._tpm is not None else 0.0
-            wait = max(self._pause_until - now, self._held_until - now, self._lapsed(now),
-                       self._requests.delay(now, 1.0))
-            if cost > 0:
-                wait = max(wait, self._tokens.delay(now, cost))
+            wait, cost = self._wait(now, est_tokens)
             if wait <= 0:
                 return self._admit(now, est_tokens, cost)
             await self._sleep(min(wait, self._window))  # woken early by any change

@@ -1,4 +1,4 @@
-"""The simulator's ASGI app: settings, routes, auth, admission, billing and the ledger.
+"""The simulator's ASGI app: routes, auth, admission, billing and the ledger's entries.
 
 It behaves like the real API (see shared/API-FACTS.md): Bearer auth, request validation with
 the vendor's 400 body, RPM/TPM sliding windows and a concurrency cap answered with 429 +
@@ -19,7 +19,7 @@ import random
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,10 +38,11 @@ from ernie_batch.sim.faults import (
     FAULT_KINDS,
     NON_JSON_BODY,
     DroppedResponse,
-    FaultRates,
     TransportLookup,
 )
+from ernie_batch.sim.ledger import Call, LedgerEntry
 from ernie_batch.sim.misreads import misread
+from ernie_batch.sim.settings import SimSettings
 from ernie_batch.sim.usage_logs import LogRow, UsageLogs
 from ernie_batch.sim.validation import (
     ApiError,
@@ -52,80 +53,9 @@ from ernie_batch.sim.validation import (
 )
 from ernie_batch.sim.window import SlidingWindow, retry_after
 
-DEFAULT_MODEL = "baidu/ernie-4.5-vl-424b-a47b"
 LOW_BALANCE_THRESHOLD = 10_000.0
 UNLIMITED_BALANCE = 1_000_000_000_000.0
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the vendor's rule; others dropped
-
-
-@dataclass
-class SimSettings:
-    """How the simulated endpoint behaves: key, models, limits, balance, faults, prices."""
-
-    api_key: str
-    models: tuple[str, ...] = (DEFAULT_MODEL,)
-    latency_s: float = 0.0
-    latency_jitter_s: float = 0.0
-    rpm: float = 0.0  # 0 = no limit; at most rpm * window_s / 60 accepted per window
-    tpm: float = 0.0  # 0 = no limit; prompt tokens accepted per window, scaled the same way
-    window_s: float = 60.0  # shorter windows compress time for benchmarks
-    max_concurrency: int = 0  # 0 = no limit
-    balance_credits: float | None = None  # None = unlimited
-    faults: FaultRates = field(default_factory=FaultRates)
-    seed: int = 0
-    slow_s: float = 30.0
-    reject_response_formats: tuple[str, ...] = ()
-    reject_system_role: bool = False
-    credits_per_prompt_token: float = 0.882
-    credits_per_completion_token: float = 2.625
-    send_usd: bool = True
-    has_balance: bool = True  # False: GET /v1/billing/balance is a 404 (as on vLLM, Ollama)
-    # tests script answers: content_sha256 of a request's media -> the answer to give (any
-    # JSON value, valid or not); other requests get generated answers; faults still apply
-    scripted: dict[str, Any] = field(default_factory=dict)
-    # scripted answers as the truth a prompt version misreads: version (json_schema.name, or
-    # a marker its prompt carries) -> field -> rate; seeded, see sim/misreads.py
-    error_rates: dict[str, dict[str, float]] = field(default_factory=dict)
-    usage_logs: bool = True  # False: no GET /v2/logs (404), as on vLLM or Ollama
-    logs_lag_s: float = 0.0  # seconds from a charge to its row in GET /v2/logs
-    logs_limit: int = 200  # GET /v2/logs calls accepted per logs_window_s (then 429)
-    logs_window_s: float = 60.0
-    body_credits_offset: float = 0.0  # added to the body's credits_used only (not billed)
-
-
-@dataclass
-class LedgerEntry:
-    """One billed request, as the vendor would charge it (whole credits)."""
-
-    response_id: str
-    content_sha256: str
-    prompt_tokens: int
-    completion_tokens: int
-    credits: int
-    usd: float
-    delivered: bool  # the whole body was sent to a client still there
-    status_code: int
-    fault: str | None
-    at: float
-    inference_id: str = ""
-    client_request_id: str | None = None
-    headers_delivered: bool = True  # the headers (with the cost) were sent to the client
-
-
-@dataclass(frozen=True)
-class Call:
-    """One request that reached the model: its ids and when it arrived."""
-
-    arrived: float
-    inference_id: str
-    client_request_id: str | None
-    model: str
-
-    def headers(self) -> dict[str, str]:
-        found = {"x-inference-id": self.inference_id}
-        if self.client_request_id is not None:
-            found["x-client-request-id"] = self.client_request_id
-        return found
 
 
 def error_body(status: int, message: str, path: str) -> dict[str, Any]:

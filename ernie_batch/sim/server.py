@@ -12,8 +12,9 @@ import httpx
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from ernie_batch.sim.app import SimSettings, Simulator
+from ernie_batch.sim.app import Simulator
 from ernie_batch.sim.faults import uvicorn_transport_lookup
+from ernie_batch.sim.settings import SimSettings
 
 log = logging.getLogger(__name__)
 
