@@ -180,10 +180,8 @@ def load_attempts(root: Path, run_ids: list[str]) -> list[AttemptCost]:
     table = _of_runs(store.read_columns(root, "attempts", ATTEMPT_COLUMNS), run_ids)
     if table is None:
         return []
-    cols = {c: table[c].to_pylist() if c in table.column_names else [None] * table.num_rows
-            for c in ATTEMPT_COLUMNS}
-    return [AttemptCost(*values) for values in zip(*(cols[c] for c in ATTEMPT_COLUMNS),
-                                                   strict=True)]
+    return [AttemptCost(*values) for values in zip(*(table[c].to_pylist()
+                                                     for c in ATTEMPT_COLUMNS), strict=True)]
 
 
 def _of_runs(table: pa.Table | None, run_ids: list[str]) -> pa.Table | None:

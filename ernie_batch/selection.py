@@ -66,9 +66,7 @@ def _known_runs(root: Path, include_rejected: bool) -> pa.Table | None:
                          include_rejected=include_rejected)
     tables = []
     if runs is not None and runs.num_rows:
-        if "parent_run_id" not in runs.column_names:  # manifests written before shard runs
-            runs = runs.append_column("parent_run_id", pa.nulls(runs.num_rows, pa.string()))
-        tables.append(runs.select(["run_id", "started_at", "parent_run_id"]))
+        tables.append(runs)  # manifests written before shard runs: parent_run_id null
     if pages is not None and pages.num_rows:
         first = pages.group_by("run_id").aggregate([("started_at", "min")])
         first = first.rename_columns(["run_id", "started_at"])

@@ -53,3 +53,18 @@ def test_the_reading_api_takes_the_str_the_readme_shows(tmp_path, monkeypatch) -
         assert store.read_columns(root, "pages", ["status"]).num_rows == 1
         assert store.load_done(root, "f").status("s", "f", 1, 1) == "ok"
         assert store.rows_of_run(root, "pages", "r1", ["key"]) == {("k",)}
+
+
+def test_columns_newer_than_every_part_read_as_typed_nulls(tmp_path) -> None:
+    """An output written before a column existed (attempts without `client_request_id`, pages
+    without `queued_s`) still answers `read_columns` for it: nulls of the column's type."""
+    out = tmp_path / "out"
+    old = pa.schema([f for f in store.ATTEMPTS_SCHEMA
+                     if f.name not in ("client_request_id", "inference_id")])
+    writer = store.TableWriter(out, "attempts", old, "r1", "2026-01-02")
+    writer.add({"run_id": "r1", "key": "k", "attempt": 1, "outcome": "ok", "credits": 3.0})
+    writer.flush()
+    table = store.read_columns(out, "attempts", ["key", "client_request_id", "credits"])
+    assert table.column_names == ["key", "client_request_id", "credits"]
+    assert table.schema.field("client_request_id").type == pa.string()
+    assert table.to_pylist() == [{"key": "k", "client_request_id": None, "credits": 3.0}]

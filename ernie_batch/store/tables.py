@@ -20,7 +20,15 @@ import pyarrow.parquet as pq
 
 from ernie_batch.store import duplicates, fencing
 from ernie_batch.store.files import write_parquet_atomic
-from ernie_batch.store.records import RUNS_SCHEMA, RunRow
+from ernie_batch.store.records import (
+    ATTEMPTS_SCHEMA,
+    BILLING_SCHEMA,
+    EVALS_SCHEMA,
+    RUNS_SCHEMA,
+    RunRow,
+    documents_schema,
+    pages_schema,
+)
 from ernie_batch.store.snapshot import read_files
 
 StrPath = str | os.PathLike[str]  # what the reading API takes: "data/output" as the README shows
@@ -64,6 +72,20 @@ def _dataset(root: Path, table: str, files: list[Path],
                         partitioning="hive", partition_base_dir=str(root / table))
 
 
+# each table's fixed columns (answer columns vary with the schema): a column that no part has
+# yet, because every part predates it, reads as nulls of its type
+_FIXED = {name: {f.name: f.type for f in schema} for name, schema in (
+    ("pages", pages_schema([])), ("attempts", ATTEMPTS_SCHEMA), ("runs", RUNS_SCHEMA),
+    ("documents", documents_schema([])), ("billing", BILLING_SCHEMA), ("evals", EVALS_SCHEMA))}
+
+
+def _with_columns(rows: pa.Table, table: str, columns: list[str]) -> pa.Table:
+    """`rows` with exactly `columns`, in that order; those no part had are typed nulls."""
+    types = _FIXED.get(table, {})
+    return pa.table({c: rows[c] if c in rows.column_names
+                     else pa.nulls(rows.num_rows, types.get(c, pa.null())) for c in columns})
+
+
 def read_columns(root: StrPath, table: str, columns: list[str],
                  where: pc.Expression | None = None, *,
                  include_rejected: bool = False) -> pa.Table | None:
@@ -85,10 +107,11 @@ def read_columns(root: StrPath, table: str, columns: list[str],
         return pa.concat_tables(parts, promote_options="default")
 
     rows = read_files(root, table, read)
-    if rows is None or not fence:
-        return rows
-    rows = fencing.drop_rejected(root, rows)
-    return rows if wanted is columns else rows.drop_columns(["run_id"])
+    if rows is None:
+        return None
+    if fence:
+        rows = fencing.drop_rejected(root, rows)
+    return _with_columns(rows, table, columns)
 
 
 # the column that orders a table's rows in time, for `current=True` (first one present)
