@@ -59,23 +59,28 @@ def recover_journals(root: Path, fallback_schema: pa.Schema, skip_run: str | Non
     folder = root / "_journal"
     if not folder.is_dir():
         return []
-    recovered = []
-    for path in sorted(folder.glob("*.jsonl")):
-        run_id = path.stem
-        if run_id == skip_run:
-            continue
-        with holding_dead_run(root, run_id) as held:
-            if not held or not path.exists():  # alive, or folded by another run meanwhile
-                continue
-            records = read_journal(path)
-            header = next((r for r in records if r.get("t") == "run"), None)
-            if header is not None:
-                schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")
-                          else fallback_schema)
-                _fold_run(root, run_id, header, records, schema)
-                recovered.append(run_id)
-            path.unlink(missing_ok=True)
-    return recovered
+    return [path.stem for path in sorted(folder.glob("*.jsonl"))
+            if path.stem != skip_run and fold_dead_run(root, path.stem, fallback_schema)]
+
+
+def fold_dead_run(root: Path, run_id: str, fallback_schema: pa.Schema,
+                  wait_s: float = 0.0) -> bool | None:
+    """Fold one dead run's journal: True when folded now, None when the run is dead and
+    there is nothing (left) to fold, False when its owner lives (still, after `wait_s`)."""
+    path = root / "_journal" / f"{run_id}.jsonl"
+    with holding_dead_run(root, run_id, wait_s) as held:
+        if not held:
+            return False
+        if not path.exists():  # folded by another run meanwhile, or never journaled
+            return None
+        records = read_journal(path)
+        header = next((r for r in records if r.get("t") == "run"), None)
+        if header is not None:
+            schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")
+                      else fallback_schema)
+            _fold_run(root, run_id, header, records, schema)
+        path.unlink(missing_ok=True)
+        return header is not None
 
 
 def _fold_run(root: Path, run_id: str, header: dict[str, Any], records: list[dict[str, Any]],

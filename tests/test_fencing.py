@@ -14,6 +14,8 @@ import dataclasses
 import json
 import math
 import shutil
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,12 +25,13 @@ import pytest
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from ernie_batch import store
+from ernie_batch import recovery, store
 from ernie_batch.cli import app
 from ernie_batch.compact import TABLE_ORDER, compact_output
 from ernie_batch.engine import Pipeline, RunOptions, run_job
 from ernie_batch.recovery import recover_journals
 from ernie_batch.report import dataset_report
+from ernie_batch.scale.shard import take_over
 from ernie_batch.selection import RunSelection
 from ernie_batch.sim import SimServer, SimSettings
 from ernie_batch.store import RunRow, fencing
@@ -269,14 +272,12 @@ def test_compaction_drops_a_lone_file_of_rejected_rows_and_rewrites_one_that_hol
     assert sorted(pages["run_id"]) == ["plain", "s1", "s1"]
 
 
-def test_a_killed_shard_run_counts_until_its_journal_is_folded_then_is_rejected(world, tmp_path):
-    out = tmp_path / "out"
-    coordinator = store.new_run_id()
-    store.write_run_row(out, f"{datetime.now(UTC):%Y-%m-%d}",
-                        run_row(coordinator, RunKind.COORDINATOR, accepted=[]))
+def killed_shard_run(world: World, out: Path, coordinator: str, shard: int) -> Pipeline:
+    """A shard run killed after its answers reached Parquet and its journal, before its
+    manifest: its locks left as a kill leaves them."""
 
     async def killed() -> Pipeline:
-        run = shard_pipeline(world.cfg(out), coordinator, 3)
+        run = shard_pipeline(world.cfg(out), coordinator, shard)
         await run.__aenter__()
         await run.process(run.discover())  # flushed at the end of `process`: parts on disk
         await run.pool.aclose()
@@ -286,6 +287,15 @@ def test_a_killed_shard_run_counts_until_its_journal_is_folded_then_is_rejected(
 
     run = asyncio.run(killed())
     leave_locks_behind(run)
+    return run
+
+
+def test_a_killed_shard_run_counts_until_its_journal_is_folded_then_is_rejected(world, tmp_path):
+    out = tmp_path / "out"
+    coordinator = store.new_run_id()
+    store.write_run_row(out, f"{datetime.now(UTC):%Y-%m-%d}",
+                        run_row(coordinator, RunKind.COORDINATOR, accepted=[]))
+    run = killed_shard_run(world, out, coordinator, 3)
     assert run_ids(out, "pages") == {run.run_id}  # no row yet: its rows count
     assert recover_journals(out, run.pages_schema) == [run.run_id]
     (manifest,) = [m for m in store.read_table(out, "runs", include_rejected=True).to_pylist()
@@ -318,3 +328,36 @@ def test_the_rule_over_runs_rows_of_every_kind(tmp_path):
     assert names[0].startswith("compact-") and names[1:] == ["run-0-old.parquet"]
     assert fencing.rejected_among(tmp_path, ["s2", "s4", "s1"]).to_pylist() == ["s2", "s4"]
     assert run_ids(tmp_path, "runs") == {"0-old", "c1", "s1", "s3", "c2", "p", "s5"}
+
+
+def test_a_replacement_waits_for_a_sibling_folding_the_dead_attempt_and_takes_it_over(
+        world, tmp_path, monkeypatch):
+    """Two shards' replacements start together; one folds both dead attempts' journals. The
+    other, finding its own dead attempt's lock held by that fold, must wait for the fold,
+    not fence the attempt (which would send its answered pages again and pay them twice)."""
+    out = tmp_path / "out"
+    dead = killed_shard_run(world, out, store.new_run_id(), 2)
+    folding = threading.Event()
+    fold = recovery._fold_run
+
+    def slow_fold(*args, **kwargs):
+        folding.set()
+        time.sleep(1.0)
+        fold(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "_fold_run", slow_fold)
+    sibling = threading.Thread(target=recovery.recover_journals, args=(out, dead.pages_schema))
+    sibling.start()
+    assert folding.wait(10)
+    taken, fenced = take_over(out, [], [dead.run_id], dead.pages_schema, wait_s=30)
+    sibling.join()
+    assert (taken, fenced) == ([dead.run_id], [])
+    assert dead.run_id in run_ids(out, "runs")  # folded: its manifest written by the sibling
+
+    alive = store.run_id_lock(out, "alive-run")  # an attempt whose worker lives on
+    assert alive.try_acquire()
+    try:
+        assert take_over(out, [], ["alive-run"], dead.pages_schema, wait_s=0.5) == (
+            [], ["alive-run"])
+    finally:
+        alive.release()

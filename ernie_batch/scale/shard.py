@@ -16,13 +16,16 @@ so it cannot send another request either. The report says which was which.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
-from ernie_batch import store
+import pyarrow as pa
+
 from ernie_batch.config import api_key, load_config
 from ernie_batch.engine import Pipeline, RunOptions
 from ernie_batch.errors import ConfigError
+from ernie_batch.recovery import fold_dead_run
 from ernie_batch.scale.channel import Channel, read_json
 from ernie_batch.scale.plan import document_of
 from ernie_batch.scale.shared_budget import SharedBudget
@@ -49,13 +52,23 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def take_over(root: Path, recovered: list[str], earlier: list[str]) -> tuple[list[str], list[str]]:
-    """The earlier attempts this run takes over (dead: folded now or before) and those it
-    fences (alive: their run-id lock is held)."""
+# how long an earlier attempt's run-id lock may stay held before it counts as alive: a sibling
+# shard's start-up may be folding that dead attempt's journal (seconds, even for a big one)
+FOLD_WAIT_S = 20.0
+
+
+def take_over(root: Path, recovered: list[str], earlier: list[str], schema: pa.Schema,
+              wait_s: float = FOLD_WAIT_S) -> tuple[list[str], list[str]]:
+    """The earlier attempts this run takes over (dead: folded now, by its start-up, or by a
+    sibling's) and those it fences (alive: their run-id lock still held after `wait_s`).
+
+    Waiting matters: a sibling folding the dead attempt holds its lock, and taking that for
+    a live owner would fence the attempt, send its answered pages again and pay them twice.
+    """
     taken, fenced = [], []
     for run_id in earlier:
-        with store.holding_dead_run(root, run_id) as dead:
-            (taken if run_id in recovered or dead else fenced).append(run_id)
+        dead = run_id in recovered or fold_dead_run(root, run_id, schema, wait_s) is not False
+        (taken if dead else fenced).append(run_id)
     return taken, fenced
 
 
@@ -75,7 +88,8 @@ async def run_shard(manifest_path: Path, run_id: str,
     docs = [document_of(d) for d in manifest["documents"]]
     try:
         async with Pipeline(cfg, key, opts, budget=budget) as run:  # type: ignore[arg-type]
-            taken, fenced = take_over(run.root, run.recovered, earlier or [])
+            taken, fenced = await asyncio.to_thread(take_over, run.root, run.recovered,
+                                                    earlier or [], run.pages_schema)
             budget.report.extra = {"taken_over": taken, "fenced": fenced}
             run.done.ignored_runs.update(fenced)
             budget.on_stop_flag = lambda reason, error: run.stop.set(RunOutcome(reason), error)

@@ -135,10 +135,12 @@ def run_id_lock(root: Path, run_id: str) -> FileLock:
 
 
 @contextlib.contextmanager
-def holding_dead_run(root: Path, run_id: str) -> Iterator[bool]:
-    """Hold a run id's lock while the block works on its files; False when its owner lives."""
+def holding_dead_run(root: Path, run_id: str, wait_s: float = 0.0) -> Iterator[bool]:
+    """Hold a run id's lock while the block works on its files; False when its owner lives
+    (or, after `wait_s`, still holds it: another run folding a dead one's journal holds it
+    for as long as that takes)."""
     lock = run_id_lock(root, run_id)
-    held = lock.try_acquire()
+    held = lock.acquire(wait_s) if wait_s > 0 else lock.try_acquire()
     try:
         yield held
     finally:
