@@ -265,6 +265,9 @@ def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
     pages = store.read_table(tmp_path / "out", "pages").to_pandas()
     assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
     attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
+    everything = store.read_table(tmp_path / "out", "attempts", include_rejected=True)
+    ok = everything.to_pandas()["outcome"] == "ok"
+    assert ok.sum() == units  # the dead attempts' answers taken over: none answered twice
     entries = sim.ledger()["entries"]
     recorded = set(attempts["client_request_id"][attempts["credits"].notna()])
     lost = [e for e in entries if e["client_request_id"] not in recorded]
