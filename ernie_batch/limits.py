@@ -106,6 +106,7 @@ class RequestBudget:
         self._born = clock()  # a run younger than a window has sent less than its rate
         self._slots_taken = 0
         self._in_flight = 0
+        self._sent: deque[float] = deque()  # when our own requests were admitted (a window)
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._gate = asyncio.Lock()
         self._gate_waiting = 0
@@ -229,6 +230,23 @@ class RequestBudget:
         self._held_until = self._clock() + seconds
         self._wake()
 
+    def recent(self) -> tuple[int, float | None]:
+        """(requests this budget admitted in the last window, wall-clock time of the last):
+        what a run leaving a shared limit hands on, as the server still counts them."""
+        now = self._clock()
+        while self._sent and self._sent[0] <= now - self._window:
+            self._sent.popleft()
+        if not self._sent:
+            return 0, None
+        return len(self._sent), time.time() - (now - self._sent[-1])
+
+    def occupy(self, count: int, at_wall: float) -> None:
+        """Count `count` requests sent at `at_wall` (wall clock) by a run that left the limit:
+        they fill the window until `at_wall + window_s`, so a newcomer needs not wait it out."""
+        if count > 0:
+            self._requests.occupy(self._clock() - (time.time() - at_wall), float(count))
+            self._wake()
+
     @property
     def current_rpm(self) -> float | None:
         """Requests per window now enforced; None while unlimited (nothing configured or learnt)."""
@@ -311,6 +329,7 @@ class RequestBudget:
 
     def _admit(self, now: float, est_tokens: int, cost: float) -> Lease:
         self._requests.take(now, 1.0)
+        self._sent.append(now)
         lease = Lease(est_tokens=est_tokens, started_at=now, _budget=self, _seq=self._seq,
                       _window_count=self._requests.count_within(now))
         self._seq += 1

@@ -103,6 +103,15 @@ class Pacer:
         self.total += cost
         return entry
 
+    def occupy(self, at: float, cost: float) -> None:
+        """Count `cost` as taken at `at` (a moment past) by someone else: requests of a run that
+        left a shared limit, which the server counts until `at + window`."""
+        i = len(self.log)
+        while i and self.log[i - 1][0] > at:
+            i -= 1
+        self.log.insert(i, [at, float(cost), 1.0])
+        self.total += cost
+
     def adjust(self, entry: list[float], cost: float) -> None:
         """Correct an earlier charge to what it really cost (refund or extra debt)."""
         delta = cost - entry[1]

@@ -8,6 +8,7 @@ loopback; the window is compressed to seconds and the members' heartbeat with it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -29,10 +30,18 @@ PER_WINDOW = 24  # 720 a minute in the simulator's terms
 class Paced:
     """A member's pacing as it was told, when: shares, holds and renewals, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, sent: tuple[int, float | None] = (0, None)) -> None:
         self.shares: list[tuple[float, float]] = []
         self.holds: list[tuple[float, float]] = []
         self.renewals: list[tuple[float, float]] = []
+        self.occupied: list[tuple[int, float]] = []
+        self.sent = sent  # what it says it sent in its last window, and when the last
+
+    def recent(self) -> tuple[int, float | None]:
+        return self.sent
+
+    def occupy(self, count: int, at_wall: float) -> None:
+        self.occupied.append((count, at_wall))
 
     def set_share(self, fraction: float) -> None:
         self.shares.append((time.time(), fraction))
@@ -90,8 +99,25 @@ def test_a_newcomer_starts_a_window_after_every_other_member_made_room():
     assert room_at([], 1, now) == -math.inf
     assert room_at([other(2, 50.0), other(1, 10.0)], 2, now) is None  # one has not seen us
     assert room_at([other(2, 50.0), other(3, 10.0)], 2, now) == 50.0 + WINDOW_S
-    gone = other(1, 10.0, expires=99.0)  # left a moment ago: its requests still count
+    gone = other(1, 10.0, expires=99.0)  # lapsed a moment ago: its requests still count
     assert room_at([other(2, 50.0), gone], 2, now) == 99.0 + WINDOW_S
+    left = dataclasses.replace(gone, left=True, recent=5, last_sent=98.5)  # said how many
+    assert room_at([other(2, 50.0), left], 2, now) == 50.0 + WINDOW_S  # counted, not waited
+
+
+def test_a_newcomer_counts_a_leavers_tail_and_starts_at_once():
+    """Back-to-back runs of one key: the second counts the first's last window as its own
+    instead of waiting it out; a tail that already left the window counts for nothing."""
+    now = 100.0
+    recent = Member("a", expires=99.0, members=1, applied_at=10.0, window_s=WINDOW_S,
+                    left=True, recent=5, last_sent=99.5)
+    old = dataclasses.replace(recent, name="b", last_sent=now - WINDOW_S - 0.1)
+    silent = dataclasses.replace(recent, name="c", recent=0, last_sent=None)
+    paced = Paced()
+    newcomer = member("new", paced)
+    newcomer._join([recent, old, silent], now)
+    assert paced.occupied == [(5, 99.5)]
+    assert paced.fractions() == [1.0] and paced.holds[-1][1] == 0.0  # alone: at once
 
 
 def test_members_count_each_other_through_the_server_and_a_newcomer_waits_for_room(
@@ -103,7 +129,7 @@ def test_members_count_each_other_through_the_server_and_a_newcomer_waits_for_ro
         async with member("first", first):
             async with member("second", second), member("solo", other_key, key="sk-other"):
                 await asyncio.sleep(WINDOW_S + 1.0)  # the first sees the second, then room
-            await asyncio.sleep(WINDOW_S + 1.0)  # it left: a window later, all of it again
+            await asyncio.sleep(WINDOW_S + 2.0)  # it left: a window later, all of it again
         return first, second, other_key
 
     first, second, other_key = asyncio.run(go())

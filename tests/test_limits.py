@@ -513,3 +513,32 @@ def test_a_share_of_the_limit_a_hold_and_a_lapsed_membership() -> None:
     assert budget.try_acquire() is None
     budget.renew(10.0)
     assert budget.try_acquire() is not None
+
+
+def test_a_leavers_recent_requests_fill_a_newcomers_window_until_they_leave_it() -> None:
+    """What a run hands on when it leaves a shared limit, and what the next one makes of it:
+    room for the rest of the window at once, the whole limit once the tail has passed."""
+    clock = FakeClock()
+    leaver = RequestBudget(rpm=10, max_in_flight=0, window_s=60, clock=clock)
+    assert leaver.recent() == (0, None)  # sent nothing: hands on nothing
+    for _ in range(4):
+        lease = leaver.try_acquire()
+        assert lease is not None
+        lease.release(outcome="ok")
+        clock.now += 7.0  # the bucket spreads them out
+    count, last_sent = leaver.recent()
+    assert count == 4 and abs(last_sent - (time.time() - 7.0)) < 0.5
+
+    newcomer = RequestBudget(rpm=10, max_in_flight=0, window_s=60, clock=clock)
+    newcomer.occupy(count, last_sent)
+    admitted = 0
+    while (lease := newcomer.try_acquire()) is not None:  # the bucket paces: let it refill
+        lease.release(outcome="ok")
+        admitted += 1
+        clock.now += 7.0
+        if admitted > 10:
+            break
+    assert admitted == 10 - 4  # the leaver's 4 still count in this window
+    clock.now += 60.0  # the tail left the window
+    assert newcomer.try_acquire() is not None
+    assert newcomer.recent()[0] == 1  # its own sends in the window only, never the leaver's

@@ -99,6 +99,12 @@ class Granter:
         earlier hold: joining other runs of the key, it waits until they made room."""
         self.held_until = time.time() + seconds
 
+    def recent(self) -> tuple[int, float | None]:
+        return self.budget.recent()
+
+    def occupy(self, count: int, at_wall: float) -> None:
+        self.budget.occupy(count, at_wall)
+
     def renew(self, seconds: float) -> None:
         """Grant for the next `seconds` only, unless renewed (a stalled member stops)."""
         self.valid_until = time.time() + seconds

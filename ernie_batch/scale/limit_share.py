@@ -12,7 +12,10 @@ The sliding window stays safe across changes by evidence, not timing:
 * a member lowers its share as soon as it sees another, and says so in its variable;
 * a member that joins while others are live sends nothing until every live one says it
   paces for at least as many members and a whole window of theirs has passed since, and a
-  window has passed since any other left or lapsed (their requests still count in it);
+  window has passed since any other lapsed (its requests still count in it);
+* one that left said how many requests it sent in its last window and when the last: a
+  newcomer counts them as its own until they leave the window, and starts at once (back to
+  back runs of a key do not wait a window for each other);
 * a member raises its share only one window after another left;
 * a member sends only while its variable lives: each write renews it for two `REFRESH_S`
   of the three it lives, so one that stalls stops sending before the others count it out,
@@ -51,6 +54,14 @@ class Member:
     members: int  # its share is 1 / members
     applied_at: float  # since when it paces at that share
     window_s: float
+    left: bool = False  # said goodbye (else, once expired: lapsed, stalled or killed)
+    recent: int = 0  # when it left: requests it sent in its last window
+    last_sent: float | None = None  # and when the last one
+
+    @property
+    def tail_until(self) -> float:
+        """Until when requests of a member that left still count in the window."""
+        return (self.last_sent + self.window_s) if self.recent and self.last_sent else -math.inf
 
     @classmethod
     def of(cls, variable: dict[str, Any]) -> Member | None:
@@ -58,20 +69,24 @@ class Member:
         if not isinstance(value, dict):
             return None
         try:
+            last_sent = value.get("last_sent")
             return cls(str(variable["name"]), float(value["expires"]), int(value["members"]),
-                       float(value["applied_at"]), float(value["window_s"]))
+                       float(value["applied_at"]), float(value["window_s"]),
+                       bool(value.get("left", False)), int(value.get("recent") or 0),
+                       float(last_sent) if last_sent is not None else None)
         except (KeyError, TypeError, ValueError):
             return None
 
 
 def room_at(others: list[Member], members: int, now: float) -> float | None:
     """When a newcomer pacing for `members` may start (wall clock); None while a live member
-    paces for fewer."""
+    paces for fewer. A member that left is no reason to wait: its tail is counted instead
+    (`LimitShare._join`)."""
     live = [m for m in others if m.expires > now]
     if any(m.members < members for m in live):
         return None
     return max([m.applied_at + m.window_s for m in live]
-               + [m.expires + m.window_s for m in others if m.expires <= now],
+               + [m.expires + m.window_s for m in others if m.expires <= now and not m.left],
                default=-math.inf)
 
 
@@ -81,6 +96,8 @@ class Paced(Protocol):
     def set_share(self, fraction: float) -> None: ...  # of the configured limit
     def hold(self, seconds: float) -> None: ...  # send nothing that long (inf: until told)
     def renew(self, seconds: float) -> None: ...  # send for that long only
+    def recent(self) -> tuple[int, float | None]: ...  # sent in the last window, the last when
+    def occupy(self, count: int, at_wall: float) -> None: ...  # count others' sends as ours
 
 
 class LimitShare:
@@ -125,6 +142,9 @@ class LimitShare:
         live = sum(1 for m in others if m.expires > now)
         self.members, self.applied_at, self._raise_at = live + 1, now, None
         self.paced.set_share(1.0 / self.members)
+        for m in others:
+            if m.left and m.last_sent is not None and m.tail_until > now:
+                self.paced.occupy(m.recent, m.last_sent)
         self.waiting = True
         self.paced.hold(math.inf)
         self._check_room(others, now)  # alone, or room already: at once
@@ -175,8 +195,11 @@ class LimitShare:
 
         now = time.time()
         self.expires = now if left else now + 3 * REFRESH_S
-        value = {"expires": self.expires, "members": self.members,
-                 "applied_at": self.applied_at, "window_s": self.window_s}
+        value: dict[str, Any] = {"expires": self.expires, "members": self.members,
+                                 "applied_at": self.applied_at, "window_s": self.window_s}
+        if left:
+            recent, last_sent = self.paced.recent()
+            value |= {"left": True, "recent": recent, "last_sent": last_sent}
         try:
             await client.create_variable(VariableCreate(name=self.name, value=value))
         except ObjectAlreadyExists:
