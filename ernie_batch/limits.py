@@ -234,11 +234,14 @@ class RequestBudget:
         """(requests this budget admitted in the last window, wall-clock time of the last):
         what a run leaving a shared limit hands on, as the server still counts them."""
         now = self._clock()
-        while self._sent and self._sent[0] <= now - self._window:
-            self._sent.popleft()
+        self._forget_sent(now)
         if not self._sent:
             return 0, None
         return len(self._sent), time.time() - (now - self._sent[-1])
+
+    def _forget_sent(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - self._window:
+            self._sent.popleft()
 
     def occupy(self, count: int, at_wall: float) -> None:
         """Count `count` requests sent at `at_wall` (wall clock) by a run that left the limit:
@@ -329,6 +332,7 @@ class RequestBudget:
 
     def _admit(self, now: float, est_tokens: int, cost: float) -> Lease:
         self._requests.take(now, 1.0)
+        self._forget_sent(now)
         self._sent.append(now)
         lease = Lease(est_tokens=est_tokens, started_at=now, _budget=self, _seq=self._seq,
                       _window_count=self._requests.count_within(now))
