@@ -218,13 +218,14 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
 def check_pool(cfg: Any) -> None:
     """A run on a pool needs a Prefect server (the ephemeral one has no workers) and a limit."""
     from ernie_batch.prefect_server import configured_api_url
+    from ernie_batch.scale.coordinator import pool_limit_problem
 
     if not configured_api_url():
         raise fail(f"--pool {cfg.scale.pool}: shard runs need a Prefect server with a work pool; "
                    "set PREFECT_API_URL (`ernie-batch server start` prints it)", ExitCode.USAGE)
-    if cfg.limits.rpm <= 0 or cfg.limits.tpm > 0:
-        raise fail("limits.rpm: a run on a pool shares the API's limit between its workers, so "
-                   "it must be set (> 0), and limits.tpm must be 0", ExitCode.USAGE)
+    problem = pool_limit_problem(cfg)
+    if problem:
+        raise fail(problem, ExitCode.USAGE)
 
 
 def probe(cfg: Any, key: Any) -> Any:

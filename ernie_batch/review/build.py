@@ -4,7 +4,6 @@ write the HTML (split into linked files past `review.pages_per_file` pages)."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from ernie_batch.review import charts
 from ernie_batch.review.gather import Selection, Totals, gather
 from ernie_batch.review.page import Part, render
 from ernie_batch.review.thumbs import Want, previews
+from ernie_batch.store.files import write_text_atomic
 from ernie_batch.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def build_review(cfg: JobConfig, run_ids: list[str], html_path: Path,
     title = "ernie-batch review"
     subtitle = _subtitle(sel, describe, root)
     for number, (path, chunk) in enumerate(zip(paths, chunks, strict=True), 1):
-        _write_text(path, render(sel, chunk, svgs, Part(number, names), title, subtitle))
+        write_text_atomic(path, render(sel, chunk, svgs, Part(number, names), title, subtitle))
     seconds["write"] = time.perf_counter() - t0
     return ReviewResult(paths, len(sel.cards), seconds)
 
@@ -87,14 +87,6 @@ def _subtitle(sel: Selection, describe: str, root: Path) -> str:
     which = describe or ("run " + ", ".join(runs) if len(runs) <= 3 else f"{len(runs)} runs")
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"{which} · {root} · made {made}"
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Whole or not at all: a temporary file beside it, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def review_of_run(cfg: JobConfig, summary: RunSummary) -> RunSummary:

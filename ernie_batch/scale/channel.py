@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ernie_batch.store.files import write_text_atomic
 
 SCALE_DIR = "_scale"
 
 
 def write_json(path: Path, value: Any) -> None:
     """Replace `path` with `value` as JSON, atomically (readers see the old or the new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, separators=(",", ":")))
 
 
 def read_json(path: Path) -> Any:

@@ -54,6 +54,14 @@ def deployment_name(pool: str) -> str:
     return f"{SHARD_FLOW}/{pool}"
 
 
+def pool_limit_problem(cfg: JobConfig) -> str | None:
+    """Why the config's limits cannot be shared between shard runs; None when they can."""
+    if cfg.limits.rpm <= 0 or cfg.limits.tpm > 0:
+        return ("limits.rpm: a run on a pool shares the API's limit between its workers, so "
+                "it must be set (> 0), and limits.tpm must be 0")
+    return None
+
+
 class Coordinator:
     """One coordinated run; `await run()` returns its summary."""
 
@@ -61,9 +69,9 @@ class Coordinator:
                  shards: int, sources: list[Path] | None = None, force: bool = False,
                  retry_failed: bool = False, wait_lock_s: float = 0.0,
                  on_status: Callable[[str], None] | None = None) -> None:
-        if cfg.limits.rpm <= 0 or cfg.limits.tpm > 0:
-            raise ConfigError("limits.rpm: a run on a pool shares the API's limit between its "
-                              "workers, so it must be set (> 0), and limits.tpm must be 0")
+        problem = pool_limit_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
         self.cfg, self.kind, self.pool, self.shards = cfg, kind, pool, shards
         self.root = Path(cfg.output.path).absolute()
         self.started_at = datetime.now(UTC)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
 import time
 
 from ernie_batch.limits import Lease, RequestBudget
@@ -53,8 +52,6 @@ class Granter:
         self.budget = RequestBudget(rpm=per_window, max_in_flight=0, adaptive=adaptive,
                                     window_s=self.window_s)
         self.not_before = 0.0  # a resumed granter grants nothing until its window is clear
-        self.held_until = 0.0  # hold()
-        self.valid_until = math.inf  # renew()
         self.rate_limited = 0  # 429s the shard runs met, all together
         self._runs: dict[str, _Run] = {}
         self._order: list[str] = []  # the current shard runs, for round-robin
@@ -91,13 +88,16 @@ class Granter:
 
     # ---- a member of the key's shared limit (`ernie_batch.scale.limit_share`)
 
+    # (the budget the grants come from holds, renews and counts for the coordinator)
+
     def set_share(self, fraction: float) -> None:
         self.budget.set_share(fraction)
 
     def hold(self, seconds: float) -> None:
-        """Grant nothing for `seconds` from now (`math.inf`: until told again), replacing an
-        earlier hold: joining other runs of the key, it waits until they made room."""
-        self.held_until = time.time() + seconds
+        self.budget.hold(seconds)
+
+    def renew(self, seconds: float) -> None:
+        self.budget.renew(seconds)
 
     def recent(self) -> tuple[int, float | None]:
         return self.budget.recent()
@@ -105,13 +105,8 @@ class Granter:
     def occupy(self, count: int, at_wall: float) -> None:
         self.budget.occupy(count, at_wall)
 
-    def renew(self, seconds: float) -> None:
-        """Grant for the next `seconds` only, unless renewed (a stalled member stops)."""
-        self.valid_until = time.time() + seconds
-
     def _may_grant(self) -> bool:
-        now = time.time()
-        return max(self.not_before, self.held_until) <= now < self.valid_until
+        return time.time() >= self.not_before
 
     def stop(self) -> None:
         self._stopping.set()
