@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ernie_batch import store
 from ernie_batch.store import BILLING_SCHEMA, TableWriter
 
@@ -37,8 +40,10 @@ def _writing(root: Path, reconcile_id: str) -> Iterator[None]:
             lock.release()
 
 
-def known_inference_ids(root: Path) -> set[str]:
-    table = store.read_columns(root, "billing", ["inference_id"])
+def known_inference_ids(root: Path, among: list[str]) -> set[str]:
+    """Which of `among` the table holds (compaction sorts it by inference_id: few parts read)."""
+    table = store.read_columns(root, "billing", ["inference_id"], pc.field("inference_id").isin(
+        pa.array(among, pa.string())))
     return set(table["inference_id"].to_pylist()) if table is not None else set()
 
 
@@ -48,7 +53,7 @@ def add_rows(root: Path, rows: list[dict[str, Any]], reconcile_id: str) -> int:
         return 0
     root.mkdir(parents=True, exist_ok=True)
     with _writing(root, reconcile_id):
-        have = known_inference_ids(root)
+        have = known_inference_ids(root, [row["inference_id"] for row in rows])
         by_date: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
             if row["inference_id"] not in have:

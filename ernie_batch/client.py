@@ -117,7 +117,8 @@ def check_base_url(base_url: str, allow_insecure_http: bool) -> None:
         )
 
 
-def _api_message(response: httpx.Response) -> str:
+def api_message(response: httpx.Response) -> str:
+    """The one line an API error response says (its JSON `message`, else its text)."""
     try:
         body = response.json()
     except ValueError:
@@ -245,7 +246,7 @@ class ApiClient:
             if credits is not None:
                 res.credits, res.usd, res.credits_source = credits, usd or 0.0, CreditsSource.BODY
             return res
-        message = _api_message(response)
+        message = api_message(response)
         if code == 429:
             return self._fail(AttemptOutcome.RATE_LIMITED, code, started, t0, f"HTTP 429: {message}",
                               parse_retry_after(response.headers))
@@ -269,7 +270,7 @@ class ApiClient:
             return Probe()  # reachable or not, nothing certain: the run's retries will tell
         if response.status_code in (401, 403):
             return Probe(problem=f"key rejected by {host} (HTTP {response.status_code}): "
-                                 f"{_api_message(response)}")
+                                 f"{api_message(response)}")
         if response.status_code != 200:
             return Probe()  # 404: no balance endpoint here (vLLM, Ollama): balance unknown
         try:

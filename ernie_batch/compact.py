@@ -116,8 +116,8 @@ def _compact_table(root: Path, table: str, cid: str, before: date | None,
         if before is not None and partition.name.removeprefix("date=") >= before.isoformat():
             continue
         files = sorted(p for p in partition.glob("*.parquet") if not p.name.startswith("."))
-        if not _worth_rewriting(files, drops):
-            continue
+        if not files or (len(files) == 1 and len(drops) == 0):
+            continue  # nothing to merge or drop (a lone file with drops: judged per chunk)
         touched = False
         for group in _by_schema(files):
             for chunk in _chunks(group):

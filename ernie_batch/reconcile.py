@@ -176,29 +176,28 @@ def window(attempts: list[AttemptCost], runs: list[dict[str, Any]], now: datetim
     return (start, end) if end > start else None
 
 
+def _of_runs(run_ids: list[str]) -> pc.Expression:
+    """Only these runs' rows (pushed down: parts of other runs are not read)."""
+    return pc.field("run_id").isin(pa.array(run_ids, pa.string()))
+
+
 def load_attempts(root: Path, run_ids: list[str]) -> list[AttemptCost]:
-    table = _of_runs(store.read_columns(root, "attempts", ATTEMPT_COLUMNS), run_ids)
+    table = store.read_columns(root, "attempts", ATTEMPT_COLUMNS, _of_runs(run_ids))
     if table is None:
         return []
     return [AttemptCost(*values) for values in zip(*(table[c].to_pylist()
                                                      for c in ATTEMPT_COLUMNS), strict=True)]
 
 
-def _of_runs(table: pa.Table | None, run_ids: list[str]) -> pa.Table | None:
-    if table is None or table.num_rows == 0:
-        return None
-    return table.filter(pc.is_in(table["run_id"], pa.array(run_ids, pa.string())))
-
-
 def _runs(root: Path, run_ids: list[str]) -> list[dict[str, Any]]:
     """Their starts and ends, rejected runs' too: the window covers every request billed."""
-    table = _of_runs(store.read_columns(root, "runs", ["run_id", "started_at", "finished_at"],
-                                        include_rejected=True), run_ids)
+    table = store.read_columns(root, "runs", ["run_id", "started_at", "finished_at"],
+                               _of_runs(run_ids), include_rejected=True)
     return table.to_pylist() if table is not None else []
 
 
 def _models(root: Path, run_ids: list[str], default: str) -> list[str]:
-    table = _of_runs(store.read_columns(root, "pages", ["run_id", "model"]), run_ids)
+    table = store.read_columns(root, "pages", ["run_id", "model"], _of_runs(run_ids))
     found = {m for m in (table["model"].to_pylist() if table is not None else []) if m}
     return sorted(found or {default})
 

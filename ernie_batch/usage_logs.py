@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from ernie_batch.client import check_base_url
+from ernie_batch.client import api_message, check_base_url
 from ernie_batch.config import ApiOptions
 from ernie_batch.errors import NoUsageLogs, UsageLogsError, one_line
 from ernie_batch.pacer import Pacer
@@ -172,7 +172,7 @@ class UsageLogsClient:
                 wait = parse_retry_after(response.headers)
                 await self._sleep(wait if wait is not None else min(30.0, 0.5 * 2 ** trouble))
                 continue
-            message = _message(response)
+            message = api_message(response)
             if code == 404:
                 raise NoUsageLogs(f"{self.url}: the endpoint has no usage logs (HTTP 404: "
                                   f"{message}); reconcile needs the AI/ML API's GET /v2/logs")
@@ -184,9 +184,3 @@ class UsageLogsClient:
         self._pacer.take(time.monotonic(), 1.0)
 
 
-def _message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return one_line(response.text or response.reason_phrase)
-    return one_line(body.get("message", body) if isinstance(body, dict) else body)
