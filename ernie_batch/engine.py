@@ -264,7 +264,6 @@ class Pipeline:
             decision = self.done.for_unit(doc.sha256, self.fp, item.page, item.page_last,
                                           str(doc.path), self.opts.retry_failed)
             if decision == UnitDecision.SEND:
-                self.progress.units_queued += 1
                 await queue.put(item)
             elif decision == UnitDecision.DUPLICATE:
                 of = self.done.answered_by(doc.sha256, self.fp, item.page, item.page_last)

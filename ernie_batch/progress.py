@@ -38,7 +38,7 @@ def eta_seconds(p: Progress, now: float | None = None) -> float | None:
     if remaining <= 0:
         return 0.0
     now = time.monotonic() if now is None else now
-    recent = sum(1 for t in p.finish_times if now - t <= 60.0)
+    recent = p.finished_within(60.0, now)
     if recent >= MIN_FINISHED_FOR_RATE:
         rate = recent / min(60.0, max(now - p.started, 1e-6))
     else:

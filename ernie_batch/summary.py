@@ -24,7 +24,6 @@ class Progress:
     documents: int = 0  # considered (skipped whole, or prepared)
     documents_ready: int = 0  # whose units are all known
     units_known: int = 0  # units of the ready documents
-    units_queued: int = 0  # handed to the senders
     units_done: int = 0  # rows recorded
     units: Tally = field(default_factory=Tally)  # rows by status
     already_done: int = 0  # answered (or given up on) by earlier runs: no row, no request
@@ -44,11 +43,9 @@ class Progress:
         """Units this run is through with, whatever became of them."""
         return self.units_done + self.already_done + self.not_sent + self.abandoned
 
-    def units_per_s(self, window_s: float = 60.0) -> float:
-        """Units finished by requests per second, over the last `window_s` (or the run so far)."""
-        now = time.monotonic()
-        recent = sum(1 for t in self.finish_times if now - t <= window_s)
-        return recent / min(window_s, max(now - self.started, 1e-6))
+    def finished_within(self, window_s: float, now: float) -> int:
+        """Units finished by requests in the last `window_s` seconds."""
+        return sum(1 for t in self.finish_times if now - t <= window_s)
 
     def rpm(self, window_s: float = 60.0) -> float:
         now = time.monotonic()

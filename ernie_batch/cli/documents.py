@@ -19,6 +19,7 @@ from ernie_batch.cli.common import (
     WaitOpt,
     app,
     console,
+    emit_json,
     fail,
     kv_table,
     load,
@@ -75,7 +76,7 @@ def documents(
     summary = {"runs": ids, "documents": counts.documents, "complete": counts.complete,
                "incomplete": counts.incomplete, "conflicting": counts.conflicting, **summary}
     if as_json:
-        out.print_json(json.dumps(summary))
+        emit_json(summary)
         return
     rows = [("runs", ", ".join(ids) or "none"), *((k, str(summary[k])) for k in
             ("documents", "complete", "incomplete", "conflicting"))]

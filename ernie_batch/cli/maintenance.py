@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import date
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +9,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ernie_batch.cli.common import ConfigOpt, JsonOpt, OutputOpt, WaitOpt, app, console, fail, load, out
+from ernie_batch.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    OutputOpt,
+    WaitOpt,
+    app,
+    console,
+    emit_json,
+    fail,
+    load,
+    out,
+    overrides,
+)
 from ernie_batch.vocab import ExitCode
 
 TableOpt = Annotated[str, typer.Option(
@@ -41,7 +52,7 @@ def compact(
         until = date.fromisoformat(before) if before else None
     except ValueError:
         raise fail(f"--before: not a date (YYYY-MM-DD): {before!r}", ExitCode.USAGE) from None
-    cfg = load(config, {"output.path": str(output)} if output else {})
+    cfg = load(config, overrides(None, output))
     root = Path(cfg.output.path)
     try:
         store.check_writable(root)
@@ -52,7 +63,7 @@ def compact(
     except store.LockedError as exc:
         raise fail(str(exc), ExitCode.LOCKED) from None
     if as_json:
-        print(json.dumps(summary.as_json()), flush=True)
+        emit_json(summary.as_json())
         return
     grid = Table(title=f"ernie-batch compact {root} ({summary.seconds:g} s)", title_justify="left")
     for col in ("table", "partitions", "files", "rows", "MB"):

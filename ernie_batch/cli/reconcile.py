@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -15,6 +14,7 @@ from ernie_batch.cli.common import (
     SelectionFlags,
     app,
     console,
+    emit_json,
     fail,
     kv_table,
     load,
@@ -69,7 +69,7 @@ def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: Out
     figures = result.figures
     code = ExitCode.OK if figures.exact else ExitCode.FAILED
     if flags.as_json:
-        print(json.dumps(figures.as_json()), flush=True)
+        emit_json(figures.as_json())
         raise typer.Exit(code)
     if not result.run_ids:
         console.print(f"no runs of {chosen.describe} in {cfg.output.path}")

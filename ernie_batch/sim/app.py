@@ -88,8 +88,7 @@ class Simulator:
         self.in_flight = 0
         self.closing = False  # set on shutdown: slow answers stop waiting
         self.transport_lookup: TransportLookup | None = None
-        self.logs = UsageLogs(settings.logs_lag_s, settings.logs_limit, settings.logs_window_s,
-                              self.authorized)
+        self.logs = UsageLogs(settings.logs_limit, settings.logs_window_s, self.authorized)
         self._fault_rng = random.Random(settings.seed)
         self._latency_rng = random.Random(settings.seed + 1)
         self._id_rng = random.Random()  # ids unique across simulator instances

@@ -115,13 +115,11 @@ def _model_matches(model: str, wanted: list[str]) -> bool:
 class UsageLogs:
     """The rows and the endpoint; `authorized` is the simulator's key check."""
 
-    def __init__(self, lag_s: float, limit: int, window_s: float,
+    def __init__(self, limit: int, window_s: float,
                  authorized: Callable[[Request], bool]) -> None:
-        self.lag_s = lag_s
         self.rows: list[LogRow] = []
         self.window = SlidingWindow(limit * 60.0 / window_s, 0.0, window_s)
         self.authorized = authorized
-        self.requests = 0  # calls of the endpoint, answered or refused
 
     def add(self, row: LogRow) -> None:
         self.rows.append(row)
@@ -152,7 +150,6 @@ class UsageLogs:
 
     def answer(self, request: Request) -> dict[str, Any]:
         """The endpoint's 200 body; ApiError (401, 429, 400) otherwise."""
-        self.requests += 1
         if not self.authorized(request):
             raise ApiError(401, "Unauthorized: invalid or missing API key", "unauthorized")
         wait = self.window.try_admit(time.monotonic(), 0)
