@@ -398,3 +398,17 @@ def test_a_run_with_review_html_writes_its_review_and_names_it(prefect_harness, 
 
     assert any(f"**review**: {path}" in text and summary["run_id"] in text
                for text in asyncio.run(markdown()))
+
+
+def test_commands_that_select_runs_say_a_bad_date_in_one_line(reviewed, tmp_path):
+    """`report` and `documents` crashed with a traceback on `--since yesterday` once runs
+    existed; the check now sits where every such command builds its selection."""
+    from ernie_batch.cli import app
+
+    runner = CliRunner()
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(f"[output]\npath = {json.dumps(str(reviewed.out))}\n")
+    for command in ("report", "documents", "review"):
+        res = runner.invoke(app, [command, "-c", str(cfg), "--until", "yesterday"])
+        assert res.exit_code == 2 and "--until" in res.output, (command, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), command

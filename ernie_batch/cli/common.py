@@ -148,9 +148,16 @@ with_run_flags = with_flags(RunFlags)  # the options every run command shares
 
 
 def selection(run_ids: list[str] | None, since: str | None, until: str | None) -> Any:
-    """The run selection of `--run` / `--since` / `--until` (none: the newest run)."""
+    """The run selection of `--run` / `--since` / `--until` (none: the newest run); a bound
+    that is not a date exits 2 here, for every command that selects runs."""
+    from ernie_batch.discover import parse_bound
     from ernie_batch.selection import RunSelection
 
+    try:
+        parse_bound(since, "--since")
+        parse_bound(until, "--until")
+    except ValueError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
     return RunSelection(tuple(run_ids or ()), since, until)
 
 

@@ -42,7 +42,6 @@ def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: Out
     from ernie_batch import store
     from ernie_batch.client import check_base_url
     from ernie_batch.config import ConfigError, api_key
-    from ernie_batch.discover import parse_bound
     from ernie_batch.errors import NoUsageLogs, UsageLogsError
     from ernie_batch.reconcile import reconcile_runs
 
@@ -53,11 +52,6 @@ def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: Out
     except ConfigError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     chosen = flags.selection()
-    try:
-        parse_bound(chosen.since, "--since")
-        parse_bound(chosen.until, "--until")
-    except ValueError as exc:
-        raise fail(str(exc), ExitCode.USAGE) from None
     try:
         result = asyncio.run(reconcile_runs(cfg, key, chosen))
     except (NoUsageLogs, ConfigError) as exc:
