@@ -79,8 +79,7 @@ def evaluate(configs: list[Path], names: list[str], labels_path: Path, flags: Ru
     given |= eval_overrides(labels.files)
     versions = []
     for config, name in zip(configs, names, strict=True):
-        check_before_start(config, given, wait=flags.wait, sources=labels.files)
-        cfg = load(config, given)
+        cfg = check_before_start(config, given, wait=flags.wait, sources=labels.files)
         versions.append(Version(name, cfg, api_key(cfg)))
     root = Path(given["output.path"])
     from ernie_batch.cli.drive import drive, print_summary

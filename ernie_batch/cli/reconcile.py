@@ -13,11 +13,11 @@ from ernie_batch.cli.common import (
     OutputOpt,
     SelectionFlags,
     app,
+    check_before_start,
     console,
     emit_json,
     fail,
     kv_table,
-    load,
     out,
     overrides,
     with_flags,
@@ -40,17 +40,12 @@ def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: Out
     import asyncio
 
     from ernie_batch import store
-    from ernie_batch.client import check_base_url
     from ernie_batch.config import ConfigError, api_key
     from ernie_batch.errors import NoUsageLogs, UsageLogsError
     from ernie_batch.reconcile import reconcile_runs
 
-    cfg = load(config, overrides(base_url, output))
-    try:
-        check_base_url(cfg.api.base_url, cfg.api.allow_insecure_http)
-        key = api_key(cfg)
-    except ConfigError as exc:
-        raise fail(str(exc), ExitCode.USAGE) from None
+    cfg = check_before_start(config, overrides(base_url, output))  # config, base URL, key
+    key = api_key(cfg)
     chosen = flags.selection()
     try:
         result = asyncio.run(reconcile_runs(cfg, key, chosen))
