@@ -67,6 +67,8 @@ class DoneIndex:
         # sha256 -> (its part, its row in the part's docs, its units' rows [start, stop))
         self._where: dict[str, tuple[_Part, int, int, int]] = {}
         self._seen: dict[str, set[str]] = {}  # paths this run recorded duplicate rows for
+        # the record asked for last: the engine asks about a document, then each of its units
+        self._last: tuple[str, DocRecord] | None = None
 
     def add_from(self, root: StrPath, shas: Iterable[str] | None = None) -> None:
         """Index the `pages` rows of the fingerprint and the content `shas` (None: all), content
@@ -82,6 +84,7 @@ class DoneIndex:
         if self.ignored_runs:
             where &= ~pc.field("run_id").isin(pa.array(sorted(self.ignored_runs), pa.string()))
         rows = read_columns(root, "pages", DONE_COLUMNS, where)
+        self._last = None
         if rows is not None and rows.num_rows:
             part = _Part.build(rows)
             for sha, (doc, start, stop) in part.rows_by_sha().items():
@@ -91,6 +94,8 @@ class DoneIndex:
         found = self._where.get(sha) if fp == self.fingerprint else None
         if found is None:
             return None
+        if self._last is not None and self._last[0] == sha:
+            return self._last[1]
         part, doc, start, stop = found
         rec = DocRecord(page_count=part.docs["page_count"][doc].as_py(),
                         paths=set(part.docs["paths"][doc].as_py()) | self._seen.get(sha, set()))
@@ -101,6 +106,7 @@ class DoneIndex:
             rec.units[(page, last)] = status
             if path is not None:
                 rec.answered[(page, last)] = (path, run)
+        self._last = (sha, rec)
         return rec
 
     def status(self, sha: str, fp: str, page: int, last: int) -> str | None:
@@ -130,6 +136,7 @@ class DoneIndex:
         if path in rec.paths:
             return DocumentDecision(prepare=False, already_done=len(rec.units))
         self._seen.setdefault(sha, set()).add(path)  # its duplicate rows are recorded now
+        rec.paths.add(path)
         ok = tuple((page, last, *rec.answered[(page, last)])
                    for (page, last), status in sorted(rec.units.items()) if status == UnitStatus.OK)
         return DocumentDecision(prepare=False, duplicates=ok, page_count=rec.page_count)
