@@ -191,9 +191,16 @@ class DocumentCounts:
 
     @classmethod
     def of(cls, table: pa.Table) -> DocumentCounts:
-        complete = sum(bool(c) for c in table["complete"].to_pylist())
-        conflicting = sum(c is not None for c in table["conflicts_json"].to_pylist())
-        return cls(table.num_rows, complete, table.num_rows - complete, conflicting)
+        return cls.of_rows(zip(table["complete"].to_pylist(),
+                               table["conflicts_json"].to_pylist(), strict=True))
+
+    @classmethod
+    def of_rows(cls, rows: Iterable[tuple[bool | None, str | None]]) -> DocumentCounts:
+        """From (complete, conflicts_json) pairs."""
+        rows = list(rows)
+        complete = sum(bool(c) for c, _ in rows)
+        conflicting = sum(x is not None for _, x in rows)
+        return cls(len(rows), complete, len(rows) - complete, conflicting)
 
 
 COUNT_COLUMNS = ["run_id", "key", "built_at", "source_paths", "complete", "pages_missing",
@@ -216,8 +223,9 @@ def counts_by_run(root: Path, run_ids: list[str] | None) -> list[dict[str, Any]]
     table = _rows_of(root, run_ids)
     if table is None:
         return []
-    out = []
-    for run_id in sorted(set(table["run_id"].to_pylist())):
-        mine = table.filter(pc.equal(table["run_id"], run_id))
-        out.append({"run_id": run_id, **asdict(DocumentCounts.of(mine))})
-    return out
+    by_run: dict[str, list[tuple[bool | None, str | None]]] = defaultdict(list)
+    for run_id, complete, conflicts in zip(*(table[c].to_pylist() for c in (
+            "run_id", "complete", "conflicts_json")), strict=True):
+        by_run[run_id].append((complete, conflicts))  # one pass, not a filter per run
+    return [{"run_id": run_id, **asdict(DocumentCounts.of_rows(rows))}
+            for run_id, rows in sorted(by_run.items())]
