@@ -79,7 +79,7 @@ class Coordinator:
         self.force, self.retry_failed, self.wait_lock_s = force, retry_failed, wait_lock_s
         self.sources = sources
         self.overrides = absolute_overrides(cfg, overrides, sources)
-        self.on_status = on_status or (lambda _text: None)
+        self.on_status = on_status  # None: no status line is built (it reads every report)
         self.states: list[ShardState] = []
         self.granter: Granter | None = None
         self.resumed = False
@@ -203,7 +203,8 @@ class Coordinator:
                         await self._submit(plan, state)
                 if self._cancelling:
                     await self._cancel(client)
-                self.on_status(self._status_line())
+                if self.on_status is not None:
+                    self.on_status(self._status_line())
                 await asyncio.sleep(POLL_S)
 
     def _status_line(self) -> str:
