@@ -23,8 +23,10 @@ from pydantic import (
     model_validator,
 )
 
+from ernie_batch.answers.template import ResolvedPrompt, check_template
+from ernie_batch.buckets import check_options, resolve_access
 from ernie_batch.errors import ConfigError
-from ernie_batch.template import ResolvedPrompt, check_template
+from ernie_batch.location import Location, OutputRoot, default_state_dir
 
 __all__ = ["ConfigError", "JobConfig", "load_config", "api_key"]
 
@@ -46,8 +48,9 @@ DEFAULT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "title": {"type": "string"},
-        "language": {"type": "string"},
-        "summary": {"type": "string"},
+        # x- keywords are never sent (nor hashed): these two are not on the page as written
+        "language": {"type": "string", "x-evidence": False},
+        "summary": {"type": "string", "x-evidence": False},
     },
     "required": ["title", "language", "summary"],
     "additionalProperties": False,
@@ -55,13 +58,24 @@ DEFAULT_SCHEMA: dict[str, Any] = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # an assignment is validated too: `cfg.output.path = Path(...)` becomes a Location
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# `[output] storage_options` / `[sources] storage_options`: settings of the object-store
+# client (buckets.py); a value may be "env:NAME", a secret must be
+StorageOptionsField = dict[str, str | bool | int | float]
+
+
+def _storage_options(v: dict[str, Any]) -> dict[str, str]:
+    return check_options(v)
 
 
 class SourceOptions(_Section):
     """Where documents come from and which files count."""
 
-    paths: list[Path] = Field(default_factory=lambda: [Path("data/inbox")])
+    # local folders or files, or object-store prefixes and objects (s3://bucket/inbox/)
+    paths: list[Location] = Field(default_factory=lambda: [Location.parse("data/inbox")])
     include: list[str] = Field(default_factory=lambda: ["**/*"])
     exclude: list[str] = Field(default_factory=list)
     follow_symlinks: bool = False
@@ -70,6 +84,9 @@ class SourceOptions(_Section):
     until: str | None = None  # ISO date or datetime, exclusive
     date_from: Literal["mtime", "path"] = "mtime"
     path_date_pattern: str = r"(\d{4}-\d{2}-\d{2})"
+    storage_options: StorageOptionsField = Field(default_factory=dict)  # empty: the output's
+
+    _options = field_validator("storage_options")(_storage_options)
 
 
 class ApiOptions(_Section):
@@ -108,6 +125,9 @@ class PromptOptions(_Section):
     schema_file: Path | None = None
     schema_name: str = "page_extraction"
     label: str | None = None  # a name for this prompt version in runs and reports (not hashed)
+    # ask for a quote per field and verify it against the page's text layer (hashed: the
+    # request changes); see answers/evidence.py
+    evidence: bool = False
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -166,9 +186,37 @@ class PrepareOptions(_Section):
 
 
 class OutputOptions(_Section):
-    path: Path = Path("data/output")
-    flush_rows: int = Field(default=500, ge=1)
-    flush_seconds: float = Field(default=30.0, gt=0)
+    path: Location = Location.parse("data/output")  # a local folder, or s3://bucket/prefix
+    # a run commits what arrived to its Delta tables this often, and at its end (the journal
+    # holds every row in between); sooner when this many page rows wait (a memory bound)
+    commit_every_s: float = Field(default=10.0, gt=0)
+    flush_rows: int = Field(default=5000, ge=1)
+    # an output on object storage: what arrived is also written (not committed) this often,
+    # so a machine lost for good costs at most about this many seconds of answers
+    stage_every_s: float = Field(default=5.0, gt=0)
+    storage_options: StorageOptionsField = Field(default_factory=dict)
+    # the local journal and state of a run whose output is on object storage (unused for a
+    # local output, whose journal is OUTPUT/_journal); default: `state_folder`
+    state_dir: Path | None = None
+    # an output on object storage: a run's (or compaction's) lock is a lease object renewed
+    # every third of this; a holder that stops renewing (killed, or cut off) loses it after
+    lease_ttl_s: float = Field(default=60.0, gt=2)
+
+    _options = field_validator("storage_options")(_storage_options)
+
+    def state_folder(self, environ: dict[str, str] | None = None) -> Path:
+        """Where runs of this output keep local state: `state_dir`, or `default_state_dir`."""
+        if self.state_dir is not None:
+            return self.state_dir.expanduser()
+        return default_state_dir(self.path, environ)
+
+    def root(self) -> OutputRoot:
+        """The output as the store takes it: on object storage with its access resolved now
+        (`env:` references read; ConfigError for one unset)."""
+        location = self.path.absolute()
+        access = resolve_access(self.storage_options) if location.is_remote else None
+        return OutputRoot(OutputRoot.of(location).url, access,
+                          self.state_folder() if location.is_remote else None, self.lease_ttl_s)
 
 
 class BudgetOptions(_Section):
@@ -176,7 +224,8 @@ class BudgetOptions(_Section):
     # price used for estimates (plan, budget): credits per token
     credits_per_prompt_token: float = Field(default=0.882, ge=0)
     credits_per_completion_token: float = Field(default=2.625, ge=0)
-    expected_completion_tokens: int = Field(default=200, ge=0)
+    # completion tokens of one answer, for estimates; unset: a typical answer of the schema
+    expected_completion_tokens: int | None = Field(default=None, ge=0)
 
 
 class ScheduleOptions(_Section):
@@ -211,8 +260,24 @@ class ScaleOptions(_Section):
     retries: int = Field(default=2, ge=0, le=10)  # a crashed shard run is submitted again
 
 
+# vacuum never deletes a file younger than this: a reader or writer in flight may still use it
+VACUUM_FLOOR_HOURS = 24.0
+
+
 class CompactOptions(_Section):
     cron: str | None = None  # `serve` compacts the output on this schedule (schedule.timezone)
+    target_file_mb: int = Field(default=128, ge=1)  # optimize writes files of about this size
+    vacuum_retention_hours: float = Field(default=168.0, ge=VACUUM_FLOOR_HOURS)
+
+
+class ServerOptions(_Section):
+    """The local Prefect server of `run`, `backfill`, `demo` and `serve` when no PREFECT_API_URL
+    is configured (`ernie_batch.server`): one per home, kept running between commands."""
+
+    background: bool = True  # false: each command starts (and stops) a server of its own
+    home: Path | None = None  # its PREFECT_HOME (database, state file, log); unset: PREFECT_HOME
+    port: int = Field(default=0, ge=0, le=65535)  # 0: a free port, chosen when it starts
+    idle_shutdown_minutes: float = Field(default=10.0, gt=0)  # no command, no request that long
 
 
 class EvalOptions(_Section):
@@ -252,6 +317,7 @@ class JobConfig(_Section):
     compact: CompactOptions = Field(default_factory=CompactOptions)
     scale: ScaleOptions = Field(default_factory=ScaleOptions)
     eval: EvalOptions = Field(default_factory=EvalOptions)  # how `ernie-batch eval` scores
+    server: ServerOptions = Field(default_factory=ServerOptions)
 
     # resolved by load_config, not read from the file
     config_path: Path | None = Field(default=None, exclude=True)
@@ -265,11 +331,18 @@ class JobConfig(_Section):
             raise ValueError("must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _sources_reach_storage(self) -> JobConfig:
+        """Sources on object storage use the output's storage options unless they have their own."""
+        if not self.sources.storage_options and self.output.storage_options:
+            self.sources.storage_options = dict(self.output.storage_options)
+        return self
+
 
 def _format_validation_error(path: Path | str, exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"]
+    msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""

@@ -12,7 +12,9 @@ catches a builtin today (a `ValueError` for bad media or a bad schedule) still c
     │   ├── PdfError          a PDF or page that cannot be prepared (row status, pages)
     │   └── ImageError        an image or frame that cannot be prepared
     ├── OutputError           the output folder cannot be used (found before any request)
+    │   └── UnconvertedOutputError  written by an earlier release: `ernie-batch migrate` first
     ├── LockedError           another live run holds the output folder
+    │   └── LeaseLost         a lease this process held was taken over (or not renewed in time)
     ├── BudgetStopped         the run is stopping: no more requests may be sent
     ├── UsageLogsError        the vendor's usage logs could not be read (401, 403, network)
     │   └── NoUsageLogs       the endpoint has no usage logs (404: vLLM, Ollama)
@@ -76,8 +78,17 @@ class OutputError(ErnieBatchError):
     """The output folder cannot be used (unwritable, full): found before any request is sent."""
 
 
+class UnconvertedOutputError(OutputError):
+    """The output folder holds an earlier release's tables (Parquet parts): migrate it first."""
+
+
 class LockedError(ErnieBatchError):
     """Another live run holds the output folder's lock."""
+
+
+class LeaseLost(LockedError):
+    """A lease this process held was taken over, or could not be renewed within its ttl: its
+    holder must stop writing."""
 
 
 class BudgetStopped(ErnieBatchError):
@@ -107,3 +118,11 @@ def one_line(text: object, limit: int = 300) -> str:
     if isinstance(text, BaseException):
         line = line or type(text).__name__
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def first_error(exc: ValueError) -> str:
+    """One line out of a ValueError or a pydantic ValidationError (a schedule, a cron)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and errors():
+        return str(errors()[0]["msg"]).removeprefix("Value error, ")
+    return str(exc).strip().splitlines()[0]

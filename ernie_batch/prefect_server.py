@@ -1,13 +1,16 @@
-"""A Prefect server on loopback for as long as a command needs one, in its own process group.
+"""Where a command's Prefect API is: a configured server, the home's server, or one for a block.
 
-Prefect's ephemeral server is a subprocess in the caller's process group, so a Ctrl-C in the
-terminal reaches it first: it dies while the run still needs it (tracebacks, "Error logging
-to API", lost state). So commands start their own: `serve` a full `prefect server start`
-(the ephemeral one cannot schedule), `run`/`backfill`/`demo` the same lightweight app the
-ephemeral server runs (no UI, no background services). Either one leads its own process
-group (a terminal's SIGINT does not reach it; we stop it when we are done) and is asked by
-the kernel to stop when its parent dies, even by kill -9 (PR_SET_PDEATHSIG on Linux), so
-no server outlives the command that started it.
+* Configured (PREFECT_API_URL in the environment or the active profile): used as it is.
+* The home's server (`ernie_batch.server`): `run`, `backfill`, `demo` and `serve` use the one
+  that runs, else start one that outlives them (background) or, failing that, their own
+  (`home_server_api`). Their runs share the key's limit through it, as on a configured one.
+* `server start` (a team's server, perhaps on PostgreSQL) and `bench scale`: a `prefect
+  server start` for as long as a block runs (`start_local_server`).
+
+Every server we start leads its own process group, so a terminal's Ctrl-C reaches the
+command, not the server under its run (Prefect's ephemeral server shares the caller's group:
+a Ctrl-C killed it while the run still needed it). Those for a command or a block are asked
+by the kernel to stop when their parent dies, even by kill -9 (PR_SET_PDEATHSIG on Linux).
 
 Prefect is imported inside the functions: its settings are read when it is imported.
 """
@@ -25,12 +28,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ernie_batch.errors import ServerStartError
+from ernie_batch.server.home import Kind, ServerState, prefect_home
+
+if TYPE_CHECKING:
+    from ernie_batch.config import ServerOptions
 
 LOOPBACK = "127.0.0.1"
 # A fresh PREFECT_HOME migrates its database first: ~20 s on a small machine, more under load.
@@ -91,19 +98,9 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(host: str, port: int, ephemeral: bool = False) -> list[str]:
-    """The server's command line, from this interpreter's environment (not whatever is on PATH).
-
-    Full: `prefect server start` (UI, scheduler, services). Ephemeral: the API app alone under
-    uvicorn, as Prefect's own ephemeral server runs it.
-    """
-    if ephemeral:
-        import prefect
-
-        app_dir = str(Path(prefect.__file__).parent.parent)
-        return [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
-                "prefect.server.api.server:create_app", "--host", host, "--port", str(port),
-                "--log-level", "error", "--lifespan", "on"]
+def server_command(host: str, port: int) -> list[str]:
+    """`prefect server start` (UI, scheduler, services), from this interpreter's environment
+    (not whatever is on PATH)."""
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host,
             "--port", str(port), "--no-background"]
 
@@ -122,7 +119,7 @@ _DIE_WITH_PARENT = (
 )
 
 
-def _dying_with_parent(command: list[str]) -> list[str]:
+def dying_with_parent(command: list[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
         return command
     return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
@@ -160,7 +157,7 @@ def drain_to_server(timeout_s: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def start_local_server(host: str = LOOPBACK, port: int | None = None,
-                       timeout_s: float = HEALTH_TIMEOUT_S, ephemeral: bool = False,
+                       timeout_s: float = HEALTH_TIMEOUT_S,
                        extra_env: dict[str, str] | None = None) -> Iterator[LocalServer]:
     """Run a Prefect server while the block runs; always stop it after.
 
@@ -176,15 +173,12 @@ def start_local_server(host: str = LOOPBACK, port: int | None = None,
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("DO_NOT_TRACK", "1")
     env.update(extra_env or {})
-    if ephemeral:
-        env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                    "PREFECT__SERVER_FINAL": "1"})
     kwargs: dict[str, Any] = (
         {"start_new_session": True} if hasattr(os, "killpg")
         else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
     )
     with os.fdopen(fd, "wb") as log:
-        process = subprocess.Popen(_dying_with_parent(server_command(host, port, ephemeral)),
+        process = subprocess.Popen(dying_with_parent(server_command(host, port)),
                                    stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, env=env, **kwargs)
     server = LocalServer(process=process, host=host, port=port, log_path=log_path)
@@ -220,8 +214,10 @@ def shared_server() -> bool:
 
 
 @contextlib.contextmanager
-def use_api(url: str) -> Iterator[None]:
-    """Point this process and the run subprocesses it starts at `url`, a server of our own.
+def use_api(url: str, *, shared: bool = False) -> Iterator[None]:
+    """Point this process and the run subprocesses it starts at `url`, a server we started:
+    this command's alone, or (`shared`) the home's, which other commands use too (their runs
+    then share the key's limit through it, as on a configured server).
 
     Prefect reads its settings when imported, so the environment alone is not enough here:
     `temporary_settings` changes the live settings; the environment variables are for any
@@ -230,7 +226,11 @@ def use_api(url: str) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     old = {name: os.environ.get(name) for name in ("PREFECT_API_URL", PRIVATE_API_ENV)}
-    os.environ["PREFECT_API_URL"] = os.environ[PRIVATE_API_ENV] = url
+    os.environ["PREFECT_API_URL"] = url
+    if shared:
+        os.environ.pop(PRIVATE_API_ENV, None)
+    else:
+        os.environ[PRIVATE_API_ENV] = url
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield
@@ -240,6 +240,74 @@ def use_api(url: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def use_home(opts: ServerOptions) -> None:
+    """`server.home`, when set, is PREFECT_HOME for this command and what it starts (before
+    Prefect is imported: it reads its settings then)."""
+    if opts.home is not None:
+        os.environ["PREFECT_HOME"] = str(prefect_home(opts.home))
+
+
+@contextlib.contextmanager
+def home_server_api(opts: ServerOptions, *, own: bool = False, secrets: tuple[str, ...] = (),
+                    say: Callable[[str], None] = lambda message: None,
+                    note: Callable[[str], None] | None = None) -> Iterator[ServerState]:
+    """This process pointed at its home's Prefect server (`ernie_batch.server`) while the block
+    runs: the one running, else a new background one (`opts.background`), else one of the
+    command's own (`own`, or when the background one cannot start: said). A server started
+    here gets our environment less the variables in `secrets` (the API key's). `say` hears
+    what is going on; `note` (default `say`) that a background server was started and stays.
+
+    Flow runs started in the block carry this command's client tag; those of commands that
+    died using the server are marked `Crashed` first.
+    """
+    from prefect import tags
+
+    from ernie_batch.server.home import ServerHome
+    from ernie_batch.server.local import ServerLease
+    from ernie_batch.server.orphans import ClientLock, crash_orphans
+
+    home = ServerHome(prefect_home(opts.home))
+    kind: Kind = "background" if opts.background and not own else "attached"
+    idle_s = opts.idle_shutdown_minutes * 60
+    lease = ServerLease(home, kind=kind, port=opts.port, idle_s=idle_s, secrets=secrets, say=say)
+    try:
+        state = _ready(lease, say)
+    except ServerStartError as exc:
+        if kind == "attached":
+            raise
+        say(f"the background Prefect server did not start ({exc}): starting one for this "
+            "command")
+        lease = ServerLease(home, kind="attached", secrets=secrets, say=say)
+        state = _ready(lease, say)
+    if lease.started and lease.kind == "background":
+        (note or say)(f"started a background Prefect server at {state.url} (its UI there); it "
+                      f"stops after {opts.idle_shutdown_minutes:g} idle minutes, or with "
+                      "`ernie-batch server stop`")
+    try:
+        with ClientLock(home) as client, use_api(state.api_url, shared=True), tags(client.tag):
+            crashed = crash_orphans(home)
+            if crashed:
+                say(f"marked {crashed} flow run(s) of a killed command Crashed")
+            try:
+                yield state
+            finally:
+                drain_to_server()
+    finally:
+        lease.end()
+
+
+def _ready(lease: Any, say: Callable[[str], None]) -> ServerState:
+    try:
+        lease.begin()
+        if lease.started:
+            say(f"starting {'a background' if lease.kind == 'background' else 'a'} Prefect server "
+                f"in {lease.home.root} (about 20 s the first time) …")
+        return lease.ready()
+    except BaseException:
+        lease.end()
+        raise
 
 
 @contextlib.contextmanager

@@ -27,6 +27,17 @@ FINAL_FAILURES = frozenset({UnitStatus.INPUT_ERROR, UnitStatus.SKIPPED})
 FAILED = frozenset({UnitStatus.INVALID_ANSWER, UnitStatus.API_ERROR, UnitStatus.INPUT_ERROR})
 
 
+class EvidenceStatus(StrEnum):
+    """How a field's value stands against the page's own text (`pages.evidence_json`)."""
+
+    VERIFIED = "verified"  # the quote is on the page and the value stands in what it matched
+    QUOTE_NOT_ON_PAGE = "quote_not_on_page"
+    VALUE_NOT_IN_QUOTE = "value_not_in_quote"  # the quote is there, the value is not
+    NO_TEXT_LAYER = "no_text_layer"  # an image, a scan without text, a garbage text layer
+    NO_QUOTE = "no_quote"  # the model gave none
+    NOT_CHECKED = "not_checked"  # not expected on the page as written (enums, booleans, ...)
+
+
 class AttemptOutcome(StrEnum):
     """How one HTTP request ended (the `attempts.outcome` column)."""
 
@@ -112,7 +123,7 @@ class ExitCode(IntEnum):
     """The process exit codes of every command (README "Exit codes")."""
 
     OK = 0  # everything selected ended ok, or nothing was due
-    FAILED = 1  # some units failed
+    FAILED = 1  # something new failed in this run (not a unit an earlier run gave up on)
     USAGE = 2  # usage or config error, missing key, unusable output folder
     FATAL = 3  # 401, 403, 404 from the API
     BUDGET = 4  # stopped by budget.max_credits

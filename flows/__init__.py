@@ -1,1 +1,1 @@
-"""Prefect flows: thin orchestration over `ernie_batch.engine`."""
+"""Prefect flows: thin orchestration over `ernie_batch.run.engine`."""

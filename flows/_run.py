@@ -8,7 +8,6 @@ Two batch tasks overlap so the dispatcher never drains between batches.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -17,10 +16,10 @@ from prefect.cache_policies import NONE
 from prefect.runtime import deployment
 
 from ernie_batch.config import api_key, load_config
-from ernie_batch.engine import Pipeline, RunOptions, batches
-from ernie_batch.report import finished_line, summary_markdown, summary_table
+from ernie_batch.money.report import finished_line, summary_markdown, summary_table
+from ernie_batch.run.engine import Pipeline, RunOptions, batches
+from ernie_batch.run.summary import RunSummary
 from ernie_batch.scale.limit_share import run_membership
-from ernie_batch.summary import RunSummary
 
 _RUNS: dict[str, tuple[Pipeline, list[list[Any]]]] = {}
 
@@ -28,8 +27,8 @@ _RUNS: dict[str, tuple[Pipeline, list[list[Any]]]] = {}
 @task(name="discover", cache_policy=NONE)
 async def discover_documents(run_id: str, sources: list[str] | None, batch_size: int) -> int:
     run, _ = _RUNS[run_id]
-    paths = [Path(s) for s in sources] if sources else None
-    docs = await asyncio.to_thread(run.discover, paths)
+    # sources stay strings: a URL (s3://bucket/inbox) must not pass through pathlib
+    docs = await asyncio.to_thread(run.discover, sources or None)
     _RUNS[run_id] = (run, batches(docs, batch_size))
     return len(docs)
 

@@ -1,10 +1,12 @@
 """`ernie-batch serve`: the ingest flow as a Prefect deployment on the config's schedule.
 
 Prefect's ephemeral server has no scheduler ("Cannot schedule flows on an ephemeral
-server"), so when no PREFECT_API_URL is configured we run a real `prefect server start` on
-loopback for exactly as long as we serve. It gets its own process group, so stopping it
-stops whatever it started, and a Ctrl-C in the terminal reaches us, not it: we decide
-when it stops. The runner started by `prefect.serve` executes each scheduled run as a
+server"), so when no PREFECT_API_URL is configured we use the home's server
+(`ernie_batch.server`: API, UI and services): the background one when it runs, else one of
+our own for exactly as long as we serve, registered as the home's, so commands in other
+terminals use it rather than start a second server on the same database. It gets its own
+process group, so a Ctrl-C in the terminal reaches us, not it: we decide when it stops
+(once no other command uses it). The runner started by `prefect.serve` executes each scheduled run as a
 subprocess of this process, with this process's environment (that is where the API key
 comes from: it is never a deployment parameter).
 
@@ -20,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ernie_batch.config import JobConfig, load_config
-from ernie_batch.errors import ConfigError, ScheduleError, ServerStartError
+from ernie_batch.errors import ConfigError, ScheduleError, ServerStartError, first_error
 from ernie_batch.prefect_server import (
     configured_api_url,
+    home_server_api,
     sigterm_as_interrupt,
-    start_local_server,
-    use_api,
+    use_home,
 )
 from ernie_batch.vocab import ExitCode
 
@@ -53,15 +55,7 @@ def build_schedule(cfg: JobConfig) -> Schedule:
             return Cron(s.cron, timezone=s.timezone)
         return Interval(datetime.timedelta(minutes=s.interval_minutes or 0), timezone=s.timezone)
     except ValueError as exc:  # pydantic's ValidationError included: bad cron or timezone
-        raise ScheduleError(f"{where}: schedule: {_first_error(exc)}") from None
-
-
-def _first_error(exc: ValueError) -> str:
-    """One line out of a ValueError or a pydantic ValidationError."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors) and errors():
-        return str(errors()[0]["msg"]).removeprefix("Value error, ")
-    return str(exc).strip().splitlines()[0]
+        raise ScheduleError(f"{where}: schedule: {first_error(exc)}") from None
 
 
 def build_deployment(cfg: JobConfig, config_path: Path) -> RunnerDeployment:
@@ -88,7 +82,7 @@ def build_deployment(cfg: JobConfig, config_path: Path) -> RunnerDeployment:
         )
     except ValueError as exc:  # the timezone is checked here, not by Cron()/Interval()
         where = cfg.config_path or "(defaults)"
-        raise ScheduleError(f"{where}: schedule: {_first_error(exc)}") from None
+        raise ScheduleError(f"{where}: schedule: {first_error(exc)}") from None
 
 
 def maintenance_deployments(cfg: JobConfig, config_path: Path) -> list[RunnerDeployment]:
@@ -130,6 +124,7 @@ def serve_schedule(config_path: Path) -> int:
     """
     try:
         cfg = load_config(config_path)
+        use_home(cfg.server)  # before Prefect is imported
         deployment = build_deployment(cfg, config_path)
         others = maintenance_deployments(cfg, config_path)
     except (ConfigError, ScheduleError) as exc:
@@ -145,10 +140,10 @@ def serve_schedule(config_path: Path) -> int:
                      f"server at {api}; Ctrl-C stops")
                 serve_deployment(deployment, *others)
             else:
-                _say("PREFECT_API_URL is unset: starting a local Prefect server (the ephemeral "
-                     "one cannot schedule) …")
-                with start_local_server() as server, use_api(server.api_url):
-                    _say(f"Prefect server at {server.url} (log: {server.log_path}); serving "
+                with home_server_api(cfg.server, own=True, secrets=(cfg.api.api_key_env,),
+                                     say=_say) as server:
+                    whose = "the background" if server.kind == "background" else "its own"
+                    _say(f"Prefect server at {server.url} ({whose}; UI there); serving "
                          f"{deployment.flow_name}/{deployment.name} ({when}); Ctrl-C stops")
                     serve_deployment(deployment, *others)
     except ServerStartError as exc:

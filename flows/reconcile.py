@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow, get_run_logger
 
 from ernie_batch.config import JobConfig, api_key, load_config
-from ernie_batch.errors import ScheduleError
-from ernie_batch.reconcile import reconcile_runs
-from ernie_batch.selection import RunSelection
+from ernie_batch.errors import ScheduleError, first_error
+from ernie_batch.money.reconcile import reconcile_runs
+from ernie_batch.run.selection import RunSelection
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -57,6 +57,5 @@ def build_reconcile_deployment(cfg: JobConfig, config_path: Path) -> RunnerDeplo
             description=f"ernie-batch job {cfg.name!r}: credits against the vendor's usage logs",
             tags=["ernie-batch"], entrypoint_type=EntrypointType.MODULE_PATH)
     except ValueError as exc:  # a bad cron or timezone (pydantic's ValidationError included)
-        from flows.deploy import _first_error
 
-        raise ScheduleError(f"{where}: reconcile.cron: {_first_error(exc)}") from None
+        raise ScheduleError(f"{where}: reconcile.cron: {first_error(exc)}") from None

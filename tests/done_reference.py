@@ -121,6 +121,9 @@ def load_done(root: Path, fingerprint: str | None = None) -> DoneIndex:
         return index
     if fingerprint is not None:
         table = table.filter(pc.equal(table["fingerprint"], fingerprint))
+    # in run order, as the earlier layout's parts were read (named by run id); a Delta table
+    # lists its files in no such order
+    table = table.take(pc.sort_indices(table, sort_keys=[("run_id", "ascending")]))
     cols = {name: table[name].to_pylist() for name in DONE_COLUMNS}
     for i in range(table.num_rows):
         index.add(cols["source_sha256"][i], cols["fingerprint"][i], cols["page"][i],

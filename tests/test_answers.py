@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from ernie_batch.answers import answer_columns, answer_fields, extract_json, judge
+from ernie_batch.answers.judge import answer_columns, answer_fields, extract_json, judge
 
 SCHEMA = {
     "type": "object",

@@ -1,10 +1,13 @@
 """Chaos: kill -9 at random moments and resume, API faults, hostile inputs.
 
-The runs are real `ernie-batch run` subprocesses (their own process group, their own
-PREFECT_HOME, so killing the group also ends the ephemeral Prefect server they start)
-against a simulator living in this process, which therefore survives the kills and keeps
-the ledger of every billed response. The runs happen once per session (`campaign()`) and
-are shared with tests/test_secrets.py, which scans every byte they produced for the key.
+The runs are real `ernie-batch run` subprocesses (their own process group, one PREFECT_HOME
+for all: the background Prefect server the first one starts survives the kills, by design,
+and each next command marks the flow run of the one killed before it `Crashed`; in the slow
+tier, each command's own server, which dies with it) against a simulator living in this
+process, which therefore survives the kills and keeps the ledger of every billed response.
+The runs happen once per session (`campaign()`: faults and hostile inputs, in the default
+tier; `kill_campaign()` adds the kills, a minute and a half, in the slow tier) and are shared
+with tests/test_secrets.py, which scans every byte they produced for the key.
 
 Bounds tested (see the README's "Chaos" section):
   * kill -9: a response the API delivered but the killed run had not journaled yet was
@@ -18,6 +21,7 @@ Bounds tested (see the README's "Chaos" section):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -39,9 +43,13 @@ import pandas as pd
 import pytest
 
 from ernie_batch.store import OutputLock
-from tests.conftest import CORPUS, PROJECT, TEST_KEY
+from tests.conftest import CORPUS, PROJECT, TEST_KEY, stop_home_servers
 
 CONCURRENCY = 4  # [limits] concurrency of the kill runs: the in-flight bound per kill
+# the limit's window of the kill runs, compressed: through a shared server each resume joins
+# the key's limit, and a killed member's last window is unknown, so it waits that one out
+KILL_WINDOW_S = 4.0
+OWN_SERVER = "[server]\nbackground = false\n"  # each command its own Prefect server
 LATENCY_S = 0.3  # simulator latency of the kill runs
 KILLS = 4  # kill -9 this many times, then one clean run
 KILL_BUDGET_S = 180.0  # the kill/resume part (about 100 s on 2 idle cores)
@@ -80,7 +88,10 @@ def make_corpus(folder: Path, images: int = IMAGES, pdf_pages: int = PDF_PAGES,
 
 def write_config(path: Path, sources: Path, output: Path, base_url: str, *,
                  concurrency: int, workers: int = -1, flush_rows: int = 5,
-                 lag_s: float = 0.0) -> Path:
+                 lag_s: float = 0.0, window_s: float | None = None, extra: str = "") -> Path:
+    """The chaos job; `window_s` compresses the limit's window; `extra` is TOML appended (a
+    `[server]` section, say)."""
+    window = f"window_s = {window_s}\n" if window_s is not None else ""
     q = json.dumps  # a JSON string is a valid TOML basic string
     path.write_text(f"""name = "chaos"
 [sources]
@@ -93,7 +104,7 @@ schema_file = {q(str(PROJECT / "configs" / "schemas" / "page.json"))}
 [limits]
 concurrency = {concurrency}
 rpm = 6000
-[retries]
+{window}[retries]
 backoff_base_s = 0.1
 backoff_max_s = 1.0
 [prepare]
@@ -103,7 +114,7 @@ path = {q(str(output))}
 flush_rows = {flush_rows}
 [reconcile]
 lag_s = {lag_s}
-""")
+{extra}""")
     return path
 
 
@@ -252,6 +263,7 @@ def chaos_root() -> Path:
         (_ROOT / "prefect-home").mkdir()
         (_ROOT / "logs").mkdir()
         atexit.register(shutil.rmtree, _ROOT, True)
+        atexit.register(stop_home_servers, _ROOT)  # first (last in, first out)
     return _ROOT
 
 
@@ -276,7 +288,8 @@ class Campaign:
     timings: dict[str, float] = field(default_factory=dict)
 
     def outputs(self) -> list[Path]:
-        return [self.kill["output"], self.faults["output"], self.hostile["output"]]
+        """The outputs of the parts that ran (the kills only once `kill_campaign()` ran)."""
+        return [part["output"] for part in (self.kill, self.faults, self.hostile) if part]
 
 
 _CAMPAIGN: Campaign | BaseException | None = None
@@ -295,16 +308,24 @@ def campaign() -> Campaign:
     return _CAMPAIGN
 
 
+def kill_campaign() -> Campaign:
+    """The campaign with its kill -9 part run too (once per session)."""
+    from ernie_batch.sim import SimServer, SimSettings
+
+    c = campaign()
+    if not c.kill:
+        t0 = time.monotonic()
+        with SimServer(SimSettings(api_key=TEST_KEY, latency_s=LATENCY_S)) as sim:
+            c.kill = _kill_resume(c.root / "kill", sim, cli_env(c.home))
+        c.timings["kill"] = time.monotonic() - t0
+    return c
+
+
 def _run_campaign(root: Path) -> Campaign:
     from ernie_batch.sim import FaultRates, SimServer, SimSettings
 
     c = Campaign(root=root, home=prefect_home(), logs=root / "logs")
     env = cli_env(c.home)
-
-    t0 = time.monotonic()
-    with SimServer(SimSettings(api_key=TEST_KEY, latency_s=LATENCY_S)) as sim:
-        c.kill = _kill_resume(root / "kill", sim, env)
-    c.timings["kill"] = time.monotonic() - t0
 
     t0 = time.monotonic()
     with SimServer(SimSettings(api_key=TEST_KEY, latency_s=0.05, window_s=6.0, seed=FAULT_SEED,
@@ -334,10 +355,12 @@ def _run_campaign(root: Path) -> Campaign:
     return c
 
 
-def _kill_resume(root: Path, sim: Any, env: dict[str, str]) -> dict[str, Any]:
+def _kill_resume(root: Path, sim: Any, env: dict[str, str], extra: str = "") -> dict[str, Any]:
     src, out = root / "in", root / "out"
     units = make_corpus(src)
-    cfg = write_config(root / "job.toml", src, out, sim.url, concurrency=CONCURRENCY)
+    cfg = write_config(root / "job.toml", src, out, sim.url, concurrency=CONCURRENCY,
+                       window_s=KILL_WINDOW_S, extra=extra)
+    earlier_flow_runs = len(flow_run_states(Path(env["PREFECT_HOME"])))  # the home is shared
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1_000_000))
     rng = random.Random(seed)
     deadline = time.monotonic() + KILL_BUDGET_S
@@ -352,8 +375,9 @@ def _kill_resume(root: Path, sim: Any, env: dict[str, str]) -> dict[str, Any]:
                 kill_group(proc)
                 raise AssertionError(f"kill run {n} sent too few requests in time")
             time.sleep(0.01)
-        if proc.poll() is not None:  # it finished all the work first
-            finished_early = proc.returncode
+        if proc.poll() is not None:  # it finished all the work first (or failed: its log says)
+            finished_early = {"rc": proc.returncode,
+                              "log": log_file(f"kill-{n}").read_text()[-2000:]}
             break
         time.sleep(rng.uniform(0, LATENCY_S))
         at_kill, t_kill = len(sim.simulator.ledger), time.time()
@@ -378,7 +402,21 @@ def _kill_resume(root: Path, sim: Any, env: dict[str, str]) -> dict[str, Any]:
     return {"output": out, "units": units, "seed": seed, "kills": kills, "rc": rc,
             "finished_early": finished_early, "ledger": sim.ledger()["entries"],
             "final_s": time.monotonic() - final_started,
+            "flow_runs": flow_run_states(Path(env["PREFECT_HOME"]))[earlier_flow_runs:],
             "reconcile": reconcile_cli(cfg, env, log_file("kill-reconcile"))}
+
+
+def flow_run_states(home: Path) -> list[str]:
+    """The state of every flow run in the home's Prefect database, oldest first (read as the
+    UI would show them, without a server: the commands' own servers are gone by now); none
+    before its first command."""
+    import sqlite3
+
+    if not (home / "prefect.db").exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{home / 'prefect.db'}?mode=ro",
+                                            uri=True)) as db:
+        return [row[0] for row in db.execute("SELECT state_type FROM flow_run ORDER BY created")]
 
 
 @pytest.fixture(scope="module")
@@ -389,12 +427,37 @@ def chaos() -> Campaign:
 # ---------------------------------------------------------------- the tests
 
 
-def test_kill9_and_resume_lose_nothing_and_pay_nothing_twice(chaos):
-    run = chaos.kill
+@pytest.mark.slow
+def test_kill9_and_resume_lose_nothing_and_pay_nothing_twice():
+    from tests.test_secrets import scan
+
+    c = kill_campaign()
+    check_kill_resume(c.kill, c.logs, c.timings)
+    files, hits = scan([c.kill["output"], c.root / "journals-at-kills", c.logs, c.home])
+    assert files > 20 and hits == []  # the killed runs' journals and logs hold no key
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_with_each_commands_own_server(tmp_path):
+    """The same kills through servers of the commands' own: each dies with its command."""
+    from ernie_batch.sim import SimServer, SimSettings
+
+    (tmp_path / "home").mkdir()
+    t0 = time.monotonic()
+    with SimServer(SimSettings(api_key=TEST_KEY, latency_s=LATENCY_S)) as sim:
+        run = _kill_resume(tmp_path / "kill", sim, cli_env(tmp_path / "home"), OWN_SERVER)
+    check_kill_resume(run, chaos_root() / "logs", {"kill": time.monotonic() - t0})
+    assert not (tmp_path / "home" / "ernie-batch-server" / "state.json").exists()
+
+
+def check_kill_resume(run: dict[str, Any], logs: Path, timings: dict[str, float]) -> None:
     kills, book = run["kills"], run["ledger"]
-    info = f"seed {run['seed']} (CHAOS_SEED reproduces the kill moments), kills {kills}"
+    info = (f"seed {run['seed']} (CHAOS_SEED reproduces the kill moments), kills {kills}, "
+            f"a command that ended before its kill: {run['finished_early']}")
     assert len(kills) >= 3, info
-    assert run["rc"] == 0, (info, (chaos.logs / "kill-final.log").read_text()[-3000:])
+    assert run["rc"] == 0, (info, (logs / "kill-final.log").read_text()[-3000:])
+    # each killed command's flow run was marked Crashed by the next command: none left Running
+    assert run["flow_runs"] == ["CRASHED"] * len(kills) + ["COMPLETED"], run["flow_runs"]
     out: Path = run["output"]
     for kill in kills:
         # the killed run's lock and journal stay behind; the next run takes both over
@@ -475,7 +538,7 @@ def test_kill9_and_resume_lose_nothing_and_pay_nothing_twice(chaos):
                       "asked_twice": repeats, "bound": bound_n,
                       "parts_at_kills": [k["parts"] for k in kills],
                       "ledger_credits": ledger_credits, "parquet_credits": parquet_credits,
-                      "seconds": chaos.timings}))
+                      "seconds": timings}))
 
 
 def test_api_faults_complete_and_credits_match_the_ledger(chaos):
@@ -541,3 +604,78 @@ def test_hostile_inputs_leave_the_good_pages_ok(chaos):
     assert len(run["ledger"]) == (pages["status"] == "ok").sum()
     print(json.dumps({"files": len(set(pages["source_path"])), "statuses":
                       Counter(pages["status"]), "hostile": run["hostile"]}))
+
+
+# ---------------------------------------------------------------- a kill between two tables
+
+
+def _commits(log: Path) -> int:
+    return sum(1 for p in log.glob("*.json")) if log.is_dir() else 0
+
+
+def _between_tables(out: Path) -> tuple[str, int, int] | None:
+    """(run id, attempts' version, pages' version) when the killed run's last round
+    committed its attempts and not its pages, which the journal holds; else None."""
+    from ernie_batch import store
+    from ernie_batch.store import read_journal
+
+    (journal,) = (out / "_journal").glob("*.jsonl")
+    run_id = journal.stem
+    done = {t: store.committed_version(out, t, store.app_id(run_id, t))
+            for t in ("attempts", "pages")}
+    rounds, pages_in = 0, set()
+    for record in read_journal(journal):
+        if record.get("t") == "commit":
+            rounds = record["round"]
+        elif record.get("t") == "page":
+            pages_in.add(rounds + 1)
+    if done["attempts"] > done["pages"] and done["attempts"] in pages_in:
+        return run_id, done["attempts"], done["pages"]
+    return None
+
+
+@pytest.mark.slow
+def test_kill9_between_a_rounds_attempts_and_pages_commits_and_resume(tmp_path):
+    """`ernie-batch run` killed with SIGKILL the moment its attempts table gets a commit (the
+    pages commit of the same round follows within milliseconds): tried until the kill lands
+    between the two; the resume commits the round's pages from the journal, once."""
+    from ernie_batch.sim import SimServer, SimSettings
+
+    with SimServer(SimSettings(api_key=TEST_KEY, latency_s=0.05)) as sim:
+        env = cli_env(prefect_home())
+        caught, tries = None, 0
+        while caught is None:
+            tries += 1
+            assert tries <= 12, "no kill landed between the two tables' commits"
+            src, out = tmp_path / f"in-{tries}", tmp_path / f"out-{tries}"
+            units = make_corpus(src, images=20, pdf_pages=2, seed=tries)
+            cfg = write_config(tmp_path / f"job-{tries}.toml", src, out, sim.url,
+                               concurrency=2, flush_rows=2)
+            proc = start_cli(cfg, env, log_file(f"between-{tries}"))
+            attempts_log = out / "attempts" / "_delta_log"
+            while proc.poll() is None and _commits(attempts_log) < 2:
+                time.sleep(0.001)
+            seen = _commits(attempts_log)
+            while proc.poll() is None and _commits(attempts_log) == seen:
+                time.sleep(0.0005)
+            if proc.poll() is not None:
+                continue
+            kill_group(proc)
+            caught = _between_tables(out)
+        run_id, attempts_version, pages_version = caught
+        wait_idle(sim)
+        before = len(sim.ledger()["entries"])
+        assert run_cli(cfg, env, log_file("between-resume")) == 0
+        wait_idle(sim)
+        book = sim.ledger()["entries"]
+    pages, attempts, runs = table(out, "pages"), table(out, "attempts"), table(out, "runs")
+    assert len(pages) == units and pages["key"].is_unique and set(pages["status"]) == {"ok"}
+    assert attempts["client_request_id"].is_unique
+    assert sorted(runs["outcome"]) == ["completed", "interrupted"]
+    # the resume asked for exactly what the killed run had not recorded (its journal's pages,
+    # the round cut between its tables included, count as recorded)
+    assert len(book) - before == units - (pages["run_id"] == run_id).sum()
+    assert math.fsum(attempts["credits"].dropna()) == math.fsum(
+        e["credits"] for e in book if e["response_id"] in set(attempts["response_id"]))
+    print(json.dumps({"tries": tries, "run": run_id, "attempts_version": attempts_version,
+                      "pages_version": pages_version, "units": units}))

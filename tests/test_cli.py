@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 from tests.conftest import PROJECT
+from tests.test_chaos import prefect_home
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path = PROJECT):
+    """The command in a subprocess; by default in the session's shared Prefect home (its
+    background server starts once for every test's commands)."""
     full_env = {k: v for k, v in os.environ.items() if k != "AIMLAPI_API_KEY"}
+    full_env["PREFECT_HOME"] = str(prefect_home())
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "ernie_batch.cli", *args], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=120)

@@ -11,11 +11,11 @@ import httpx
 import pytest
 from jsonschema import Draft202012Validator
 
+from ernie_batch.answers.prompt import FORMAT_MODES, build_body
 from ernie_batch.config import load_config
-from ernie_batch.discover import discover
-from ernie_batch.prepare import prepare_document
-from ernie_batch.prompt import FORMAT_MODES, build_body
-from ernie_batch.units import PageUnit
+from ernie_batch.intake.discover import discover
+from ernie_batch.intake.prepare import prepare_document
+from ernie_batch.intake.units import PageUnit
 from tests.conftest import PROJECT, SAMPLES, TEST_KEY, VENDOR
 
 SPEC = VENDOR / "aimlapi-ernie-4.5-vl-424b-a47b.openapi.json"

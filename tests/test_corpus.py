@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from ernie_batch.config import ImageOptions, PdfOptions, PrepareOptions, SourceOptions
-from ernie_batch.discover import discover
-from ernie_batch.prepare import PreparePool
-from ernie_batch.units import Document, PageUnit, UnitFailure
+from ernie_batch.intake.discover import discover
+from ernie_batch.intake.prepare import PreparePool
+from ernie_batch.intake.units import Document, PageUnit, UnitFailure
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 

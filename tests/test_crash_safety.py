@@ -23,8 +23,8 @@ import pytest
 from pydantic import SecretStr
 
 from ernie_batch import store
-from ernie_batch.engine import Pipeline, RunOptions, run_job
-from ernie_batch.recovery import recover_journals
+from ernie_batch.run.engine import Pipeline, RunOptions, run_job
+from ernie_batch.run.recovery import recover_journals
 from tests import test_chaos as chaos
 from tests.conftest import PROJECT, TEST_KEY, job_config
 
@@ -35,27 +35,47 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def killed_run(cfg, *, lose_last_pages_part: bool) -> Pipeline:
-    """A run that sent everything, then died: its last rows never flushed, its lock left behind.
+class Killed(BaseException):
+    """Stands for kill -9 at one step of a run (nothing after it runs; locks drop)."""
 
-    With `lose_last_pages_part`, the kill also fell between the attempts part and the pages
-    part of a flush (the engine writes attempts first), so those pages exist only in the journal.
-    """
+
+def die(*_args, **_kwargs):
+    raise Killed
+
+
+# where a staged kill falls (the run commits in rounds: attempts, then pages; at its end
+# the last round, then documents, then its `runs` row)
+AFTER_A_ROUND = "after_a_round"  # rows after the last round only in the journal
+BETWEEN_TABLES = "between_tables"  # a round's attempts committed, its pages not
+BEFORE_RUNS_ROW = "before_runs_row"  # everything but the manifest committed
+
+
+def killed_run(cfg, at: str = AFTER_A_ROUND) -> Pipeline:
+    """A run that sent everything, then died at `at`; its locks left behind as a kill leaves
+    them, and a last journal line cut in half."""
 
     async def go() -> Pipeline:
         run = Pipeline(cfg, SecretStr(TEST_KEY), RunOptions())
         await run.__aenter__()
-        flush = run.recorder.maybe_flush
-        run.recorder.maybe_flush = lambda force=False: flush(False)  # no end-of-run flush
         await run.process(run.discover())
-        await run.pool.aclose()
-        await run.client.aclose()
+        if at == AFTER_A_ROUND:
+            await run.pool.aclose()
+            await run.client.aclose()
+        elif at == BETWEEN_TABLES:
+            run.recorder.pages.flush = die
+            with pytest.raises(Killed):
+                run.recorder.commit()
+        else:
+            from ernie_batch.run import recorder
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(recorder, "write_run_row", die)
+                with pytest.raises(Killed):
+                    await run.finish()
         run.recorder.journal.close(delete=False)
         return run
 
     run = asyncio.run(go())
-    if lose_last_pages_part:
-        run.recorder.pages.parts[-1].unlink()
     journal = run.recorder.journal.path
     with open(journal, "a", encoding="utf-8") as fh:  # a line cut by the kill
         fh.write('{"t":"page","run_id":"' + run.run_id + '","key":"ab')
@@ -66,7 +86,7 @@ def killed_run(cfg, *, lose_last_pages_part: bool) -> Pipeline:
 def leave_locks_behind(run: Pipeline) -> None:
     """As a kill leaves them: the lock files stay, naming a process that is gone, and the
     kernel has dropped the flocks."""
-    lock = run.root / ".lock"
+    lock = run.root.local_path(".lock")
     owner = json.loads(lock.read_text())
     lock.write_text(json.dumps({**owner, "pid": dead_pid()}))
     for held in (run._lock._lock, run._data_lock, run._own_lock):
@@ -98,13 +118,17 @@ def check_exactly_once(sim, out: Path, units: int) -> tuple[pd.DataFrame, pd.Dat
     return pages, attempts
 
 
-@pytest.mark.parametrize("lose_last_pages_part", [False, True])
-def test_a_killed_runs_journal_is_folded_in_once_and_nothing_is_asked_again(
-        job, lose_last_pages_part):
+@pytest.mark.parametrize("at", [AFTER_A_ROUND, BETWEEN_TABLES, BEFORE_RUNS_ROW])
+def test_a_killed_runs_journal_is_folded_in_once_and_nothing_is_asked_again(job, at):
     sim, cfg, units = job
-    dead = killed_run(cfg, lose_last_pages_part=lose_last_pages_part)
-    out = dead.root
-    assert len(dead.recorder.pages.rows) == units % 4 > 0  # rows only the journal holds
+    dead = killed_run(cfg, at)
+    out = dead.root.local_path()
+    if at == AFTER_A_ROUND:
+        assert len(dead.recorder.pages.rows) == units % 4 > 0  # rows only the journal holds
+    if at == BETWEEN_TABLES:  # the round's attempts are in, its pages are not
+        assert store.committed_version(out, "attempts", store.app_id(dead.run_id, "attempts")) \
+            == dead.recorder.round > store.committed_version(
+                out, "pages", store.app_id(dead.run_id, "pages"))
     summary = run_job(cfg, SecretStr(TEST_KEY))
 
     assert summary.recovered_runs == [dead.run_id]
@@ -112,20 +136,23 @@ def test_a_killed_runs_journal_is_folded_in_once_and_nothing_is_asked_again(
     check_exactly_once(sim, out, units)
     runs = store.read_table(out, "runs").to_pandas().set_index("run_id")
     killed = runs.loc[dead.run_id]
-    assert killed["outcome"] == "interrupted" and killed["units_ok"] == units
-    assert killed["requests"] == units
+    # killed before its row was committed, the run had journaled it: that row, not a guess
+    assert killed["outcome"] == ("completed" if at == BEFORE_RUNS_ROW else "interrupted")
+    assert killed["units_ok"] == units and killed["requests"] == units
     assert killed["credits"] == math.fsum(e["credits"] for e in sim.ledger()["entries"])
     assert runs.loc[summary.run_id, "requests"] == 0
+    documents = store.read_table(out, "documents").to_pandas()
+    assert len(documents) == 11 and set(documents["run_id"]) == {dead.run_id}
     assert not list((out / "_journal").glob("*.jsonl"))
     assert not (out / ".lock").exists()
 
 
 def test_recovery_cut_short_by_another_kill_does_not_double_count(job):
     sim, cfg, units = job
-    dead = killed_run(cfg, lose_last_pages_part=True)
+    dead = killed_run(cfg, BETWEEN_TABLES)
     journal = dead.recorder.journal.path
     saved = journal.read_bytes()
-    # a resume folds the journal into parts, then is killed before it can delete the journal
+    # a resume folds the journal in, then is killed before it can delete the journal
     recover_journals(dead.root, dead.pages_schema)
     journal.write_bytes(saved)
     summary = run_job(cfg, SecretStr(TEST_KEY))
@@ -133,15 +160,15 @@ def test_recovery_cut_short_by_another_kill_does_not_double_count(job):
     check_exactly_once(sim, dead.root, units)
     runs = store.read_table(dead.root, "runs").to_pandas()
     assert len(runs) == 2 and runs["run_id"].is_unique
+    assert len(store.read_table(dead.root, "documents")) == 11
 
 
 def test_a_schema_changed_after_the_kill_does_not_block_the_resume(job, tmp_path):
-    """The killed run's rows are folded in with its own answer columns, not the new run's
-    (a number column that became a string made every later run fail in recovery)."""
-    import pyarrow.parquet as pq
-
+    """The killed run's rows are folded in with its own answer columns, not the new run's;
+    the new run's `total_amount` (now a string) lands in `answer_total_amount__string`, the
+    killed run's stays a number in `answer_total_amount` (README "Output schema")."""
     sim, cfg, units = job
-    dead = killed_run(cfg, lose_last_pages_part=True)
+    dead = killed_run(cfg, BETWEEN_TABLES)
     schema = json.loads((PROJECT / "configs" / "schemas" / "page.json").read_text())
     schema["properties"]["total_amount"] = {"type": ["string", "null"]}
     schema["properties"]["pages_seen"] = {"type": "integer"}
@@ -151,36 +178,40 @@ def test_a_schema_changed_after_the_kill_does_not_block_the_resume(job, tmp_path
     summary = run_job(changed, SecretStr(TEST_KEY))
     assert summary.recovered_runs == [dead.run_id]
     assert summary.outcome == "completed" and summary.requests == units  # a new fingerprint
-    recovered = [p for p in (dead.root / "pages").rglob("part-recovered-*.parquet")]
-    assert recovered
-    for part in recovered:
-        t = pq.read_table(part)
-        assert t.schema.field("answer_total_amount").type == "double"
-        assert "answer_pages_seen" not in t.schema.names
-        for answer, total in zip(t["answer_json"].to_pylist(),
-                                 t["answer_total_amount"].to_pylist(), strict=True):
-            assert json.loads(answer)["total_amount"] == total
+    pages = store.read_table(dead.root, "pages")
+    assert pages.schema.field("answer_total_amount").type == "double"
+    assert pages.schema.field("answer_total_amount__string").type == "string"
+    for row in pages.to_pylist():
+        total = json.loads(row["answer_json"])["total_amount"]
+        if row["run_id"] == dead.run_id:
+            assert (row["answer_total_amount"], row["answer_total_amount__string"]) == (total, None)
+            assert row["answer_pages_seen"] is None
+        else:
+            assert row["answer_total_amount"] is None
+            assert row["answer_total_amount__string"] == total
 
 
-def test_a_part_cut_before_its_rename_stays_invisible(tmp_path, monkeypatch):
+def test_a_data_file_a_killed_writer_left_uncommitted_stays_invisible_until_vacuumed(tmp_path):
+    """A writer killed after writing a data file and before its commit leaves an orphan: no
+    reader sees its rows, and vacuum deletes it once it is older than the retention."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    t = pa.table({"run_id": ["a"], "key": ["k"]})
-    store.write_parquet_atomic(t, tmp_path / "pages" / "date=2026-01-01" / "part-a-0000.parquet")
+    from ernie_batch.store.maintain import vacuum_table
 
-    def killed(*_args):
-        raise KeyboardInterrupt("killed between write and rename")
-
-    monkeypatch.setattr(os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        store.write_parquet_atomic(pa.table({"run_id": ["b"], "key": ["half"]}),
-                                   tmp_path / "pages" / "date=2026-01-01" / "part-b-0000.parquet")
-    monkeypatch.undo()
-    files = sorted(p.name for p in (tmp_path / "pages").rglob("*"))
-    assert [f for f in files if not f.startswith(".")] == ["date=2026-01-01",
-                                                           "part-a-0000.parquet"]
+    writer = store.TableWriter(tmp_path, "pages", store.pages_schema([]), "2026-01-01")
+    writer.add({"run_id": "a", "key": "k"})
+    writer.flush()
+    orphan = tmp_path / "pages" / "date=2026-01-01" / "part-00000-killed-c000.zstd.parquet"
+    pq.write_table(pa.table({"run_id": ["b"], "key": ["half"]}), orphan)
     assert store.read_table(tmp_path, "pages").column("key").to_pylist() == ["k"]
-    assert pd.read_parquet(tmp_path / "pages")["key"].tolist() == ["k"]
+    assert vacuum_table(tmp_path, "pages", 24) == 0 and orphan.exists()  # too young
+    two_days_ago = time.time() - 48 * 3600
+    os.utime(orphan, (two_days_ago, two_days_ago))
+    assert vacuum_table(tmp_path, "pages", 24) == 1 and not orphan.exists()
+    assert store.read_table(tmp_path, "pages").column("key").to_pylist() == ["k"]
+    with pytest.raises(store.OutputError, match="below the floor of 24 h"):
+        vacuum_table(tmp_path, "pages", 1)
 
 
 # ---------------------------------------------------------------- one run at a time
@@ -334,32 +365,18 @@ def test_a_full_disk_is_found_before_any_request(job, monkeypatch):
     assert list(out.iterdir()) == []  # not even the probe file is left behind
 
 
-def test_a_part_left_half_written_by_a_kill_is_cleaned_up(job):
+def test_a_live_siblings_journal_is_never_touched(job):
+    """Recovery folds only journals whose run-id lock is free: a live writer's stays as it is."""
     sim, cfg, units = job
-    run_job(cfg, SecretStr(TEST_KEY))
-    folder = next((cfg.output.path / "pages").glob("date=*"))
-    leftover = folder / ".part-20260101T000000Z-dead00-0000.parquet.123.tmp"
-    leftover.write_bytes(b"PAR1 half a file")
-    summary = run_job(cfg, SecretStr(TEST_KEY))
-    assert summary.requests == 0
-    assert not leftover.exists()
-
-
-def test_a_live_siblings_journal_and_temporary_parts_are_never_touched(job):
-    """Recovery folds only journals whose run-id lock is free: a live writer's stay as they are."""
-    sim, cfg, units = job
-    dead = killed_run(cfg, lose_last_pages_part=False)
+    dead = killed_run(cfg)
     journal = dead.recorder.journal.path
-    folder = next((cfg.output.path / "pages").glob("date=*"))
-    tmp = folder / f".part-{dead.run_id}-0009.parquet.1.tmp"
-    tmp.write_bytes(b"PAR1 being written")
     alive = store.run_id_lock(dead.root, dead.run_id)
     assert alive.try_acquire()  # as if its owner still lived (a shard run beside us)
     try:
         summary = run_job(cfg, SecretStr(TEST_KEY))
-        assert summary.recovered_runs == [] and journal.exists() and tmp.exists()
+        assert summary.recovered_runs == [] and journal.exists()
     finally:
         alive.release()
-    again = run_job(cfg, SecretStr(TEST_KEY))  # its owner gone: folded once, leftovers removed
+    again = run_job(cfg, SecretStr(TEST_KEY))  # its owner gone: folded once
     assert again.recovered_runs == [dead.run_id] and again.requests == 0
-    assert not journal.exists() and not tmp.exists()
+    assert not journal.exists()

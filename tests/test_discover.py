@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from ernie_batch.config import SourceOptions
-from ernie_batch.discover import (
+from ernie_batch.errors import ConfigError
+from ernie_batch.intake.discover import (
     describe_unknown,
     discover,
     glob_match,
     sha256_file,
     sniff_type,
 )
-from ernie_batch.errors import ConfigError
 
 PDF = b"%PDF-1.4\n%fake\n"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
@@ -94,7 +94,7 @@ def test_type_by_content_and_skips(tmp_path: Path) -> None:
     assert stats.still_growing == [tmp_path / "growing.pdf"]
     b = docs[0]
     assert b.size == len(PDF) and b.sha256 == hashlib.sha256(PDF).hexdigest()
-    assert b.path.is_absolute() and b.root == tmp_path
+    assert Path(b.path).is_absolute() and b.root == tmp_path
 
 
 def test_include_exclude(tmp_path: Path) -> None:

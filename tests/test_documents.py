@@ -18,17 +18,17 @@ from PIL import Image, ImageDraw
 from pydantic import SecretStr
 
 from ernie_batch import store
+from ernie_batch.answers.documents import document_key
+from ernie_batch.answers.prompt import fingerprint
 from ernie_batch.config import load_config
-from ernie_batch.content import parts_sha256
-from ernie_batch.discover import discover
-from ernie_batch.documents import document_key
-from ernie_batch.engine import run_job
-from ernie_batch.prepare import prepare_document
-from ernie_batch.prompt import fingerprint
-from ernie_batch.rebuild import rebuild_documents
-from ernie_batch.report import dataset_report
+from ernie_batch.intake.content import parts_sha256
+from ernie_batch.intake.discover import discover
+from ernie_batch.intake.prepare import prepare_document
+from ernie_batch.intake.units import PageUnit
+from ernie_batch.money.report import dataset_report
+from ernie_batch.run.engine import run_job
+from ernie_batch.run.rebuild import rebuild_documents
 from ernie_batch.sim import SimServer, SimSettings, Simulator
-from ernie_batch.units import PageUnit
 from tests.conftest import PROJECT, SAMPLES, TEST_KEY, run_mounted
 
 SCHEMA = {
@@ -204,23 +204,30 @@ def test_rebuild_with_a_changed_rule_changes_only_what_it_touches_and_sends_noth
     assert runs.loc[done.run_id, "documents"] == 1
 
 
-def test_pandas_and_duckdb_read_the_typed_columns(invoice):
+def test_pandas_polars_and_duckdb_read_the_typed_columns(invoice):
+    """The README's three readers of a Delta table, as a user types them."""
     duckdb = pytest.importorskip("duckdb")
+    pl = pytest.importorskip("polars")
+    from deltalake import DeltaTable
+
     cfg, sim = invoice
     run(cfg, sim)
     root = Path(cfg.output.path)
-    frame = pd.read_parquet(root / "documents")
+    frame = DeltaTable(str(root / "documents")).to_pandas()
     assert str(frame["pages_ok"].dtype) == "int32" and str(frame["answer_total"].dtype) == "float64"
     assert frame["complete"].dtype == bool
+    polars = pl.read_delta(str(root / "documents"))
+    assert polars.schema["answer_total"] == pl.Float64
+    assert polars.schema["answer_line_items"] == pl.List(pl.String)
+    assert polars["answer_total"].to_list() == [125.75]
     con = duckdb.connect()
-    rel = con.sql(f"SELECT * FROM read_parquet('{root}/documents/**/*.parquet', "
-                  "hive_partitioning = true, union_by_name = true)")
+    con.register("documents", DeltaTable(str(root / "documents")).to_pyarrow_dataset())
+    rel = con.sql("SELECT * FROM documents")
     types = dict(zip(rel.columns, map(str, rel.types), strict=True))
     assert types["source_paths"] == "VARCHAR[]" and types["complete"] == "BOOLEAN"
     assert types["answer_line_items"] == "VARCHAR[]" and types["answer_total"] == "DOUBLE"
     assert types["built_at"].startswith("TIMESTAMP WITH TIME ZONE")
-    got = con.execute(f"SELECT answer_total, len(answer_line_items) FROM "
-                      f"read_parquet('{root}/documents/**/*.parquet')").fetchall()
+    got = con.execute("SELECT answer_total, len(answer_line_items) FROM documents").fetchall()
     assert got == [(125.75, 3)]
 
 
@@ -266,15 +273,16 @@ def test_documents_of_a_killed_run_are_built_by_the_run_that_folds_its_journal(t
     shutil.copy(SAMPLES / "receipt-cafe-aurora.png", src)
     with SimServer(SimSettings(api_key=TEST_KEY)) as server:
         cfg = config(tmp_path, [src], **{"api.base_url": server.url, "output.flush_rows": 2})
-        dead = killed_run(cfg, lose_last_pages_part=False)
+        dead = killed_run(cfg)
         assert not (Path(cfg.output.path) / "documents").exists()
         summary = run_job(cfg, SecretStr(TEST_KEY))
     assert summary.recovered_runs == [dead.run_id] and summary.requests == 0
     docs = documents(cfg)
     assert docs["run_id"].tolist() == [dead.run_id] * 2  # the new run touched nothing
     assert docs["complete"].all() and sorted(docs["page_count"]) == [1, 4]
-    parts = list((Path(cfg.output.path) / "documents").rglob("*.parquet"))
-    assert [p.name.startswith(f"part-recovered-{dead.run_id}") for p in parts] == [True]
+    # committed once, as the round recovery added for the rows only the journal held
+    assert dead.recorder.round == 2 and store.committed_version(
+        cfg.output.path, "documents", store.app_id(dead.run_id, "documents")) == 3
 
 
 def test_the_documents_command_counts_and_rebuilds_and_waits_for_the_lock(invoice, tmp_path):
@@ -317,8 +325,8 @@ def test_the_documents_command_counts_and_rebuilds_and_waits_for_the_lock(invoic
 
 def test_a_journal_from_before_documents_is_built_with_the_default_rules():
     """Journals written before merge rules existed carry no rules: arrays concat, the rest first."""
-    from ernie_batch.answers import answer_fields
-    from ernie_batch.documents import DocumentSpec
+    from ernie_batch.answers.documents import DocumentSpec
+    from ernie_batch.answers.judge import answer_fields
     from ernie_batch.vocab import MergeRule
 
     cfg = load_config(PROJECT / "configs" / "demo.toml")

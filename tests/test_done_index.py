@@ -1,6 +1,6 @@
 """The done-index in Arrow form decides exactly what the old one (a Python object per row,
 `tests/done_reference.py`) decided, on random histories: mixed statuses, two fingerprints,
-duplicate rows, multi-page units, a schema change between runs, parts split or compacted,
+duplicate rows, multi-page units, a schema change between runs, commits split or compacted,
 and the index read for a subset of the content only."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ernie_batch.compact import compact_output
-from ernie_batch.store import load_done, pages_schema, write_parquet_atomic
+from ernie_batch.run.compact import compact_output
+from ernie_batch.store import append_rows, load_done, pages_schema
 from ernie_batch.vocab import UnitStatus
 from tests import done_reference
 
@@ -31,12 +31,12 @@ T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 ROW = st.tuples(st.sampled_from(SHAS), st.sampled_from(FPS), st.sampled_from(UNITS),
                 st.sampled_from(list(UnitStatus)), st.sampled_from(PATHS), st.booleans())
-RUN = st.tuples(st.lists(ROW, min_size=1, max_size=10), st.booleans())  # rows, split in two parts
+RUN = st.tuples(st.lists(ROW, min_size=1, max_size=10), st.booleans())  # rows, in two commits
 
 
 def write_history(root: Path, runs: list[tuple[list[tuple], bool]]) -> None:
     """One run every 7 hours (so runs share and cross date partitions), each in one or two
-    parts; at most one ok row per unit and run, as a real run writes."""
+    commits; at most one ok row per unit and run, as a real run writes."""
     for i, (rows, split) in enumerate(runs):
         at = T0 + timedelta(hours=7 * i)
         run_id = f"{at:%Y%m%dT%H%M%SZ}-{i:06x}"
@@ -54,9 +54,8 @@ def write_history(root: Path, runs: list[tuple[list[tuple], bool]]) -> None:
                 "page_last": last, "page_count": PAGE_COUNT[sha] if count_known else None,
                 "status": str(status), "model": "m", "started_at": at, "finished_at": at})
         halves = [records[: len(records) // 2], records[len(records) // 2:]] if split else [records]
-        for n, part in enumerate(h for h in halves if h):
-            write_parquet_atomic(pa.Table.from_pylist(part, schema=schema),
-                                 root / "pages" / f"date={at:%Y-%m-%d}" / f"part-{run_id}-{n:04d}.parquet")
+        for part in (h for h in halves if h):
+            append_rows(root, "pages", pa.Table.from_pylist(part, schema=schema), f"{at:%Y-%m-%d}")
 
 
 def decisions(index, fp: str, shas: list[str]) -> list:

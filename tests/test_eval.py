@@ -29,12 +29,12 @@ from PIL import Image, ImageDraw
 from pydantic import SecretStr
 
 from ernie_batch.config import load_config
-from ernie_batch.content import parts_sha256
-from ernie_batch.discover import discover
 from ernie_batch.evaluation import Version, eval_overrides, read_labels, run_eval
-from ernie_batch.prepare import prepare_document
+from ernie_batch.intake.content import parts_sha256
+from ernie_batch.intake.discover import discover
+from ernie_batch.intake.prepare import prepare_document
+from ernie_batch.intake.units import PageUnit
 from ernie_batch.store import read_table
-from ernie_batch.units import PageUnit
 from tests.conftest import PROJECT, TEST_KEY
 
 SCHEMA = {

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from ernie_batch.engine import run_job
-from ernie_batch.sender import UnitSender
+from ernie_batch.run.engine import run_job
+from ernie_batch.run.sender import UnitSender
 from tests.conftest import SAMPLES, TEST_KEY, job_config
-from tests.test_chaos import cli_env
+from tests.test_chaos import cli_env, prefect_home
 from tests.test_cli import cli
 
 RECEIPT = "receipt-cafe-aurora.png"
@@ -38,7 +38,7 @@ def inbox(tmp_path: Path) -> Path:
 
 
 def run(tmp_path: Path, base_url: str, *args: str, key: str = TEST_KEY):
-    env = cli_env(tmp_path / "home", key)
+    env = cli_env(prefect_home(), key)
     return cli("run", str(inbox(tmp_path)), "--base-url", base_url, "--output",
                str(tmp_path / "out"), *args, env=env)
 
@@ -70,7 +70,7 @@ def test_a_rejected_key_is_exit_3_before_anything_is_sent(sim_factory, tmp_path)
     assert "key rejected" in one_error_line(res.stderr)
     assert sim.ledger()["entries"] == []
     plan = cli("plan", str(inbox(tmp_path / "p")), "--base-url", sim.url,
-               env=cli_env(tmp_path / "home", "sk-wrong-key"))
+               env=cli_env(prefect_home(), "sk-wrong-key"))
     assert plan.returncode == 3 and "key rejected" in plan.stderr
 
 

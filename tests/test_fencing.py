@@ -25,16 +25,18 @@ import pytest
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from ernie_batch import recovery, store
+from ernie_batch import store
 from ernie_batch.cli import app
-from ernie_batch.compact import TABLE_ORDER, compact_output
-from ernie_batch.engine import Pipeline, RunOptions, run_job
-from ernie_batch.recovery import recover_journals
-from ernie_batch.report import dataset_report
+from ernie_batch.money.report import dataset_report
+from ernie_batch.run import recovery
+from ernie_batch.run.compact import COMPACTED_TABLES, compact_output
+from ernie_batch.run.engine import Pipeline, RunOptions, run_job
+from ernie_batch.run.recovery import recover_journals
+from ernie_batch.run.selection import RunSelection
 from ernie_batch.scale.shard import take_over
-from ernie_batch.selection import RunSelection
 from ernie_batch.sim import SimServer, SimSettings
 from ernie_batch.store import RunRow, fencing
+from ernie_batch.store.maintain import files_by_partition
 from ernie_batch.vocab import RunKind
 from tests import test_chaos as chaos
 from tests.conftest import PROJECT, TEST_KEY, job_config
@@ -71,6 +73,13 @@ def run_row(run_id: str, kind: str, *, parent: str | None = None,
                   units_duplicate=None, units_already_done=None, units_not_sent=None,
                   requests=None, credits=None, usd=None, outcome="completed", error=None,
                   parent_run_id=parent, accepted_runs=accepted)
+
+
+def delta_rows(root: Path, table: str) -> pd.DataFrame:
+    """A table as a plain Delta reader sees it (the README's pandas line): every row."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(root / table)).to_pandas()
 
 
 def run_ids(root: Path, table: str, **kw) -> set[str]:
@@ -135,14 +144,14 @@ def test_shard_runs_count_while_their_coordinator_has_no_row(world):
     assert not dataset_report(Path(cfg.output.path), None).get("orphaned")
 
 
-def test_readers_leave_out_a_rejected_runs_rows_that_plain_parquet_readers_still_see(world):
+def test_readers_leave_out_a_rejected_runs_rows_that_plain_delta_readers_still_see(world):
     a, r = world.accepted.run_id, world.rejected.run_id
     for table in FENCED:
         assert r not in run_ids(world.out, table)
         assert r in run_ids(world.out, table, include_rejected=True)
     assert run_ids(world.out, "runs") == {world.coordinator, a}
     assert set(store.read_columns(world.out, "attempts", ["key"]).column_names) == {"key"}
-    assert set(pd.read_parquet(world.out / "pages")["run_id"]) == {a, r}  # what the README says
+    assert set(delta_rows(world.out, "pages")["run_id"]) == {a, r}  # what the README says
     assert fencing.rejected_runs(world.out).to_pylist() == [r]
     assert fencing.rejected_among(world.out, [a, r, "no-such-run"]).to_pylist() == [r]
     chosen = RunSelection((world.coordinator,))
@@ -153,10 +162,15 @@ def test_readers_leave_out_a_rejected_runs_rows_that_plain_parquet_readers_still
 
 def test_the_readmes_duckdb_query_reads_the_rows_read_table_reads(world):
     duckdb = pytest.importorskip("duckdb")
+    from deltalake import DeltaTable
+
     section = (PROJECT / "README.md").read_text().split("### Fencing", 1)[1]
     query = section.split("```sql\n", 1)[1].split("```", 1)[0]
     for out in (world.open_out, world.out):
-        got = duckdb.sql(query.replace("data/output", str(out))).df()
+        con = duckdb.connect()
+        for name in ("pages", "runs"):  # as the README registers them
+            con.register(name, DeltaTable(str(out / name)).to_pyarrow_dataset())
+        got = con.sql(query).df()
         want = store.read_table(out, "pages").to_pandas()
         assert sorted(got["run_id"] + got["key"]) == sorted(want["run_id"] + want["key"])
     assert world.rejected.run_id not in set(got["run_id"])
@@ -237,49 +251,50 @@ def test_compaction_drops_rejected_pages_and_documents_and_keeps_attempts_and_ru
     r = world.rejected.run_id
     counted = {t: store.read_table(out, t).num_rows for t in FENCED}
     on_disk = {t: store.read_table(out, t, include_rejected=True).num_rows for t in FENCED}
-    summary = compact_output(out, list(TABLE_ORDER), store.pages_schema([]))
+    summary = compact_output(out, list(COMPACTED_TABLES), store.pages_schema([]))
     dropped = {t.table: t.rows_dropped for t in summary.tables}
     assert dropped == {"pages": world.units_x + world.units_y, "attempts": 0, "runs": 0,
                        "documents": 4 + 3, "billing": 0}
     assert {t: store.read_table(out, t).num_rows for t in FENCED} == counted
     after = {t: store.read_table(out, t, include_rejected=True).num_rows for t in FENCED}
     assert after == {t: on_disk[t] - dropped[t] for t in FENCED}
-    assert r not in set(pd.read_parquet(out / "pages")["run_id"])
-    assert r in set(pd.read_parquet(out / "attempts")["run_id"])
+    assert r not in set(delta_rows(out, "pages")["run_id"])
+    assert r in set(delta_rows(out, "attempts")["run_id"])
     (orphan,) = dataset_report(out, None)["orphaned"]
     assert (orphan["pages"], orphan["documents"]) == (0, 0)
     assert (orphan["attempts"], orphan["credits"]) == (world.rejected.requests,
                                                       world.rejected.credits)
 
 
-def test_compaction_drops_a_lone_file_of_rejected_rows_and_rewrites_one_that_holds_some(tmp_path):
+def test_compaction_deletes_rejected_rows_from_every_file_that_holds_them(tmp_path):
     schema = store.pages_schema([])
     day = "2026-03-01"
     store.write_run_row(tmp_path, day, run_row("c", RunKind.COORDINATOR, accepted=["s1"]))
     for rid in ("s1", "s2"):
         store.write_run_row(tmp_path, day, run_row(rid, RunKind.SHARD, parent="c"))
-    alone = store.TableWriter(tmp_path, "pages", schema, "s2", "2026-03-02")
+    alone = store.TableWriter(tmp_path, "pages", schema, "2026-03-02")
     alone.add({"run_id": "s2", "key": "k0", "status": "ok"})
     alone.flush()
-    mixed = store.TableWriter(tmp_path, "pages", schema, "mixed", "2026-03-03", prefix="compact")
+    mixed = store.TableWriter(tmp_path, "pages", schema, "2026-03-03")
     for i, rid in enumerate(["s1", "s2", "s1", "plain"]):
         mixed.add({"run_id": rid, "key": f"k{i}", "status": "ok"})
     mixed.flush()
     summary = compact_output(tmp_path, ["pages"], schema)
     assert summary.tables[0].rows_dropped == 2
-    assert not alone.parts[0].exists()
-    pages = pd.read_parquet(tmp_path / "pages")
+    pages = delta_rows(tmp_path, "pages")
     assert sorted(pages["run_id"]) == ["plain", "s1", "s1"]
+    assert set(files_by_partition(tmp_path, "pages")) == {"2026-03-03"}  # s2's file: gone
 
 
 def killed_shard_run(world: World, out: Path, coordinator: str, shard: int) -> Pipeline:
-    """A shard run killed after its answers reached Parquet and its journal, before its
+    """A shard run killed after its answers were committed and journaled, before its
     manifest: its locks left as a kill leaves them."""
 
     async def killed() -> Pipeline:
         run = shard_pipeline(world.cfg(out), coordinator, shard)
         await run.__aenter__()
-        await run.process(run.discover())  # flushed at the end of `process`: parts on disk
+        await run.process(run.discover())
+        run.recorder.commit()  # its rows in the tables
         await run.pool.aclose()
         await run.client.aclose()
         run.recorder.journal.close(delete=False)  # killed before its manifest
@@ -307,7 +322,7 @@ def test_a_killed_shard_run_counts_until_its_journal_is_folded_then_is_rejected(
 def test_the_rule_over_runs_rows_of_every_kind(tmp_path):
     day = "2026-02-01"
     old = pa.table({"run_id": ["0-old"], "kind": ["ingest"]})  # a manifest from before shards
-    store.write_parquet_atomic(old, store.run_row_path(tmp_path, day, "0-old"))
+    store.append_rows(tmp_path, "runs", old, day)
     rows = [
         run_row("c1", RunKind.COORDINATOR, accepted=["s1"]),
         run_row("s1", RunKind.SHARD, parent="c1"),  # accepted
@@ -323,9 +338,8 @@ def test_the_rule_over_runs_rows_of_every_kind(tmp_path):
     assert fencing.rejected_runs(tmp_path).to_pylist() == ["s2", "s4"]
     assert fencing.rejected_among(tmp_path, ["s1", "s2", "s3", "s5", "unknown"]).to_pylist() == [
         "s2"]
-    compact_output(tmp_path, ["runs"], store.pages_schema([]))  # one file holds the new runs
-    names = sorted(p.name for p in (tmp_path / "runs").rglob("*.parquet"))
-    assert names[0].startswith("compact-") and names[1:] == ["run-0-old.parquet"]
+    compact_output(tmp_path, ["runs"], store.pages_schema([]))  # one file holds every run
+    assert files_by_partition(tmp_path, "runs")[day].files == 1
     assert fencing.rejected_among(tmp_path, ["s2", "s4", "s1"]).to_pylist() == ["s2", "s4"]
     assert run_ids(tmp_path, "runs") == {"0-old", "c1", "s1", "s3", "c2", "p", "s5"}
 

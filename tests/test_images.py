@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageStat, PngImagePlugin
 
 from ernie_batch.config import ImageOptions
-from ernie_batch.images import EncodedImage, ImageError, prepare_frames
+from ernie_batch.intake.images import EncodedImage, ImageError, prepare_frames
 
 
 def decode(item: EncodedImage) -> Image.Image:

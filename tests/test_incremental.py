@@ -164,7 +164,7 @@ def test_backfill_takes_only_files_in_the_date_range(prefect_harness, sim_factor
 
 def test_backfill_keeps_the_configs_date_from_unless_the_flag_is_given(sim_factory, tmp_path):
     """A flag overrides the config only when given (the real command, in a subprocess)."""
-    from tests.test_chaos import cli_env, write_config
+    from tests.test_chaos import cli_env, prefect_home, write_config
     from tests.test_cli import cli
 
     sim = sim_factory()
@@ -182,8 +182,8 @@ def test_backfill_keeps_the_configs_date_from_unless_the_flag_is_given(sim_facto
     args = ["backfill", str(root), "--config", str(config), "--since", "2026-11-01",
             "--until", "2026-11-15", "--base-url", sim.url, "--output", str(tmp_path / "out"),
             "--json"]
-    res = cli(*args, env=cli_env(tmp_path / "home"))
+    res = cli(*args, env=cli_env(prefect_home()))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[-1])["requests"] == 1  # only 2026-11-02, by path
-    res = cli(*args, "--date-from", "mtime", env=cli_env(tmp_path / "home"))
+    res = cli(*args, "--date-from", "mtime", env=cli_env(prefect_home()))
     assert json.loads(res.stdout.splitlines()[-1])["requests"] == 0  # by mtime: none in range

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from ernie_batch.api.limits import BudgetStopped, Lease, RequestBudget
+from ernie_batch.api.retry_after import MAX_RETRY_AFTER_S, parse_retry_after
 from ernie_batch.bench import max_in_any_window
-from ernie_batch.limits import BudgetStopped, Lease, RequestBudget
-from ernie_batch.retry_after import MAX_RETRY_AFTER_S, parse_retry_after
 
 T = TypeVar("T")
 
@@ -515,30 +515,179 @@ def test_a_share_of_the_limit_a_hold_and_a_lapsed_membership() -> None:
     assert budget.try_acquire() is not None
 
 
-def test_a_leavers_recent_requests_fill_a_newcomers_window_until_they_leave_it() -> None:
-    """What a run hands on when it leaves a shared limit, and what the next one makes of it:
-    room for the rest of the window at once, the whole limit once the tail has passed."""
-    clock = FakeClock()
-    leaver = RequestBudget(rpm=10, max_in_flight=0, window_s=60, clock=clock)
-    assert leaver.recent() == (0, None)  # sent nothing: hands on nothing
-    for _ in range(4):
-        lease = leaver.try_acquire()
-        assert lease is not None
-        lease.release(outcome="ok")
-        clock.now += 7.0  # the bucket spreads them out
-    count, last_sent = leaver.recent()
-    assert count == 4 and abs(last_sent - (time.time() - 7.0)) < 0.5
-
-    newcomer = RequestBudget(rpm=10, max_in_flight=0, window_s=60, clock=clock)
-    newcomer.occupy(count, last_sent)
+def admitted_now(budget: RequestBudget, clock, step_s: float, most: int = 20) -> int:
+    """How many requests the budget admits, one every `step_s` (the bucket paces them)."""
     admitted = 0
-    while (lease := newcomer.try_acquire()) is not None:  # the bucket paces: let it refill
+    while admitted < most and (lease := budget.try_acquire()) is not None:
         lease.release(outcome="ok")
         admitted += 1
+        clock.now += step_s
+    return admitted
+
+
+def test_others_sends_bind_a_member_of_a_shared_limit_until_they_leave_the_window() -> None:
+    """What a member of a key's shared limit hands on (its own sends) and what it is told of
+    the others (`ernie_batch.scale.shares`): its sends and theirs stay within the room their
+    caps leave, and what they sent frees up as it leaves the window, not a window later."""
+    clock = FakeClock()
+    leaver = RequestBudget(rpm=10, tpm=6000, max_in_flight=0, window_s=60, clock=clock)
+    assert leaver.sent() == []  # sent nothing: hands on nothing
+    for _ in range(4):
+        lease = leaver.try_acquire(est_tokens=50)
+        assert lease is not None
+        lease.release(outcome="ok", actual_tokens=80)  # corrected to what it cost
         clock.now += 7.0
-        if admitted > 10:
-            break
-    assert admitted == 10 - 4  # the leaver's 4 still count in this window
-    clock.now += 60.0  # the tail left the window
-    assert newcomer.try_acquire() is not None
-    assert newcomer.recent()[0] == 1  # its own sends in the window only, never the leaver's
+    sent = leaver.sent()
+    assert [tokens for _, tokens in sent] == [80.0] * 4
+    assert abs(sent[-1][0] - (time.time() - 7.0)) < 0.5  # wall clock: what the others read
+
+    newcomer = RequestBudget(rpm=10, max_in_flight=0, window_s=60, clock=clock)
+    newcomer.set_others(1.0, [(time.time() - 10.0, 8.0)], [])  # a leaver's 8, 10 s ago
+    assert admitted_now(newcomer, clock, 7.0) == 10 - 8  # they still count in this window
+    clock.now += 50.0  # they left the window (60 s after they were sent)
+    assert admitted_now(newcomer, clock, 7.0, most=3) == 3
+    assert len(newcomer.sent()) == 3  # its own sends of the last window, never the leaver's
+
+    shared = RequestBudget(rpm=10, max_in_flight=0, window_s=60, clock=clock)
+    shared.set_others(0.5, [], [])  # the others' caps hold half the limit
+    assert admitted_now(shared, clock, 7.0) == 5
+    clock.now += 60.0
+    shared.set_others(0.5, [(time.time() - 30.0, 3.0)], [])  # and one sent 3 above its cap
+    assert admitted_now(shared, clock, 1.0) == 2
+    clock.now += 30.0  # they left the window: room again
+    assert shared.try_acquire() is not None
+
+
+# ---- 429s that do not follow the rate (issue 30) --------------------------------------
+
+
+class Flow:
+    """A concurrency-bound sender on a hand-advanced clock: each lease comes back
+    `in_flight * dt` s after it was taken with `answer(lease)` (outcome, retry_after); every
+    `dt` a new one is taken if fewer than `in_flight` are out and the budget has one now
+    (`try_acquire`, never waiting). Unpaced, that is 1 / dt a second."""
+
+    def __init__(self, budget: RequestBudget, clock: FakeClock, in_flight: int = 20,
+                 dt: float = 0.01) -> None:
+        self.budget, self.clock, self.in_flight, self.dt = budget, clock, in_flight, dt
+        self.flight: deque[Lease] = deque()
+        self.rates: list[float | None] = []
+
+    def run(self, steps: int, answer: Callable[[Lease], tuple[str, float | None]]) -> None:
+        latency = self.in_flight * self.dt - 1e-9
+        for _ in range(steps):
+            self.clock.advance(self.dt)
+            while self.flight and self.flight[0].started_at + latency <= self.clock.now:
+                lease = self.flight.popleft()
+                outcome, retry_after = answer(lease)
+                self.budget.release(lease, outcome=outcome, retry_after=retry_after)
+                self.rates.append(self.budget.current_rpm)
+            if len(self.flight) < self.in_flight:
+                lease = self.budget.try_acquire()
+                if lease is not None:
+                    self.flight.append(lease)
+
+
+def sporadic(share: float, rng: random.Random, retry_after: float = 0.005,
+             ) -> Callable[[Lease], tuple[str, float | None]]:
+    def answer(lease: Lease) -> tuple[str, float | None]:
+        return ("rate_limited", retry_after) if rng.random() < share else ("ok", None)
+    return answer
+
+
+class WindowLimit:
+    """A sliding-window server (`limit` accepted per `window` s) that also refuses `share`
+    of the requests it accepts into its window at random."""
+
+    def __init__(self, limit: int, window: float, share: float, rng: random.Random) -> None:
+        self.limit, self.window, self.share, self.rng = limit, window, share, rng
+        self.accepted: deque[float] = deque()
+        self.limited = self.total = 0
+
+    def __call__(self, lease: Lease) -> tuple[str, float | None]:
+        t = lease.started_at
+        self.total += 1
+        while self.accepted and self.accepted[0] <= t - self.window:
+            self.accepted.popleft()
+        if len(self.accepted) >= self.limit:
+            self.limited += 1
+            return "rate_limited", self.accepted[0] + self.window - t
+        self.accepted.append(t)
+        return ("rate_limited", 0.005) if self.rng.random() < self.share else ("ok", None)
+
+
+@pytest.mark.parametrize("rpm", [0.0, 1000.0])
+def test_random_refusals_cost_one_trial_then_no_rate(rpm: float) -> None:
+    """15 % of requests refused at random from the second window on (100 a window sent):
+    one trial, then the rate the run had and no further cut."""
+
+    async def main() -> tuple[RequestBudget, Flow]:
+        clock = FakeClock()
+        budget = RequestBudget(rpm=rpm, max_in_flight=0, window_s=1.0, clock=clock)
+        flow = Flow(budget, clock)
+        flow.run(200, sporadic(0.0, random.Random(0)))
+        flow.run(3000, sporadic(0.15, random.Random(1)))
+        return budget, flow
+
+    budget, flow = run(main())
+    stats = budget.snapshot()
+    limit, sporadic_refusals = budget.refusals
+    assert sporadic_refusals >= 400 and limit <= 0.02 * sporadic_refusals, budget.refusals
+    assert stats["congestion_events"] <= 4  # every one of ~450 used to cut the rate
+    assert budget.current_rpm == (rpm or None)  # what it had before the trial
+    assert flow.rates[-2000:] == [rpm or None] * 2000  # and no cut since
+
+
+def test_a_first_window_refusal_is_settled_by_the_requests_sent_after_it() -> None:
+    """The very first request refused, the ones in flight after it accepted: nothing has
+    left the window, so the refusal was not about the count; the pause goes too."""
+
+    async def main() -> tuple[RequestBudget, float | None, float]:
+        clock = FakeClock()
+        budget = RequestBudget(rpm=600, max_in_flight=0, window_s=60.0, clock=clock)
+        leases = [await now_or_fail(budget.acquire()) for _ in range(5)]
+        budget.release(leases[0], outcome="rate_limited", retry_after=30.0)
+        cut = budget.current_rpm
+        for lease in leases[1:]:
+            budget.release(lease, outcome="ok")
+        return budget, cut, budget.snapshot()["paused_for"]
+
+    budget, cut, paused_for = run(main())
+    assert cut == pytest.approx(0.8 * 600)  # handled as a limit's at first
+    assert budget.current_rpm == 600 and paused_for == 0.0
+    assert budget.refusals == (0, 1)
+
+
+def test_refusals_that_rise_above_the_learnt_share_are_a_limit_again() -> None:
+    """Random refusals learnt, then a limit below the rate appears (another client of the
+    key, say): the rate is cut to it and the limit's own refusals become rare."""
+
+    async def main() -> tuple[RequestBudget, WindowLimit, WindowLimit]:
+        clock = FakeClock()
+        budget = RequestBudget(max_in_flight=0, window_s=1.0, clock=clock)
+        flow = Flow(budget, clock)
+        flow.run(1000, sporadic(0.15, random.Random(2)))
+        early = WindowLimit(60, 1.0, 0.15, random.Random(3))  # 100 a window sent before
+        flow.run(1000, early)
+        late = WindowLimit(60, 1.0, 0.15, random.Random(4))
+        late.accepted = early.accepted
+        flow.run(2000, late)
+        return budget, early, late
+
+    budget, early, late = run(main())
+    assert early.limited > 30  # the limit was met (40 % of what was sent went over it) ...
+    assert budget.current_rpm is not None and budget.current_rpm <= 1.5 * 60
+    assert late.limited <= 0.1 * late.total  # ... and is held once found
+
+
+def test_rate_cuts_stop_at_half_the_configured_rate() -> None:
+    async def main() -> list[float | None]:
+        clock = FakeClock()
+        budget = RequestBudget(rpm=100, max_in_flight=0, window_s=1.0, clock=clock)
+        flow = Flow(budget, clock, in_flight=5, dt=0.02)
+        flow.run(400, lambda lease: ("rate_limited", 0.0))  # every request refused
+        return flow.rates
+
+    rates = run(main())
+    assert min(r for r in rates if r is not None) == 50.0
+    assert rates[-1] == 50.0

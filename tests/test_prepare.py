@@ -14,9 +14,9 @@ from PIL import Image
 from pydantic import SecretStr
 
 from ernie_batch.config import ImageOptions, PdfOptions, PrepareOptions, SourceOptions
-from ernie_batch.discover import discover
-from ernie_batch.prepare import PreparePool, failure_from_exception, prepare_document
-from ernie_batch.units import Document, PageUnit, UnitFailure
+from ernie_batch.intake.discover import discover
+from ernie_batch.intake.prepare import PreparePool, failure_from_exception, prepare_document
+from ernie_batch.intake.units import Document, PageUnit, UnitFailure
 
 from .test_pdf import make_text_pdf
 

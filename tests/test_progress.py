@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from ernie_batch.progress import estimated_total, eta_seconds, line
-from ernie_batch.summary import Progress
+from ernie_batch.run.progress import estimated_total, eta_seconds, line
+from ernie_batch.run.summary import Progress
 
 
 def progress(**values) -> Progress:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
+from ernie_batch.answers.prompt import fingerprint
 from ernie_batch.config import load_config
-from ernie_batch.prompt import fingerprint
 from tests.conftest import PROJECT
 
 README = (PROJECT / "README.md").read_text()

@@ -23,9 +23,9 @@ import pytest
 from pydantic import SecretStr
 
 from ernie_batch import store
-from ernie_batch.engine import Pipeline, RunOptions, run_job
-from ernie_batch.reconcile import reconcile_runs
-from ernie_batch.selection import RunSelection
+from ernie_batch.money.reconcile import reconcile_runs
+from ernie_batch.run.engine import Pipeline, RunOptions, run_job
+from ernie_batch.run.selection import RunSelection
 from ernie_batch.sim import FaultRates
 from ernie_batch.vocab import RunOutcome
 from tests import test_chaos as chaos
@@ -48,7 +48,7 @@ def table(out: Path, name: str) -> pd.DataFrame:
 
 
 def killed_with_requests_in_flight(cfg, after_sent: int) -> Pipeline:
-    """A run that dies (its journal and Parquet stop, locks left behind) right after its
+    """A run that dies (its journal and commits stop, locks left behind) right after its
     `after_sent`-th request was journaled as sent; what was in flight goes on to the API and
     is billed, as after a kill -9, and nothing new is sent."""
 
@@ -56,12 +56,12 @@ def killed_with_requests_in_flight(cfg, after_sent: int) -> Pipeline:
         run = Pipeline(cfg, SecretStr(TEST_KEY), RunOptions())
         await run.__aenter__()
         rec, dead, sent = run.recorder, [], []
-        journal_write, flush = rec.journal.write, rec.maybe_flush
+        journal_write, commit = rec.journal.write, rec.maybe_commit
 
-        def write(record: dict) -> None:
+        def write(record: dict, sync: bool = False) -> None:
             if dead:
                 return
-            journal_write(record)
+            journal_write(record, sync)
             if record["t"] == "sent":
                 sent.append(record)
                 if len(sent) >= after_sent:
@@ -69,7 +69,7 @@ def killed_with_requests_in_flight(cfg, after_sent: int) -> Pipeline:
                     run.stop.set(RunOutcome.INTERRUPTED, "staged kill")  # nothing new leaves
 
         rec.journal.write = write
-        rec.maybe_flush = lambda force=False: None if dead else flush(force)
+        rec.maybe_commit = lambda: None if dead else commit()
         await run.process(run.discover())
         await run.pool.aclose()
         await run.client.aclose()
@@ -180,24 +180,32 @@ def test_reconcile_twice_adds_nothing_and_what_is_pending_settles_later(sim_fact
     assert run_row["recorded_credits"] == summary.credits
 
 
-def test_rows_of_other_runs_and_other_programs_are_foreign(sim_factory, tmp_path):
+def test_rows_of_other_outputs_and_other_programs_are_foreign_other_runs_are_theirs(
+        sim_factory, tmp_path):
     sim = sim_factory()
     cfg_a = job_config(sim.url, tmp_path / "out", [tmp_path / "a"], **{"reconcile.lag_s": 0})
     cfg_b = job_config(sim.url, tmp_path / "out", [tmp_path / "b"], **{"reconcile.lag_s": 0})
+    cfg_c = job_config(sim.url, tmp_path / "elsewhere", [tmp_path / "c"])  # another output
     chaos.make_corpus(tmp_path / "a", images=3, pdf_pages=1, seed=41)
     chaos.make_corpus(tmp_path / "b", images=2, pdf_pages=1, seed=42)
+    chaos.make_corpus(tmp_path / "c", images=1, pdf_pages=1, seed=43)
     a = run_job(cfg_a, SecretStr(TEST_KEY))
     b = run_job(cfg_b, SecretStr(TEST_KEY))
+    c = run_job(cfg_c, SecretStr(TEST_KEY))
     # another program on the same key, without a client request id
     body = {"model": cfg_a.api.model, "messages": [{"role": "user", "content": "hello"}]}
     res = httpx.post(sim.url + "/chat/completions", json=body, timeout=10,
                      headers={"Authorization": f"Bearer {TEST_KEY}"})
     other = int(res.headers["x-aimlapi-credits-used"])
-    figures = reconcile(cfg_b, b.run_id)  # only b: a's rows are in the window, and not b's
+    figures = reconcile(cfg_b, b.run_id)  # only b: a's and c's rows are in the window too
     assert figures.vendor_requests == b.requests and figures.vendor_credits == b.credits
-    assert figures.foreign_requests == a.requests + 1
-    assert figures.foreign_credits == a.credits + other
+    assert figures.foreign_requests == c.requests + 1  # no request of this output
+    assert figures.foreign_credits == c.credits + other
     assert figures.exact
+    current = table(tmp_path / "out", "billing")  # a's rows: a's, though a was not selected
+    by_run = current.groupby(current["run_id"].fillna("-"))["cost_credits"].sum().to_dict()
+    assert by_run == {a.run_id: a.credits, b.run_id: b.credits, "-": c.credits + other}
+    assert current.loc[current["run_id"] == a.run_id, "matched"].all()
 
 
 def test_a_body_that_disagrees_with_the_header_is_kept_and_flagged(sim_factory, tmp_path):

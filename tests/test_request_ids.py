@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ernie_batch import request_ids
+from ernie_batch.api import request_ids
 from ernie_batch.store import new_run_id
 
 # the rule as the vendor states it (shared/API-FACTS.md), written out here on purpose

@@ -25,7 +25,7 @@ from ernie_batch.review.gather import conflict_fields
 from ernie_batch.review.page import json_island
 from ernie_batch.review.static import CSP, SCRIPT
 from ernie_batch.sim import FaultRates, SimSettings, Simulator
-from ernie_batch.store import read_table, write_parquet_atomic
+from ernie_batch.store import append_rows, read_table
 from tests.conftest import TEST_KEY, job_config, run_mounted
 from tests.test_chaos import make_corpus
 
@@ -208,7 +208,7 @@ def test_a_dense_text_page_stays_legible_within_the_budget(tmp_path):
     from PIL import Image
 
     from ernie_batch.config import PdfOptions
-    from ernie_batch.pdf import open_for_rendering, render_page
+    from ernie_batch.intake.pdf import open_for_rendering, render_page
     from ernie_batch.review.thumbs import ThumbOptions, encode_thumb
 
     make_text_pdf(tmp_path / "dense.pdf", 1, random.Random(1))
@@ -311,8 +311,7 @@ def test_past_pages_per_file_the_review_splits_into_linked_files(reviewed, tmp_p
 
 
 def write_documents(out: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows)
-    write_parquet_atomic(table, out / "documents" / "date=2026-01-01" / "part-x-0000.parquet")
+    append_rows(out, "documents", pa.Table.from_pylist(rows), "2026-01-01")
 
 
 def test_the_conflicts_filter_appears_with_the_documents_table(reviewed, tmp_path):

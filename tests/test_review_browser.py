@@ -222,3 +222,103 @@ def test_2000_pages_stay_under_50_mb_and_open(browser, tmp_path):
                "open_s": [round(s, 2) for s in opens], "open_median_s":
                round(statistics.median(opens), 2), "sort_s": round(sort_s, 2)}
     print("review-2000 " + json.dumps(figures))
+
+
+def test_the_evidence_in_a_browser(browser, tmp_path):
+    """Badges and quotes per field, the verified fields' boxes drawn over the thumbnail, and
+    the 'unverified fields only' filter; a screenshot shows it."""
+    from tests.test_evidence import evidence_output
+
+    cfg, out = in_thread(evidence_output, tmp_path)
+    runs = all_runs(out)
+    html = in_thread(build_review, cfg, runs, tmp_path / "review.html").files[0]
+    w = Watched(browser, html.as_uri())
+    page = w.page
+    cards = page.locator("article.card").count()
+    assert page.locator(".ev-badge.ev-verified").count() > 0
+    rects = page.locator("svg.boxes rect")
+    assert rects.count() > 0
+    # the overlay lies on the thumbnail: the boxes inside the image's rectangle
+    thumb = page.locator("svg.boxes").first.locator("xpath=..").locator("img.thumb").bounding_box()
+    box = rects.first.bounding_box()
+    assert thumb and box and thumb["x"] <= box["x"]
+    assert box["x"] + box["width"] <= thumb["x"] + thumb["width"] + 1
+    assert thumb["y"] <= box["y"] and box["y"] + box["height"] <= thumb["y"] + thumb["height"] + 1
+    verified_rows = page.locator("tr.ev-ok:visible").count()
+    page.check("#f-unverified")
+    data = json.loads(page.inner_text("#review-data"))
+    unverified = sum(1 for c in data["cards"] if c["unverified"])
+    assert 0 < w.visible_cards() == unverified <= cards
+    assert page.locator("tr.ev-ok:visible").count() == 0 < verified_rows
+    page.uncheck("#f-unverified")
+    assert w.visible_cards() == cards
+    shot = page.screenshot(full_page=True)
+    (tmp_path / "evidence.png").write_bytes(shot)
+    assert not_blank(shot) and not w.errors and not w.dialogs and not w.requests
+
+
+# ------------------------------------------------------------------ charts of real shapes
+
+# every <text> of each chart as the four corners of its box on screen (`getBBox` through the
+# element's transform), and every filled shape that is not the white background
+CHART_BOXES = """() => [...document.querySelectorAll('.charts svg')].map(svg => {
+  const corners = el => {
+    const b = el.getBBox(), m = el.getScreenCTM();
+    return [[b.x, b.y], [b.x + b.width, b.y], [b.x + b.width, b.y + b.height],
+            [b.x, b.y + b.height]].map(([x, y]) => [m.a * x + m.c * y + m.e,
+                                                    m.b * x + m.d * y + m.f]);
+  };
+  const texts = [...svg.querySelectorAll('text')].filter(t => t.textContent.trim())
+    .map(t => ({text: t.textContent, box: corners(t), fill: getComputedStyle(t).fill}));
+  const fills = [...svg.querySelectorAll('path, rect')]
+    .filter(e => !e.closest('defs, clipPath'))
+    .map(e => ({fill: getComputedStyle(e).fill, box: corners(e)}))
+    .filter(f => f.fill !== 'none' && f.fill !== 'rgb(255, 255, 255)');
+  const r = svg.getBoundingClientRect();
+  return {texts, fills, frame: [r.left, r.top, r.right, r.bottom]};
+})"""
+
+
+def overlap(a: list[list[float]], b: list[list[float]], slack: float = 0.5) -> bool:
+    """Two convex quadrilaterals overlap by more than `slack` px (separating axis test)."""
+    for quad in (a, b):
+        for i in range(4):
+            (x0, y0), (x1, y1) = quad[i], quad[(i + 1) % 4]
+            nx, ny = y0 - y1, x1 - x0
+            norm = (nx * nx + ny * ny) ** 0.5 or 1.0
+            pa = [(x * nx + y * ny) / norm for x, y in a]
+            pb = [(x * nx + y * ny) / norm for x, y in b]
+            if max(pa) <= min(pb) + slack or max(pb) <= min(pa) + slack:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("shape", ["1 run", "3 runs", "60 runs"])
+def test_charts_keep_their_text_apart_and_off_the_bars(browser, tmp_path, shape):
+    """Each chart of a review of 1, 3 and 60 runs: no two texts overlap, no text lies on a
+    bar, every text inside its chart."""
+    from ernie_batch.review.build import chart_svgs
+    from ernie_batch.review.gather import Selection
+    from ernie_batch.review.page import Part, render
+    from tests.test_review_charts import SHAPES, selection
+
+    t = selection(SHAPES[shape])
+    html = tmp_path / "charts.html"
+    html.write_text(render(Selection([], t, [], False), [], chart_svgs(t),
+                           Part(1, (html.name,)), "charts", shape), encoding="utf-8")
+    w = Watched(browser, html.as_uri())
+    charts = w.page.evaluate(CHART_BOXES)
+    assert len(charts) == 3 and w.errors == []
+    for name, chart in zip(("credits", "statuses", "latency"), charts, strict=True):
+        texts = chart["texts"]
+        assert len(texts) >= 4, name
+        for i, a in enumerate(texts):
+            for b in texts[i + 1:]:
+                assert not overlap(a["box"], b["box"]), (name, a["text"], b["text"])
+            for f in chart["fills"]:
+                assert not overlap(a["box"], f["box"]), (name, a["text"], "on a bar", f["fill"])
+            left, top, right, bottom = chart["frame"]
+            xs, ys = [x for x, _ in a["box"]], [y for _, y in a["box"]]
+            assert (min(xs) >= left - 1 and max(xs) <= right + 1 and min(ys) >= top - 1
+                    and max(ys) <= bottom + 1), (name, a["text"], "outside the chart")
+    w.page.close()

@@ -1,5 +1,7 @@
-"""Shard runs and their shared rate limit, without a Prefect server: the coordinator's granter
-and the shard runs' own body (`run_shard`) in one process, against the simulator on loopback.
+"""Shard runs, their shared rate limit and their stop, without workers: the shard runs' own
+body (`run_shard`) in one process, each a member of its key's limit through Prefect's test
+harness (a real server), against the simulator on loopback; the coordinator's summary over
+what they committed.
 
 The whole thing on a work pool, with workers and PostgreSQL, is `tests/test_pool.py` (slow).
 """
@@ -7,25 +9,32 @@ The whole thing on a work pool, with workers and PostgreSQL, is `tests/test_pool
 from __future__ import annotations
 
 import asyncio
+import types
+from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from ernie_batch import store
 from ernie_batch.bench import max_in_any_window
-from ernie_batch.config import SourceOptions
-from ernie_batch.discover import discover
-from ernie_batch.scale.channel import Channel, ShardReport
-from ernie_batch.scale.granter import Granter, grants_of
-from ernie_batch.scale.plan import split, write_manifest
+from ernie_batch.bench._http import warm_server
+from ernie_batch.config import SourceOptions, load_config
+from ernie_batch.intake.discover import discover
+from ernie_batch.run.summary import RunSummary
+from ernie_batch.scale import limit_share, stop
+from ernie_batch.scale.outcome import ShardState, finish, flow_state, shard_counts
+from ernie_batch.scale.plan import Attempt, Folder, absolute_overrides, split, write_manifest
 from ernie_batch.scale.shard import run_shard
-from tests.conftest import PROJECT, TEST_KEY
+from ernie_batch.scale.stop import ShardWatch, read_stop
+from ernie_batch.vocab import RunOutcome
+from tests.conftest import PROJECT, SAMPLES, TEST_KEY, put_object
 from tests.test_chaos import make_corpus
 from tests.test_cli import cli
 
 WINDOW_S = 2.0
 PER_WINDOW = 24  # 720 a minute in the simulator's terms
+COORDINATOR = "20260101T000000Z-c00rd1"
+SIX = ("ok", "failed", "skipped", "duplicate", "already_done", "not_sent")  # units_<count>
 
 
 def docs_of(folder: Path):
@@ -46,37 +55,51 @@ def test_shards_split_by_content_and_balance(tmp_path):
     assert max(sizes) - min(sizes) <= 4 and split(docs, 4) == groups  # balanced, deterministic
 
 
-def shard_setup(tmp_path: Path, sim_url: str, shards: int, **overrides) -> tuple[Channel, int]:
+def shard_setup(tmp_path: Path, sim_url: str, shards: int, **overrides) -> tuple[Folder, int]:
     units = make_corpus(tmp_path / "in", images=66, pdf_pages=6, seed=4)
-    channel = Channel.of(tmp_path / "out", "20260101T000000Z-c00rd1")
+    folder = Folder.of(tmp_path / "out", COORDINATOR)
     how = {"config_path": str(PROJECT / "configs" / "demo.toml"), "kind": "run",
            "overrides": {"api.base_url": sim_url, "output.path": str(tmp_path / "out"),
                          "sources.paths": [str(tmp_path / "in")], "prepare.workers": -1,
                          "limits.concurrency": 4, "limits.rpm": PER_WINDOW * 60 / WINDOW_S,
                          "limits.window_s": WINDOW_S, **overrides}}
     for shard, group in enumerate(split(docs_of(tmp_path / "in"), shards)):
-        write_manifest(channel, shard, group, how)
-    return channel, units
+        write_manifest(folder, shard, group, how)
+    return folder, units
 
 
-async def run_shards(channel: Channel, shards: int) -> list:
-    granter = Granter(channel, per_window=PER_WINDOW, window_s=WINDOW_S)
+def run_shards(folder: Path, shards: int) -> tuple[list[str], list[RunSummary]]:
     run_ids = [store.new_run_id() for _ in range(shards)]
-    for run_id in run_ids:
-        granter.admit(run_id)
-    granting = asyncio.create_task(granter.run())
-    try:
-        return await asyncio.gather(*(run_shard(channel.manifest(i), run_id)
+
+    async def go() -> list[RunSummary]:
+        return await asyncio.gather(*(run_shard(folder.manifest(i), run_id)
                                       for i, run_id in enumerate(run_ids)))
-    finally:
-        granter.stop()
-        await granting
+
+    return run_ids, asyncio.run(go())
 
 
-def test_shards_share_one_limit_and_answer_every_page_once(sim_factory, api_env, tmp_path):
+@pytest.fixture
+def fast_refresh(prefect_harness, monkeypatch):
+    monkeypatch.setattr(limit_share, "REFRESH_S", 0.3)
+
+
+def coordinator_of(folder: Folder, run_ids: list[str], documents: list[int]):
+    """What `outcome.finish` reads of a coordinator whose shard runs were `run_ids`."""
+    cfg = load_config(PROJECT / "configs" / "demo.toml",
+                      {"output.path": str(folder.path.parent.parent)})
+    states = [ShardState(i, n, [Attempt(r)], state="COMPLETED")
+              for i, (r, n) in enumerate(zip(run_ids, documents, strict=True))]
+    return types.SimpleNamespace(root=folder.path.parent.parent, run_id=COORDINATOR, cfg=cfg,
+                                 states=states, started_at=datetime.now(UTC), interrupted=None,
+                                 exit_code_if_interrupted=None)
+
+
+def test_shards_share_one_limit_and_their_coordinator_sums_them_up(
+        fast_refresh, sim_factory, api_env, tmp_path):
     sim = sim_factory(latency_s=0.2, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
-    channel, units = shard_setup(tmp_path, sim.url, 3)
-    summaries = asyncio.run(run_shards(channel, 3))
+    warm_server(sim)
+    folder, units = shard_setup(tmp_path, sim.url, 3)
+    run_ids, summaries = run_shards(folder, 3)
     assert [s.outcome for s in summaries] == ["completed"] * 3
     entries = sim.ledger()["entries"]
     times = [e["at"] for e in entries]
@@ -87,51 +110,129 @@ def test_shards_share_one_limit_and_answer_every_page_once(sim_factory, api_env,
     pages = store.read_table(tmp_path / "out", "pages").to_pandas()
     assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
     runs = store.read_table(tmp_path / "out", "runs").to_pandas()
-    assert set(runs["kind"]) == {"shard"} and set(runs["parent_run_id"]) == {channel.folder.name}
+    assert set(runs["kind"]) == {"shard"} and set(runs["parent_run_id"]) == {COORDINATOR}
     assert sorted(runs["shard"]) == [0, 1, 2] and runs["pid"].notna().all()
 
+    # the coordinator's summary: its shards' figures, documents included, from the tables
+    total = finish(coordinator_of(folder, run_ids, [s.documents for s in summaries]), {})
+    assert total.units_ok == units == sum(s.units_ok for s in summaries)
+    assert total.units_selected == units == sum(  # the six counts add up, as a run's do
+        getattr(total, f"units_{c}") for c in SIX)
+    assert total.documents == sum(s.documents for s in summaries)
+    assert total.documents_built == sum(s.documents_built for s in summaries) > 0
+    assert total.documents_complete == sum(s.documents_complete for s in summaries)
+    assert total.credits == pytest.approx(sum(s.credits for s in summaries))
+    assert total.outcome == "completed" and total.rate_limited == 0
+    row = store.read_table(tmp_path / "out", "runs").to_pandas().query("kind == 'coordinator'")
+    assert sorted(row["accepted_runs"].iloc[0]) == sorted(run_ids)
+    assert flow_state(total).type.value == "COMPLETED"
 
-def test_a_budget_stop_in_one_shard_stops_the_others(sim_factory, api_env, tmp_path):
+
+def test_a_shard_reads_its_documents_from_object_storage(
+        prefect_harness, s3, sim_factory, api_env, tmp_path):
+    """Sources on S3: the manifest carries URLs and ETags as discovery found them (never a
+    URL turned into a local path), and the shard's rows say where and which version."""
+    _, bucket = s3
+    etags = {key: put_object(bucket, f"inbox/{key}", (SAMPLES / key).read_bytes())
+             for key in ("receipt-cafe-aurora.png", "letter-photo.jpg")}
+    source = f"s3://{bucket}/inbox/"
+    out = tmp_path / "out"
+    sim = sim_factory()
+    cfg = load_config(PROJECT / "configs" / "demo.toml", {"output.path": str(out)})
+    overrides = absolute_overrides(cfg, {"api.base_url": sim.url, "prepare.workers": -1},
+                                   [source])
+    assert overrides["sources.paths"] == [f"s3://{bucket}/inbox"]
+    folder = Folder.of(out, COORDINATOR)
+    docs = discover(SourceOptions(paths=[source]))[0]
+    write_manifest(folder, 0, docs, {"config_path": str(PROJECT / "configs" / "demo.toml"),
+                                     "kind": "run", "overrides": overrides})
+    summary = asyncio.run(run_shard(folder.manifest(0), store.new_run_id()))
+    assert summary.outcome == "completed" and summary.units_ok == 2
+    pages = store.read_table(out, "pages").to_pandas()
+    assert dict(zip(pages["source_path"], pages["source_etag"], strict=True)) == {
+        f"s3://{bucket}/inbox/{key}": etag for key, etag in etags.items()}
+
+
+def test_a_shard_that_took_over_a_dead_attempt_counts_its_rows_once():
+    """The dead attempt's rows are the shard's work; the attempt that took it over counted
+    them as already done: the coordinator's counts still add up to what was selected."""
+    final = {"units_ok": 5, "units_failed": 0, "units_skipped": 1, "units_duplicate": 0,
+             "units_already_done": 8, "units_not_sent": 0, "units_selected": 14,
+             "documents": 4, "requests": 5, "rate_limited": 0, "refused_sporadic": 1}
+    dead = {"units_ok": 6, "units_failed": 1, "units_skipped": 0, "units_duplicate": 0,
+            "units_already_done": None, "units_not_sent": None, "units_selected": None,
+            "documents": 3, "requests": 9, "rate_limited": 2, "refused_sporadic": None}
+    counts = shard_counts(final, [dead])
+    assert (counts["units_ok"], counts["units_failed"], counts["units_already_done"]) == (
+        11, 1, 1)  # one unit a run before the dead one answered
+    assert sum(counts[f"units_{c}"] for c in SIX) == counts["units_selected"] == 14
+    assert (counts["requests"], counts["rate_limited"], counts["documents"]) == (14, 2, 4)
+
+
+def test_a_budget_stop_in_one_shard_stops_the_others_through_prefect(
+        fast_refresh, sim_factory, api_env, tmp_path):
     sim = sim_factory(latency_s=0.05, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
-    channel, units = shard_setup(tmp_path, sim.url, 3)
-    manifest = pd.read_json(channel.manifest(0), typ="series")
-    manifest["overrides"]["budget.max_credits"] = 2000.0  # shard 0 stops after a request or two
-    channel.manifest(0).write_text(manifest.to_json())
-    summaries = asyncio.run(run_shards(channel, 3))
+    folder, units = shard_setup(tmp_path, sim.url, 3)
+    manifest = folder.manifest(0)
+    manifest.write_text(manifest.read_text().replace(
+        '"limits.concurrency":4', '"limits.concurrency":4,"budget.max_credits":2000.0'))
+    _, summaries = run_shards(folder, 3)  # shard 0 stops after a request or two
     assert [s.outcome for s in summaries] == ["budget_stopped"] * 3
-    assert channel.stop.exists()
     assert len(sim.ledger()["entries"]) < units  # found once, obeyed by all
 
+    async def flag():
+        from prefect.client.orchestration import get_client
 
-async def grant_for(channel: Channel, run_id: str, waiting: int, used: int, *,
-                    resume: bool, seconds: float) -> Granter:
-    """A granter (new, or resumed from the channel) serving one shard run that wants `waiting`."""
-    ShardReport(shard=0, run_id=run_id, waiting=waiting, used=used, ok=used).write(
-        channel.report(run_id))
-    granter = Granter(channel, per_window=100, window_s=0.5)
-    if resume:
-        granter.resume(channel)
-    granter.admit(run_id)
-    granting = asyncio.create_task(granter.run())
-    await asyncio.sleep(seconds)
-    granter.stop()
-    await granting
-    return granter
+        async with get_client() as client:
+            return await read_stop(client, COORDINATOR)
+
+    assert asyncio.run(flag())["shard"] == 0  # the Variable the shard runs watch
+    state = flow_state(summaries[1])
+    assert (state.type.value, state.name) == ("FAILED", "BudgetStopped")  # not retried
 
 
-def test_a_resumed_granter_goes_on_from_the_dead_ones_counts_after_a_clear_window(tmp_path):
-    """A coordinator that died and is run again: no grant handed out twice, no window overrun."""
-    channel = Channel(tmp_path / "_scale" / "c")
-    run_id = store.new_run_id()
-    asyncio.run(grant_for(channel, run_id, waiting=5, used=0, resume=False, seconds=0.2))
-    last_issued, granted = grants_of(channel, run_id)[-1]
-    assert granted == 5
-    granter = asyncio.run(grant_for(channel, run_id, waiting=3, used=5, resume=True,
-                                    seconds=1.2))
-    batches = grants_of(channel, run_id)
-    assert batches[-1][1] == 8  # counted on from 5, not from 0
-    first_new = min(t for t, n in batches if n > 5)
-    assert first_new >= last_issued + granter.window_s
+def test_a_shard_run_whose_flow_run_was_replaced_stops(prefect_harness, monkeypatch):
+    """A worker that comes back after its shard run was marked Crashed (and given to a new
+    attempt) learns it from its own flow run, and sends nothing more: it is fenced."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running
+
+    @flow(name="ernie-shard-stand-in")
+    def stand_in() -> None: ...
+
+    monkeypatch.setattr(stop, "FLOW_RUN_EVERY_S", 0.0)  # as after a stall: read it each time
+    stops: list[tuple[RunOutcome, str | None]] = []
+
+    async def go() -> None:
+        async with get_client() as client:
+            flow_run = await client.create_flow_run(stand_in)
+            await client.set_flow_run_state(flow_run.id, Running(), force=True)
+            watch = ShardWatch(COORDINATOR + "x", 0, str(flow_run.id),
+                               lambda *stop: stops.append(stop))
+            await watch.check(client)
+            assert stops == []  # running: it goes on
+            await client.set_flow_run_state(flow_run.id, Crashed(), force=True)
+            await watch.check(client)
+
+    asyncio.run(go())
+    assert len(stops) == 1 and stops[0][0] == RunOutcome.INTERRUPTED and "CRASHED" in stops[0][1]
+
+
+@pytest.mark.parametrize("outcome, error, expected", [
+    ("completed", None, ("COMPLETED", "Completed")),
+    ("partial", None, ("COMPLETED", "Completed")),  # units that failed are rows
+    ("partial", "shard 1: crashed", ("FAILED", "Failed")),  # a shard that failed for good
+    ("interrupted", "interrupted by SIGINT", ("CANCELLED", "Cancelled")),
+    ("fatal_api_error", "401 Unauthorized", ("FAILED", "FatalApiError")),
+    ("budget_stopped", "budget", ("FAILED", "BudgetStopped")),
+])
+def test_a_runs_final_prefect_state_says_how_it_ended(outcome, error, expected):
+    summary = RunSummary(run_id="r", kind="coordinator", outcome=outcome, exit_code=0,
+                         error=error, output="/tmp/out")
+    state = flow_state(summary)
+    assert (state.type.value, state.name) == expected
+    assert state.data["outcome"] == outcome  # the summary travels with it
 
 
 @pytest.mark.parametrize("args, env, fragment", [
@@ -153,3 +254,17 @@ def test_scale_commands_refuse_in_one_line(tmp_path, args, env, fragment):
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0] and "s3cret" not in res.stderr
+
+
+def test_a_pool_run_refuses_an_output_on_object_storage_in_one_line(s3, tmp_path):
+    _, bucket = s3
+    (tmp_path / "inbox").mkdir()
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('[sources]\npaths = ["inbox"]\n[api]\nbase_url = "http://127.0.0.1:9/v1"\n'
+                   '[limits]\nrpm = 60\n')
+    res = cli("run", "--pool", "p", "--config", str(cfg), "--output", f"s3://{bucket}/out",
+              env={"AIMLAPI_API_KEY": TEST_KEY, "PREFECT_API_URL": "http://127.0.0.1:9/api"},
+              cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"s3://{bucket}/out" in lines[0] and "--pool" in lines[0]

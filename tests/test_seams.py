@@ -13,9 +13,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from ernie_batch.client import ApiClient
-from ernie_batch.engine import Pipeline
-from ernie_batch.limits import RequestBudget
+from ernie_batch.api.client import ApiClient
+from ernie_batch.api.limits import RequestBudget
+from ernie_batch.run.engine import Pipeline
 from ernie_batch.sim import FaultRates, SimSettings, Simulator
 from ernie_batch.store import read_table
 from tests.conftest import SAMPLES, TEST_KEY, job_config
@@ -76,3 +76,39 @@ def test_a_handed_in_budget_paces_the_run(tmp_path):
     assert summary.requests == 0 and not sim.ledger
     assert summary.units_not_sent > 0 and summary.units_ok == 0
     assert summary.outcome == "interrupted"
+
+
+def test_an_unexpected_error_in_a_worker_ends_the_run_and_keeps_what_arrived(tmp_path,
+                                                                           monkeypatch):
+    """A bug in sending one unit must not hang the run (its feeder waiting for queue room
+    forever): the run stops dispatching, what arrived is committed, the error is raised."""
+    from ernie_batch.run.sender import UnitSender
+
+    sim = Simulator(SimSettings(api_key=TEST_KEY))
+    cfg = job_config(BASE, tmp_path / "out", **{"limits.concurrency": 1})
+    send, sent = UnitSender.send, []
+
+    async def send_then_fail(self, unit):
+        if len(sent) == 2:
+            raise RuntimeError("a bug in the third unit")
+        sent.append(unit)
+        await send(self, unit)
+
+    monkeypatch.setattr(UnitSender, "send", send_then_fail)
+
+    async def go():
+        client = mounted(sim)
+        try:
+            async with Pipeline(cfg, SecretStr(TEST_KEY), client=client) as run:
+                docs = run.discover()
+                with pytest.raises(RuntimeError, match="third unit"):
+                    await asyncio.wait_for(run.process(docs), timeout=120)
+                return await run.finish()
+        finally:
+            await client.aclose()
+
+    summary = asyncio.run(go())
+    assert summary.outcome == "interrupted" and "third unit" in summary.error
+    pages = read_table(tmp_path / "out", "pages").to_pandas()
+    # every answer the API sent is recorded (a unit still waiting for its slot is not sent)
+    assert (pages["status"] == "ok").sum() == len(sim.ledger) >= 1

@@ -1,8 +1,14 @@
 """`ernie-batch serve`: the deployment it builds, and a real scheduled run end to end.
 
 The end-to-end test runs the CLI as a subprocess with its own PREFECT_HOME and no
-PREFECT_API_URL, so it must start its own `prefect server start` on loopback; an interval
-schedule fires, Parquet appears, and after SIGINT nothing it started is left running.
+PREFECT_API_URL: with no server running it starts its own (and after SIGINT nothing it
+started is left running); with the home's background server running (the slow tier) it uses
+that one and leaves it running. An interval schedule fires, Parquet appears.
+
+A server of a command's own no longer is the only kind: the home's background server
+outlives the command that started it on purpose (`ernie_batch.server`); the test that a
+`start_local_server` server dies with its command stays, for `server start` and the
+command's own server.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from tests.conftest import PROJECT, SAMPLES, TEST_KEY
 
 FILES = {"receipt-cafe-aurora.png": 1, "invoice-2026-0117.pdf": 3}  # file -> pages
 SERVER_LINE = re.compile(r"Prefect server at http://127\.0\.0\.1:(\d+)")
+FINISHED = re.compile(r"ingest run (\S+): units_ok (\d+), units_failed 0, credits [\d,.]+, "
+                      r"outcome completed")
 
 
 def _toml_value(v: object) -> str:
@@ -68,20 +76,6 @@ def group_members(pgid: int) -> list[str]:
     return found
 
 
-def servers_on_port(port: int) -> list[str]:
-    """Live `prefect server start ... --port <port>` processes (the one serve started)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"server" in argv and b"--port" in argv and str(port).encode() in argv and state != "Z":
-            found.append(cmdline.parent.name)
-    return found
-
-
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
@@ -96,9 +90,15 @@ def read_table(path: Path) -> pd.DataFrame | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-def test_serve_starts_a_local_server_runs_the_interval_schedule_and_stops_everything(
-    tmp_path: Path, sim_factory
+@pytest.mark.parametrize("server", ["own", pytest.param("background", marks=pytest.mark.slow)])
+def test_serve_runs_the_interval_schedule_on_the_homes_server_and_stops_what_it_started(
+    tmp_path: Path, sim_factory, monkeypatch: pytest.MonkeyPatch, server: str
 ) -> None:
+    """`own`: no server runs, so serve starts one of its own and stops it (and everything it
+    started) when stopped. `background`: serve uses the one running and leaves it running."""
+    from ernie_batch.server.home import ServerHome, ServerState, alive, healthy
+    from ernie_batch.server.local import ServerLease
+
     sim = sim_factory()
     inbox, output = tmp_path / "inbox", tmp_path / "output"
     inbox.mkdir()
@@ -112,9 +112,10 @@ def test_serve_starts_a_local_server_runs_the_interval_schedule_and_stops_everyt
         prepare={"workers": -1},
         schedule={"interval_minutes": 0.1},  # every 6 s
     )
+    home = ServerHome(tmp_path / "prefect-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_HOME": str(home.root),
         "AIMLAPI_API_KEY": TEST_KEY,
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # the runner looks for due runs every 2 s
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
@@ -123,6 +124,14 @@ def test_serve_starts_a_local_server_runs_the_interval_schedule_and_stops_everyt
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
     })
+    background = None
+    if server == "background":  # started as a command would, with the same settings
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        lease = ServerLease(home, kind="background")
+        lease.begin()
+        background = lease.ready()
+        lease.end()
     log_path = tmp_path / "serve.log"
     t0 = time.monotonic()
     with log_path.open("wb") as log:
@@ -135,16 +144,17 @@ def test_serve_starts_a_local_server_runs_the_interval_schedule_and_stops_everyt
     def log_text() -> str:
         return log_path.read_text(errors="replace")
 
-    port = None
+    port = used = None
     pages = runs = None
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and proc.poll() is None:
             if port is None and (m := SERVER_LINE.search(log_text())):
-                port = int(m.group(1))
+                port, used = int(m.group(1)), ServerState.read(home)
             pages, runs = read_table(output / "pages"), read_table(output / "runs")
-            # two scheduled runs: the first answers every page, the second finds nothing new
-            if runs is not None and len(runs) >= 2:
+            # two scheduled runs: the first answers every page, the second finds nothing new;
+            # each says so once its flow run ends (a moment after its `runs` row)
+            if runs is not None and len(runs) >= 2 and len(FINISHED.findall(log_text())) >= 2:
                 break
             time.sleep(1)
         assert proc.poll() is None, f"serve exited early:\n{log_text()}"
@@ -163,13 +173,21 @@ def test_serve_starts_a_local_server_runs_the_interval_schedule_and_stops_everyt
     stopped_after = time.monotonic() - t0 - fired_after
     print(f"two runs after {fired_after:.1f} s; everything stopped {stopped_after:.1f} s later")
     assert code == 0, log_text()
-    assert port is not None, log_text()
+    assert port is not None and used is not None and used.url.endswith(f":{port}"), log_text()
     deadline = time.monotonic() + 10  # orphans of the group are reaped asynchronously
-    while (group_members(proc.pid) or servers_on_port(port)) and time.monotonic() < deadline:
+    while group_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert group_members(proc.pid) == []
-    assert servers_on_port(port) == []
-    assert not port_open(port)
+    if background is None:  # its own: registered as the home's while it served, then stopped
+        assert used.kind == "attached"
+        deadline = time.monotonic() + 10
+        while alive(used.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(used.pid) and not port_open(port)
+        assert ServerState.read(home) is None
+    else:  # the one running: used, and left running for the next command
+        assert used == background == ServerState.read(home)
+        assert alive(background.pid) and healthy(background.url, 5.0)
 
     assert pages is not None
     assert len(pages) == sum(FILES.values())  # one row per page, none added by later runs
@@ -180,8 +198,7 @@ def test_serve_starts_a_local_server_runs_the_interval_schedule_and_stops_everyt
     assert got.to_dict() == {name: list(range(1, n + 1)) for name, n in FILES.items()}
     assert set(runs["kind"]) == {"ingest"}
     # serve says as each run finishes what it did, one line a run
-    finished = re.findall(r"ingest run (\S+): units_ok (\d+), units_failed 0, credits [\d,.]+, "
-                          r"outcome completed", log_text())
+    finished = FINISHED.findall(log_text())
     assert [ok for _, ok in finished[:2]] == [str(len(pages)), "0"], log_text()
     assert TEST_KEY not in log_text()
 
@@ -246,7 +263,7 @@ def test_a_local_server_that_never_gets_healthy_is_stopped_and_its_log_kept(
     seen: list[server.LocalServer] = []
     wait = server.wait_healthy
     monkeypatch.setattr(server, "server_command",
-                        lambda host, port, ephemeral: [sys.executable, "-c", script])
+                        lambda host, port: [sys.executable, "-c", script])
     monkeypatch.setattr(server, "wait_healthy", lambda s, t: (seen.append(s), wait(s, t))[1])
     with pytest.raises(ServerStartError, match=message) as info:
         with server.start_local_server(timeout_s=2):
@@ -270,7 +287,7 @@ def test_a_local_server_stops_when_the_command_that_started_it_is_killed(tmp_pat
         import sys, time
         from pathlib import Path
         from ernie_batch import prefect_server as server
-        server.server_command = lambda host, port, ephemeral: [
+        server.server_command = lambda host, port: [
             sys.executable, "-c", "import http.server as h; h.test(port={{port}}, bind='127.0.0.1')"
             .replace("{{port}}", str(port))]
         server.wait_healthy = lambda s, t: None
@@ -295,7 +312,7 @@ def test_with_an_api_url_serve_uses_that_server_and_starts_none(
 
     served = []
     monkeypatch.setattr(deploy, "configured_api_url", lambda: "http://prefect.internal:4200/api")
-    monkeypatch.setattr(deploy, "start_local_server", lambda *a, **k: pytest.fail("started one"))
+    monkeypatch.setattr(deploy, "home_server_api", lambda *a, **k: pytest.fail("started one"))
     monkeypatch.setattr(deploy, "serve_deployment", lambda *ds: served.extend(ds))
     cfg = write_config(tmp_path / "job.toml", schedule={"interval_minutes": 30})
     assert deploy.serve_schedule(cfg) == 0

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from pypdf import PdfWriter
 
-from ernie_batch import tokens
-from ernie_batch.content import content_sha256
+from ernie_batch.api import tokens
+from ernie_batch.intake.content import content_sha256
 from ernie_batch.sim import (
     DEFAULT_MODEL,
     FaultRates,
@@ -400,6 +400,23 @@ def test_rejecting_faults_are_not_billed() -> None:
         assert r.status_code == 200
         with pytest.raises(ValueError):
             r.json()
+        assert srv.ledger()["entries"] == []
+
+
+def test_sporadic_429s_come_apart_from_the_limit_with_their_own_retry_after() -> None:
+    """An upstream shedding load: a 429 whatever the rate, its Retry-After as set, and
+    counted in the limit's window (the limit's own 429s are not) but never billed."""
+    body = request_body(messages(image_part(png())))
+    settings = {"faults": FaultRates(rate_limited=1.0), "sporadic_retry_after_s": 1.0,
+                "rpm": 2 * 60 / 4.0, "window_s": 4.0}
+    with run_server(**settings) as srv:
+        first, second, third = (post(srv, body) for _ in range(3))
+        assert first.status_code == second.status_code == third.status_code == 429
+        assert float(first.headers["Retry-After"]) == 1.0  # the sporadic ones
+        assert "x-ratelimit-remaining-requests" not in first.headers
+        assert third.headers["x-ratelimit-remaining-requests"] == "0"  # the limit's
+        stats = srv.ledger()["stats"]
+        assert stats["fault_rate_limited"] == 2 and stats["rate_limited"] == 1
         assert srv.ledger()["entries"] == []
 
 

@@ -15,9 +15,9 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import SecretStr
 
+from ernie_batch.api.usage_logs import UsageLogsClient, UsageRow, logs_url, windows
 from ernie_batch.errors import NoUsageLogs, UsageLogsError
 from ernie_batch.sim.usage_logs import LogRow
-from ernie_batch.usage_logs import UsageLogsClient, UsageRow, logs_url, windows
 from tests.conftest import TEST_KEY, VENDOR
 from tests.test_contract import openapi_to_jsonschema
 

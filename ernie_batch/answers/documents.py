@@ -1,7 +1,7 @@
 """The `documents` table: every document a run touched, its page answers merged into one row.
 
 Pages stay the unit of work; documents are derived. At the end of a run (after its pages
-are in Parquet, before its manifest) each (content, fingerprint) with a page row in the run
+are committed, before its manifest) each (content, fingerprint) with a page row in the run
 is rebuilt from all `ok` rows of that content and fingerprint, earlier runs' included
 (the newest row per unit), read with filters on the touched content hashes only. Its
 credits are those of every attempt of its units, every run. Each build is a new generation:
@@ -15,20 +15,22 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ernie_batch.answers import answer_columns
-from ernie_batch.merge import PagePart, merge
-from ernie_batch.store import TableWriter, newest_per_key, read_columns, sum_exact
+from ernie_batch.answers.judge import answer_columns
+from ernie_batch.answers.merge import PagePart, merge
+from ernie_batch.answers.merged_evidence import merged_evidence, page_entries
+from ernie_batch.intake.units import DOC_TYPES
+from ernie_batch.location import OutputRoot
+from ernie_batch.store import TableWriter, app_id, newest_per_key, read_columns, sum_exact
 from ernie_batch.store.records import DocumentRow, answer_fields_of, documents_schema
-from ernie_batch.vocab import FAILED, MergeRule, UnitStatus
+from ernie_batch.vocab import FAILED, MergeRule, RunOutcome, UnitStatus
 
 if TYPE_CHECKING:
     from ernie_batch.config import JobConfig
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 Touched = set[tuple[str, str]]  # (source_sha256, fingerprint)
 
 PAGE_COLUMNS = ["run_id", "key", "fingerprint", "source_path", "source_sha256", "doc_type",
-                "page", "page_last", "page_count", "status", "answer_json", "finished_at"]
+                "page", "page_last", "page_count", "status", "answer_json", "finished_at",
+                "evidence_json"]
 
 
 @dataclass(frozen=True)
@@ -82,34 +85,51 @@ def document_key(source_sha256: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{source_sha256}:{fingerprint}".encode()).hexdigest()
 
 
-def build_documents(root: Path, touched: Touched, spec: DocumentSpec, *, run_id: str, date: str,
-                    prefix: str = "part") -> Built:
-    """Build and write (one part) a new generation of the touched documents' rows."""
-    rows = document_rows(root, touched, spec, run_id, datetime.now(UTC))
-    writer = TableWriter(root, "documents", documents_schema(spec.answer_fields), run_id, date,
-                         prefix)
+def build_documents(root: OutputRoot, touched: Touched, spec: DocumentSpec, *, run_id: str, date: str,
+                    version: int = 1, fresh: Collection[str] = ()) -> Built:
+    """Build and commit (once: as `version` of the run's documents transaction) a new
+    generation of the touched documents' rows. `fresh`: content whose page rows are all
+    the run's own (see `document_rows`)."""
+    rows = document_rows(root, touched, spec, run_id, datetime.now(UTC), fresh)
+    writer = TableWriter(root, "documents", documents_schema(spec.answer_fields), date,
+                         app=app_id(run_id, "documents"))
     for row in rows:
         writer.add(row.as_dict())
-    writer.flush()
+    writer.flush(version)
     return Built(len(rows), sum(r.complete for r in rows))
 
 
-def document_rows(root: Path, touched: Touched, spec: DocumentSpec, run_id: str,
-                  built_at: datetime) -> list[DocumentRow]:
-    """The touched documents' rows, from their page rows and their units' attempts."""
+def document_rows(root: OutputRoot, touched: Touched, spec: DocumentSpec, run_id: str,
+                  built_at: datetime, fresh: Collection[str] = ()) -> list[DocumentRow]:
+    """The touched documents' rows, from their page rows and their units' attempts.
+
+    Content in `fresh` (the run's done-index read no earlier row of it) has page rows of
+    this run only: they are read with the run's id, which the tables' statistics answer
+    with the run's own files; other content's rows are looked up in every file. So are
+    its units' attempts, but for those of runs that ended `interrupted`: only such a run
+    (killed, or stopped with a unit between two attempts) leaves an attempt without its
+    unit's page row.
+    """
     if not touched:
         return []
-    shas = pa.array(sorted({sha for sha, _ in touched}), pa.string())
-    fps = pa.array(sorted({fp for _, fp in touched}), pa.string())
-    pages = read_columns(root, "pages", PAGE_COLUMNS, where=(
-        pc.field("source_sha256").isin(shas) & pc.field("fingerprint").isin(fps)))
-    if pages is None:
+    new = {sha for sha, _ in touched} & set(fresh)
+    fps = pc.field("fingerprint").isin(pa.array(sorted({fp for _, fp in touched}), pa.string()))
+    parts = [read_columns(root, "pages", PAGE_COLUMNS, where=fps & pc.field("source_sha256").isin(
+        pa.array(sorted(shas), pa.string())) & mine)
+        for shas, mine in (({sha for sha, _ in touched} - new, pc.scalar(True)),
+                           (new, pc.field("run_id") == run_id)) if shas]
+    found = [p for p in parts if p is not None]
+    if not found:
         return []
     by_doc: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in pages.to_pylist():
-        if (row["source_sha256"], row["fingerprint"]) in touched:
+    for row in pa.concat_tables(found).to_pylist():
+        # a file of no supported type is no document: its skipped row says so in `pages`
+        if (row["source_sha256"], row["fingerprint"]) in touched and row["doc_type"] in DOC_TYPES:
             by_doc[(row["source_sha256"], row["fingerprint"])].append(row)
-    money = _attempt_money(root, {r["key"] for rows in by_doc.values() for r in rows})
+    money = _attempt_money(root, {r["key"] for (sha, _), rows in by_doc.items() for r in rows
+                                  if sha not in new},
+                           {r["key"] for (sha, _), rows in by_doc.items() for r in rows
+                            if sha in new}, run_id)
     out = []
     for (sha, fp), rows in sorted(by_doc.items()):
         paid = [m for k in {r["key"] for r in rows} for m in money.get(k, ())]
@@ -119,16 +139,32 @@ def document_rows(root: Path, touched: Touched, spec: DocumentSpec, run_id: str,
     return out
 
 
-def _attempt_money(root: Path, keys: set[str]) -> dict[str, list[tuple[float, float]]]:
-    """(credits, usd) of every attempt of these unit keys, every run, by key."""
+def _attempt_money(root: OutputRoot, keys: set[str], fresh: set[str],
+                   run_id: str) -> dict[str, list[tuple[float, float]]]:
+    """(credits, usd) of every attempt of these unit keys, every run, by key; of the `fresh`
+    keys' attempts only the run's own and interrupted runs' can exist (`document_rows`)."""
+    def of(wanted: set[str]) -> pc.Expression:
+        return pc.field("key").isin(pa.array(sorted(wanted), pa.string()))
+
+    wheres = [of(keys)] if keys else []
+    if fresh:
+        runs = [run_id, *interrupted_runs(root)]
+        wheres.append(of(fresh) & pc.field("run_id").isin(pa.array(runs, pa.string())))
     money: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    table = read_columns(root, "attempts", ["key", "credits", "usd"],
-                         where=pc.field("key").isin(pa.array(sorted(keys), pa.string())))
-    if table is not None:
-        for key, credits, usd in zip(*(table[c].to_pylist() for c in ("key", "credits", "usd")),
-                                     strict=True):
-            money[key].append((credits, usd))
+    for where in wheres:
+        table = read_columns(root, "attempts", ["key", "credits", "usd"], where=where)
+        if table is not None:
+            for key, credits, usd in zip(*(table[c].to_pylist()
+                                           for c in ("key", "credits", "usd")), strict=True):
+                money[key].append((credits, usd))
     return money
+
+
+def interrupted_runs(root: OutputRoot) -> list[str]:
+    """The runs whose `runs` row says `interrupted` (rejected ones too)."""
+    table = read_columns(root, "runs", ["run_id"], pc.field("outcome") == RunOutcome.INTERRUPTED,
+                         include_rejected=True)
+    return [] if table is None else table["run_id"].to_pylist()
 
 
 def assemble(sha: str, fp: str, rows: Iterable[Mapping[str, Any]], spec: DocumentSpec, *,
@@ -150,6 +186,9 @@ def assemble(sha: str, fp: str, rows: Iterable[Mapping[str, Any]], spec: Documen
               for p in range(r["page"], r["page_last"] + 1)}
     missing = expected - ok
     merged = merge(parts, spec.rules) if parts else None
+    evidence = {part.ref: entries for part, row in zip(parts, newest_ok.values(), strict=True)
+                if (entries := page_entries(row.get("evidence_json"))) is not None}
+    doc_evidence = merged_evidence(merged, spec.rules, evidence) if merged else None
     return DocumentRow(
         run_id=run_id, key=document_key(sha, fp), fingerprint=fp, source_sha256=sha,
         source_paths=sorted({r["source_path"] for r in rows}), doc_type=doc_type,
@@ -160,6 +199,7 @@ def assemble(sha: str, fp: str, rows: Iterable[Mapping[str, Any]], spec: Documen
         provenance_json=_json(merged.provenance if merged else {}),
         conflicts_json=_json(merged.conflicts) if merged and merged.conflicts else None,
         credits=credits, usd=usd, built_at=built_at,
+        evidence_json=_json(doc_evidence) if doc_evidence is not None else None,
     )
 
 
@@ -207,18 +247,21 @@ COUNT_COLUMNS = ["run_id", "key", "built_at", "source_paths", "complete", "pages
                  "conflicts_json"]
 
 
-def _rows_of(root: Path, run_ids: list[str] | None) -> pa.Table | None:
-    where = None if run_ids is None else pc.field("run_id").isin(pa.array(run_ids, pa.string()))
+def _rows_of(root: OutputRoot, run_ids: list[str] | None) -> pa.Table | None:
+    """The selected runs' rows, less those older runs built of files of no supported type."""
+    where = pc.field("doc_type").is_null() | (pc.field("doc_type") != "unknown")
+    if run_ids is not None:
+        where &= pc.field("run_id").isin(pa.array(run_ids, pa.string()))
     return read_columns(root, "documents", COUNT_COLUMNS, where=where)
 
 
-def documents_of_runs(root: Path, run_ids: list[str] | None) -> pa.Table | None:
+def documents_of_runs(root: OutputRoot, run_ids: list[str] | None) -> pa.Table | None:
     """The documents rows the runs wrote (all runs: None), the newest per key among them."""
     table = _rows_of(root, run_ids)
     return None if table is None or table.num_rows == 0 else newest_per_key(table)
 
 
-def counts_by_run(root: Path, run_ids: list[str] | None) -> list[dict[str, Any]]:
+def counts_by_run(root: OutputRoot, run_ids: list[str] | None) -> list[dict[str, Any]]:
     """Per run: the documents it built, complete, incomplete and conflicting (for `report`)."""
     table = _rows_of(root, run_ids)
     if table is None:

@@ -2,7 +2,8 @@
 
 Whether this model honours `json_schema` is not documented, so every answer is extracted
 (code fences, prose around it) and validated here. Column types come from the JSON
-Schema, never from the data, so old and new Parquet parts always read together.
+Schema, never from the data, so rows of every prompt version read together (a type that
+changes between versions: `store.evolve`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 import pyarrow as pa
 from jsonschema import Draft202012Validator
 
+from ernie_batch.answers.evidence import candidates as evidence_candidates
+from ernie_batch.answers.evidence import quotes_of
+
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 
 
@@ -22,6 +26,7 @@ _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 class Verdict:
     value: dict[str, Any] | None  # the validated answer
     error: str | None  # one line when invalid
+    quotes: dict[str, str | None] | None = None  # evidence asked for: field path -> quote
 
 
 def extract_json(text: str) -> Any:
@@ -56,8 +61,14 @@ def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     return hit[1]
 
 
-def judge(text: str | None, finish_reason: str | None, schema: dict[str, Any]) -> Verdict:
-    """Valid answer or one line saying why not (cut off, no JSON, schema violation)."""
+def judge(text: str | None, finish_reason: str | None, schema: dict[str, Any],
+          evidence: bool = False) -> Verdict:
+    """Valid answer or one line saying why not (cut off, no JSON, schema violation).
+
+    With `evidence`, the answer is found beside its evidence first (`{"answer", "evidence"}`,
+    or the fields with `evidence` among them) and validated alone: the user's schema needs
+    no change. Malformed evidence never fails an answer; its fields then have no quote.
+    """
     if finish_reason == "length":
         return Verdict(None, "answer cut off at max_tokens (finish_reason=length)")
     if not text:
@@ -66,6 +77,18 @@ def judge(text: str | None, finish_reason: str | None, schema: dict[str, Any]) -
         value = extract_json(text)
     except ValueError as exc:
         return Verdict(None, str(exc))
+    readings = evidence_candidates(value) if evidence else [(value, None)]
+    first: Verdict | None = None
+    for answer, quotes in readings:
+        verdict = _validate(answer, schema)
+        if verdict.value is not None:
+            return Verdict(verdict.value, None, quotes_of(quotes) if evidence else None)
+        first = first or verdict
+    assert first is not None
+    return first
+
+
+def _validate(value: Any, schema: dict[str, Any]) -> Verdict:
     validator = _validator(schema)
     error = next(iter(sorted(validator.iter_errors(value), key=lambda e: list(e.path))), None)
     if error is not None:

@@ -44,6 +44,7 @@ class FieldMerge:
     value: Any
     provenance: list[Any]  # page refs; for concat/unique one per item
     conflict: list[dict[str, Any]] | None = None  # [{"value", "pages"}] when pages disagree
+    items: list[int] | None = None  # concat/unique: each item's index in its page's list
 
 
 @dataclass
@@ -53,6 +54,7 @@ class MergedAnswer:
     answer: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, list[Any]] = field(default_factory=dict)
     conflicts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    items: dict[str, list[int]] = field(default_factory=dict)  # concat/unique fields' (FieldMerge)
 
 
 # ---- rules from the schema
@@ -139,9 +141,10 @@ def merge_field(name: str, rule: MergeRule, parts: list[PagePart]) -> FieldMerge
     if rule in (MergeRule.CONCAT, MergeRule.UNIQUE):
         items: list[Any] = []
         refs: list[PageRef] = []
+        where: list[int] = []
         seen: set[str] = set()
         for ref, value in _present(parts, name):
-            for item in value if isinstance(value, list) else [value]:
+            for j, item in enumerate(value if isinstance(value, list) else [value]):
                 if rule == MergeRule.UNIQUE:
                     ident = canonical(item)
                     if ident in seen:
@@ -149,7 +152,8 @@ def merge_field(name: str, rule: MergeRule, parts: list[PagePart]) -> FieldMerge
                     seen.add(ident)
                 items.append(item)
                 refs.append(ref)
-        return FieldMerge(items, refs)
+                where.append(j)
+        return FieldMerge(items, refs, items=where)
     present = _present(parts, name)
     if not present:
         return FieldMerge(None, [])
@@ -190,6 +194,8 @@ def merge(parts: Iterable[PagePart], rules: Mapping[str, MergeRule]) -> MergedAn
         merged = merge_field(name, rule, ordered)
         out.answer[name] = merged.value
         out.provenance[name] = merged.provenance
+        if merged.items is not None:
+            out.items[name] = merged.items
         if merged.conflict is not None:
             out.conflicts[name] = merged.conflict
     return out

@@ -10,10 +10,12 @@ import hashlib
 import json
 from typing import Any
 
+from ernie_batch.answers import evidence
+from ernie_batch.answers.template import render
+from ernie_batch.api import tokens
 from ernie_batch.config import JobConfig
-from ernie_batch.content import media_part_json
-from ernie_batch.template import render
-from ernie_batch.units import PageUnit
+from ernie_batch.intake.content import media_part_json
+from ernie_batch.intake.units import PageUnit
 
 # response_format modes, best first; a 400 rejecting one moves the run to the next, for good
 FORMAT_MODES = ("json_schema", "json_object", "text")
@@ -32,6 +34,9 @@ def fingerprint(cfg: JobConfig) -> str:
         "images": cfg.images.model_dump(mode="json"),
         "pdf": cfg.pdf.model_dump(mode="json", exclude={"password"}),
     }
+    if cfg.prompt.evidence:  # only when on: fingerprints of jobs without it stay as they were
+        shaping["evidence"] = {"instruction": evidence.INSTRUCTION,
+                               "paths": evidence.request_paths(cfg.resolved.schema)}
     canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -42,11 +47,14 @@ def unit_key(source_sha256: str, page: int, page_last: int, fp: str) -> str:
 
 def response_format(cfg: JobConfig, mode: str) -> dict[str, Any] | None:
     if mode == "json_schema":
+        schema = cfg.resolved.sent_schema
+        if cfg.prompt.evidence:
+            schema = evidence.wrapper_schema(schema, cfg.resolved.schema, cfg.request.strict)
         return {
             "type": "json_schema",
             "json_schema": {
                 "name": cfg.prompt.schema_name,
-                "schema": cfg.resolved.sent_schema,
+                "schema": schema,
                 "strict": cfg.request.strict,
             },
         }
@@ -55,11 +63,27 @@ def response_format(cfg: JobConfig, mode: str) -> dict[str, Any] | None:
     return None
 
 
+def expected_completion_tokens(cfg: JobConfig) -> int:
+    """Completion tokens to expect of one answer, for estimates made before it exists:
+    `budget.expected_completion_tokens` when set, else a typical answer of the schema sent;
+    with `prompt.evidence`, a quote per field besides; never more than `request.max_tokens`."""
+    guess = cfg.budget.expected_completion_tokens
+    if guess is None:
+        guess = tokens.answer_tokens(cfg.resolved.sent_schema)
+    if cfg.prompt.evidence:
+        guess += evidence.extra_completion_tokens(cfg.resolved.schema)
+    return min(guess, cfg.request.max_tokens)
+
+
 def build_body(cfg: JobConfig, unit: PageUnit, mode: str, temperature: float) -> dict[str, Any]:
     """The chat-completions body for one unit; instructions in the user message by default."""
     text = render(cfg.resolved.template, unit, cfg.prompt.variables)
     if mode != "json_schema":
-        text = text + "\n\n" + SCHEMA_INSTRUCTION.format(json.dumps(cfg.resolved.sent_schema, indent=1))
+        sent = cfg.resolved.sent_schema
+        text += "\n\n" + (evidence.text_instruction(sent) if cfg.prompt.evidence
+                           else SCHEMA_INSTRUCTION.format(json.dumps(sent, indent=1)))
+    elif cfg.prompt.evidence:
+        text += "\n\n" + evidence.INSTRUCTION
     media = [media_part_json(p, cfg.request.image_detail) for p in unit.parts]
     messages: list[dict[str, Any]]
     if cfg.request.system_message:

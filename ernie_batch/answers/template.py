@@ -14,9 +14,9 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from ernie_batch.answers.merge import rules_of
 from ernie_batch.errors import ConfigError
-from ernie_batch.merge import rules_of
-from ernie_batch.units import PageUnit
+from ernie_batch.intake.units import PageUnit
 from ernie_batch.vocab import MergeRule
 
 BUILTIN_VARIABLES = (

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ernie_batch.limits import RequestBudget
+
+class Releaser(Protocol):
+    """What a lease hands itself back to (the request budget, `limits.RequestBudget`)."""
+
+    def release(self, lease: Lease, *, outcome: str, actual_tokens: int | None = None,
+                retry_after: float | None = None) -> None: ...
 
 OUTCOMES = ("ok", "rate_limited", "error")
 
@@ -22,7 +26,7 @@ class Lease:
 
     est_tokens: int
     started_at: float
-    _budget: RequestBudget = field(repr=False)
+    _budget: Releaser = field(repr=False)
     _seq: int = field(repr=False)
     _window_count: int = field(repr=False)  # acquisitions in the window_s ending here
     _charged: float = field(default=0.0, repr=False)

@@ -24,6 +24,12 @@ Why it looks like this:
   (`retry_after` when the server gives it, else exponential backoff with jitter from one
   "second" up to one window). Only a 429 of a lease acquired after the last event is a new
   event; the other 429s of the same burst only extend the pause by their own Retry-After.
+* **Only refusals that follow the rate cost rate** (`refusals.RefusalJudge`): every cut is
+  put on trial; when requests sent after it are refused at no smaller share, the refusals
+  were sporadic (an aggregator's upstream shedding load): the rate before the trial comes
+  back, the pause is lifted, and from then on such refusals cost only their own request's
+  wait (the sender's), while their share stays what the learnt share explains. With
+  `adaptive` off every 429 is a limit's (pause, no cut).
 * **Adaptive rate (AIMD with a learnt bound, like TCP BIC).** On an event the pacing rate
   drops to `DECREASE` (0.8) times the rate achieved in the window before the refused
   request (with no limit configured, this is how the limit is discovered: unlimited until
@@ -32,7 +38,8 @@ Why it looks like this:
   successes (a tenth of a window's worth) the rate climbs half-way to just under the bound;
   there it holds for two windows, then probes above it, one step per window of successes,
   the step doubling while no 429 comes (an underestimate is recovered quickly). Never above
-  the configured `rpm`. TPM is not adapted: a 429 slows the requests, hence the tokens.
+  the configured `rpm`, never cut below `FLOOR` of it. TPM is not adapted: a 429 slows the
+  requests, hence the tokens.
 
 "Per minute" means per `window_s` throughout, so every time constant scales when tests
 compress time. Not thread-safe: use one event loop. The clock must tick in seconds (waits
@@ -49,10 +56,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+from ernie_batch.api.lease import OUTCOMES, Lease
+from ernie_batch.api.pacer import Pacer
+from ernie_batch.api.refusals import RefusalJudge, Verdict
+from ernie_batch.api.retry_after import MAX_RETRY_AFTER_S
 from ernie_batch.errors import BudgetStopped
-from ernie_batch.lease import OUTCOMES, Lease
-from ernie_batch.pacer import Pacer
-from ernie_batch.retry_after import MAX_RETRY_AFTER_S
 
 __all__ = ["BudgetStopped", "Lease", "RequestBudget"]
 
@@ -66,6 +74,7 @@ class RequestBudget:
     STEP_FRACTION = 0.01  # smallest increase step, as a fraction of the rate
     MIN_STEP = 0.5  # ... and at least this many requests per window
     MIN_RATE = 1.0  # never below one request per window
+    FLOOR = 0.5  # ... nor below this fraction of the configured rate
     PROBE_HOLD = 2.0  # windows of successes just under the bound before probing above it
     BACKOFF_BASE = 1.0 / 60.0  # first pause without Retry-After: one second of a 60 s window
     BACKOFF_MAX = 1.0  # longest pause without Retry-After: one whole window
@@ -101,19 +110,23 @@ class RequestBudget:
         self._valid_until = math.inf  # renew(): a shared limit's membership still holds
         self._ratio = 1.0
         self._ratio_samples = 0
+        self._judge = RefusalJudge()
+        self._refused_at: deque[float] = deque()  # when refused leases were admitted (a window)
+        self._before_trial: tuple[float | None, float | None, float, int] | None = None
 
         self._seq = 0
         self._born = clock()  # a run younger than a window has sent less than its rate
         self._slots_taken = 0
         self._in_flight = 0
-        self._sent: deque[float] = deque()  # when our own requests were admitted (a window)
+        # our own admissions of a window: when, and their token charge (corrected on release)
+        self._sent: deque[tuple[float, list[float] | None]] = deque()
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._gate = asyncio.Lock()
         self._gate_waiting = 0
         self._waker: asyncio.Future[None] | None = None
         self._stopped = False
 
-        self._stats = {"acquired": 0, "pauses": 0, "rate_limited": 0, "events": 0}
+        self._stats = {"acquired": 0, "pauses": 0, "events": 0}
 
     # ---- public interface -------------------------------------------------------------
 
@@ -179,10 +192,13 @@ class RequestBudget:
 
         if outcome == "ok":
             self._backoff_k = 0
+            if self._judge.answered(lease._seq, False, lease.started_at):
+                self._restore(now)
             self._on_success(lease)
         elif outcome == "rate_limited":
-            self._stats["rate_limited"] += 1
+            self._judge.answered(lease._seq, True, lease.started_at)
             self._on_rate_limited(lease, now, retry_after)
+            self._refused_at.append(lease.started_at)
         self._wake()
 
     def stop(self) -> None:
@@ -196,8 +212,7 @@ class RequestBudget:
 
     def set_share(self, fraction: float) -> None:
         """Pace at `fraction` of the configured limits: the rest is other runs' using the
-        same key (`ernie_batch.scale.limit_share`). It applies to the next admission; the
-        caller raises a share only once the others' window has passed."""
+        same key (`ernie_batch.scale.limit_share`), from the next admission on."""
         if not 0.0 < fraction <= 1.0:
             raise ValueError("a share is a fraction in (0, 1]")
         now = self._clock()
@@ -226,34 +241,46 @@ class RequestBudget:
 
     def hold(self, seconds: float) -> None:
         """Admit nothing for `seconds` from now (`math.inf`: until told again), replacing an
-        earlier hold: a run joining others of its key waits until they made room."""
+        earlier hold: a member of a shared limit with no share yet."""
         self._held_until = self._clock() + seconds
         self._wake()
 
-    def recent(self) -> tuple[int, float | None]:
-        """(requests this budget admitted in the last window, wall-clock time of the last):
-        what a run leaving a shared limit hands on, as the server still counts them."""
+    def sent(self) -> list[tuple[float, float]]:
+        """Our own requests admitted in the last window, oldest first: (wall-clock time, tokens
+        charged). What a member of a shared limit tells the others, as the server still counts
+        them (`ernie_batch.scale.shares`)."""
         now = self._clock()
         self._forget_sent(now)
-        if not self._sent:
-            return 0, None
-        return len(self._sent), time.time() - (now - self._sent[-1])
+        wall = time.time() - now
+        return [(wall + t, entry[1] if entry is not None else 0.0) for t, entry in self._sent]
 
     def _forget_sent(self, now: float) -> None:
-        while self._sent and self._sent[0] <= now - self._window:
+        while self._sent and self._sent[0][0] <= now - self._window:
             self._sent.popleft()
 
-    def occupy(self, count: int, at_wall: float) -> None:
-        """Count `count` requests sent at `at_wall` (wall clock) by a run that left the limit:
-        they fill the window until `at_wall + window_s`, so a newcomer needs not wait it out."""
-        if count > 0:
-            self._requests.occupy(self._clock() - (time.time() - at_wall), float(count))
-            self._wake()
+    def set_others(self, room: float,
+                   requests: list[tuple[float, float]], tokens: list[tuple[float, float]]) -> None:
+        """Others' sends that still bind us, for a member of a shared limit: whatever we admit,
+        ours and `requests` (tokens: `tokens`), (wall-clock time, cost) pairs that the server
+        counts until they leave its window, stay within `room` (a fraction) of the configured
+        limits. Replaces what was set before."""
+        wall = time.time() - self._clock()
+        full_rpm, full_tpm = self._full
+        for pacer, full, entries in ((self._requests, full_rpm, requests),
+                                     (self._tokens, full_tpm, tokens)):
+            if full is not None:
+                pacer.set_others(full * room, [(t - wall, c) for t, c in entries])
+        self._wake()
 
     @property
     def current_rpm(self) -> float | None:
         """Requests per window now enforced; None while unlimited (nothing configured or learnt)."""
         return self._rate
+
+    @property
+    def refusals(self) -> tuple[int, int]:
+        """(429s attributed to a limit, 429s that did not follow the rate) so far."""
+        return self._judge.limit, self._judge.sporadic
 
     @property
     def in_flight(self) -> int:
@@ -273,7 +300,8 @@ class RequestBudget:
             "acquired": float(self._stats["acquired"]),
             "pauses": float(self._stats["pauses"]),
             "paused_for": max(0.0, self._pause_until - self._clock()),
-            "rate_limited": float(self._stats["rate_limited"]),
+            "rate_limited": float(self._judge.limit),
+            "refused_sporadic": float(self._judge.sporadic),
             "congestion_events": float(self._stats["events"]),
             "tokens_ratio": self._ratio,
         }
@@ -332,14 +360,14 @@ class RequestBudget:
 
     def _admit(self, now: float, est_tokens: int, cost: float) -> Lease:
         self._requests.take(now, 1.0)
-        self._forget_sent(now)
-        self._sent.append(now)
         lease = Lease(est_tokens=est_tokens, started_at=now, _budget=self, _seq=self._seq,
                       _window_count=self._requests.count_within(now))
         self._seq += 1
         if cost > 0:
             lease._charged = cost
             lease._token_entry = self._tokens.take(now, cost)
+        self._forget_sent(now)
+        self._sent.append((now, lease._token_entry))
         self._in_flight += 1
         self._stats["acquired"] += 1
         return lease
@@ -369,6 +397,16 @@ class RequestBudget:
             self._pause_until = now + seconds
 
     def _on_rate_limited(self, lease: Lease, now: float, retry_after: float | None) -> None:
+        if not self._adaptive:
+            self._judge.limit += 1
+        else:
+            verdict = self._judge.refused(lease._seq, lease.started_at,
+                                          stale=lease._seq < self._event_seq)
+            if verdict is Verdict.SPORADIC:
+                return
+            if verdict is Verdict.RESTORE:
+                self._restore(now)
+                return
         if retry_after is not None and retry_after >= 0:
             self._pause(now, min(retry_after, MAX_RETRY_AFTER_S))
         if lease._seq < self._event_seq:
@@ -386,13 +424,42 @@ class RequestBudget:
         # early 429 would cut a 600/min run to a handful a minute); when discovering from
         # unlimited, the burst it just sent is the measure
         young = lease.started_at - self._born < self._window
-        count = float(lease._window_count)
+        # ... counting only what the server accepted: a window that held refusals says less
+        count = float(lease._window_count - self._refused_within(lease.started_at))
         achieved = max(1.0, self._rate if (young and self._rate is not None) else count)
+        if young and self._rate is None and self._cap is not None:
+            # a few requests refused at the very start are no measure of a limit: at least
+            # the in-flight cap's worth, or a random first refusal stalls a whole window
+            achieved = max(achieved, float(self._cap))
         bound = achieved if self._rate is None else min(self._rate, achieved)
+        # in a run's first window nothing has left it: a request sent after the refused one
+        # went at a higher count, so it already tells what a higher rate does
+        if self._judge.open(self._seq, now, self._window,
+                            (lease._seq + 1, self._born + self._window) if young else None):
+            self._before_trial = (self._rate, self._bound, self._probe, self._successes)
+        floor = self.FLOOR * self._configured_rpm if self._configured_rpm else self.MIN_RATE
         self._bound = max(self.MIN_RATE, bound)
-        self._set_rate(max(self.MIN_RATE, self.DECREASE * bound), now)
+        self._set_rate(max(floor, self.MIN_RATE, self.DECREASE * bound), now)
         self._successes = 0
         self._probe = 0.0
+
+    def _refused_within(self, at: float) -> int:
+        """Refused leases admitted in the window ending at `at` (older ones forgotten)."""
+        while self._refused_at and self._refused_at[0] <= self._clock() - 2 * self._window:
+            self._refused_at.popleft()
+        return sum(1 for t in self._refused_at if at - self._window < t <= at)
+
+    def _restore(self, now: float) -> None:
+        """The trial's cuts did not stop the refusals: back to the rate before it, no pause."""
+        assert self._before_trial is not None
+        self._rate, self._bound, self._probe, self._successes = self._before_trial
+        self._before_trial = None
+        self._pause_until = min(self._pause_until, now)
+        self._backoff_k = 0
+        if self._rate is None:
+            self._requests.set_limit(None, None, now)
+        else:
+            self._set_rate(self._rate, now)
 
     def _on_success(self, lease: Lease) -> None:
         if not self._adaptive or self._rate is None or lease._seq < self._event_seq:

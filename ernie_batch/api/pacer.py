@@ -1,10 +1,11 @@
 """One rate limit paced like a sliding-window server: a window log plus a small token bucket.
 
-See `ernie_batch.limits` for why the request budget paces this way.
+See `ernie_batch.api.limits` for why the request budget paces this way.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
 
@@ -30,6 +31,11 @@ class Pacer:
         self.last: float | None = None
         self.log: deque[list[float]] = deque()
         self.total = 0.0
+        # a member of a shared limit: what others sent that still binds us, and the room for
+        # ours and theirs together (`set_others`); None: no such bound
+        self.room: float | None = None
+        self.others: deque[tuple[float, float]] = deque()
+        self.others_total = 0.0
         self.set_limit(limit, limit, None)
 
     @property
@@ -72,6 +78,10 @@ class Pacer:
             entry[2] = 0.0
         if not self.log:
             self.total = 0.0  # no float drift left behind
+        while self.others and self.others[0][0] <= cutoff:
+            self.others_total -= self.others.popleft()[1]
+        if not self.others:
+            self.others_total = 0.0
 
     def delay(self, now: float, cost: float) -> float:
         """Seconds until `cost` may be taken (0 = now)."""
@@ -91,7 +101,23 @@ class Pacer:
                 if freed >= excess - 1e-9:
                     wait = max(wait, t + self.span - now)
                     break
+        if self.room is not None:
+            wait = max(wait, self._room_wait(now, cost))
         return wait
+
+    def _room_wait(self, now: float, cost: float) -> float:
+        """Seconds until ours and the others' entries leave room for `cost` (oldest first; a
+        cost above the whole room goes alone, as in `delay`)."""
+        held = self.total + self.others_total
+        excess = min(held + cost - self.room, held)  # type: ignore[operator]
+        if excess <= 1e-9:
+            return 0.0
+        freed = 0.0
+        for t, c in heapq.merge(((e[0], e[1]) for e in self.log), self.others):
+            freed += c
+            if freed >= excess - 1e-9:
+                return max(0.0, t + self.span - now)
+        return 0.0  # float drift: everything held is less than the excess
 
     def take(self, now: float, cost: float) -> list[float]:
         self.typical_cost = max(cost, 0.95 * self.typical_cost, 1.0)
@@ -103,14 +129,13 @@ class Pacer:
         self.total += cost
         return entry
 
-    def occupy(self, at: float, cost: float) -> None:
-        """Count `cost` as taken at `at` (a moment past) by someone else: requests of a run that
-        left a shared limit, which the server counts until `at + window`."""
-        i = len(self.log)
-        while i and self.log[i - 1][0] > at:
-            i -= 1
-        self.log.insert(i, [at, float(cost), 1.0])
-        self.total += cost
+    def set_others(self, room: float | None, entries: list[tuple[float, float]]) -> None:
+        """Bound ours and others' together: whatever we take, our log's entries and `entries`
+        (others' costs at moments past, which the server counts until they leave the span)
+        stay within `room` (None: no bound). Replaces what was set before."""
+        self.room = room
+        self.others = deque(sorted((float(t), float(c)) for t, c in entries))
+        self.others_total = sum(c for _, c in self.others)
 
     def adjust(self, entry: list[float], cost: float) -> None:
         """Correct an earlier charge to what it really cost (refund or extra debt)."""

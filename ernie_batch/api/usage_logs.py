@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from ernie_batch.client import api_message, check_base_url
+from ernie_batch.api.client import api_message, check_base_url
+from ernie_batch.api.pacer import Pacer
+from ernie_batch.api.retry_after import parse_retry_after
 from ernie_batch.config import ApiOptions
 from ernie_batch.errors import NoUsageLogs, UsageLogsError, one_line
-from ernie_batch.pacer import Pacer
-from ernie_batch.retry_after import parse_retry_after
 
 MAX_WINDOW = timedelta(days=92)
 PAGE_LIMIT = 100

@@ -11,11 +11,14 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-SCENARIOS = ("intake", "rate", "adaptive", "overhead")  # the default set
-EXTRA = ("history", "scale")  # by name only: minutes (a gigabyte of disk; a Prefect server)
+SCENARIOS = ("intake", "rate", "adaptive", "sporadic", "overhead", "evidence",
+             "startup")  # the default set
+# by name only: minutes (a gigabyte of disk; a Prefect server; an S3 server, the test extra)
+EXTRA = ("history", "scale", "plan", "objects")
+OUTPUT_SCENARIOS = ("history",)  # take `output` after `scale`: where they write (`--output`)
 
 
-def scenario(name: str) -> Callable[[float], dict[str, Any]]:
+def scenario(name: str) -> Callable[..., dict[str, Any]]:
     if name not in SCENARIOS + EXTRA:
         raise KeyError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS + EXTRA)})")
     return importlib.import_module(f"ernie_batch.bench.{name}").run

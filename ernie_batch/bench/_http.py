@@ -126,8 +126,10 @@ def make_images(folder: Path, n: int, first: int = 0) -> Path:
     return folder
 
 
-def job_config(sim_url: str, sources: Path, output: Path, **limits: Any):  # noqa: ANN201
-    """The built-in prompt and schema against the simulator; `limits.*` from keyword args.
+def job_config(sim_url: str, sources: Path, output: Path | str, *,  # noqa: ANN201
+               state_dir: Path | None = None, **limits: Any):
+    """The built-in prompt and schema against the simulator; `limits.*` from keyword args;
+    `output` a folder or an object-store URL (its local state in `state_dir`).
 
     Documents are prepared inline (`prepare.workers = -1`): the PNGs are tiny, and worker
     processes would take CPU from the client and the server on a small machine.
@@ -139,13 +141,32 @@ def job_config(sim_url: str, sources: Path, output: Path, **limits: Any):  # noq
         "output.path": str(output), "prepare.workers": -1,
         "retries.backoff_base_s": 0.05, "retries.backoff_max_s": 1.0,
     }
+    if state_dir is not None:
+        overrides["output.state_dir"] = str(state_dir)
     overrides.update({f"limits.{k}": v for k, v in limits.items()})
     return load_config(None, overrides)
 
 
+def prepared_requests(base: Any, folder: Path, n: int) -> tuple[
+        list[Any], dict[Path, list[Any]], list[dict[str, Any]]]:
+    """`n` distinct images made in `folder` (`make_images`) and prepared once under the config
+    `base`: (documents, their units, the request bodies), the pipeline handed the units and a
+    bare client the bodies."""
+    from ernie_batch.answers import prompt
+    from ernie_batch.config import SourceOptions
+    from ernie_batch.intake.discover import discover
+    from ernie_batch.intake.prepare import prepare_document
+
+    docs, _ = discover(SourceOptions(paths=[make_images(folder, n)]))
+    units = {d.path: prepare_document(d, base.images, base.pdf) for d in docs}
+    bodies = [prompt.build_body(base, u, base.request.response_format, base.request.temperature)
+              for d in docs for u in units[d.path]]
+    return docs, units, bodies
+
+
 def run_pipeline(cfg: Any) -> tuple[Any, float]:
-    """(summary, seconds) of one whole run (`engine.run_job`)."""
-    from ernie_batch.engine import run_job
+    """(summary, seconds) of one whole run (`run.engine.run_job`)."""
+    from ernie_batch.run.engine import run_job
 
     t = time.perf_counter()
     summary = run_job(cfg, SecretStr(KEY))

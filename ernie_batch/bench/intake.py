@@ -178,8 +178,8 @@ def tree_rss(root: int) -> int:
 async def _pipeline(docs: list, workers: int) -> tuple[int, float, float]:
     """(pages, seconds streaming, seconds starting the pool) with `workers` processes."""
     from ernie_batch.config import ImageOptions, PdfOptions, PrepareOptions
-    from ernie_batch.prepare import PreparePool
-    from ernie_batch.units import PageUnit
+    from ernie_batch.intake.prepare import PreparePool
+    from ernie_batch.intake.units import PageUnit
 
     opts = PrepareOptions(workers=workers, queue_size=8, timeout_s=300)
     async with PreparePool(ImageOptions(max_side=MAX_SIDE), PdfOptions(), opts) as pool:
@@ -224,7 +224,7 @@ def cpu_scaling(n: int = 2_000_000) -> float:
 def run(scale: float = 1.0) -> dict:
     """Generate the corpus, measure, and return the figures (see the module docstring)."""
     from ernie_batch.config import SourceOptions
-    from ernie_batch.discover import discover
+    from ernie_batch.intake.discover import discover
 
     with tempfile.TemporaryDirectory(prefix="ernie-bench-intake-") as tmp:
         paths = make_corpus(Path(tmp), scale)

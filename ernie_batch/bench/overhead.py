@@ -3,9 +3,9 @@
 Both sides send the same prepared requests to the same zero-latency, unlimited simulator
 (in its own process) at the same concurrency:
 - bare: asyncio, one `httpx.AsyncClient`, a semaphore, the bodies built beforehand with
-  `prompt.build_body`; each answer read as JSON, nothing recorded;
-- pipeline: `engine.Pipeline` end to end on the same units (done-index, queue, request
-  budget, body building, client, answer validation, journal, Parquet parts, manifest).
+  `answers.prompt.build_body`; each answer read as JSON, nothing recorded;
+- pipeline: `run.engine.Pipeline` end to end on the same units (done-index, queue, request
+  budget, body building, client, answer validation, journal, Delta commits, manifest).
 Preparation is excluded from both: the units are prepared once beforehand and handed to the
 pipeline by a stand-in for its `PreparePool`. Each side runs three times, alternately
 (which goes first swaps each round; the ledger is emptied before each run); the best of
@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from ernie_batch.bench._http import KEY, SimProcess, job_config, make_images, warm_up, workdir
+from ernie_batch.bench._http import KEY, SimProcess, job_config, prepared_requests, warm_up, workdir
 
 PAGES = 1000
 CONCURRENCY = 16  # limits.concurrency's default
@@ -64,37 +64,31 @@ async def bare_loop(url: str, bodies: list[dict[str, Any]]) -> float:
         return time.perf_counter() - t
 
 
-async def pipeline(cfg: Any, docs: list[Any], units: dict[Path, list[Any]]) -> tuple[float, Any]:
-    """(seconds, summary) of one pipeline run over prepared units, set-up to manifest."""
-    from ernie_batch.engine import Pipeline
+async def pipeline(cfg: Any, docs: list[Any],
+                   units: dict[Path, list[Any]]) -> tuple[float, Any, float]:
+    """(seconds, summary, seconds committing rows to the tables) of one pipeline run over
+    prepared units, set-up to manifest."""
+    from ernie_batch.run.engine import Pipeline
 
     t = time.perf_counter()
     async with Pipeline(cfg, SecretStr(KEY), pool=ReadyUnits(units)) as run:
         await run.process(docs)
         summary = await run.finish()
-    return time.perf_counter() - t, summary
+    return time.perf_counter() - t, summary, run.recorder.commit_s
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
     """1,000 pages (x scale) each way, best of three; see the module docstring."""
-    from ernie_batch import prompt
-    from ernie_batch.config import SourceOptions
-    from ernie_batch.discover import discover
-    from ernie_batch.prepare import prepare_document
-
     n = max(2, round(PAGES * scale))
     with workdir("overhead") as tmp, SimProcess() as sim:
         warm_up(sim, tmp)
-        docs, _ = discover(SourceOptions(paths=[make_images(tmp / "in", n)]))
         base = job_config(sim.url, tmp / "in", tmp / "out-0", concurrency=CONCURRENCY, rpm=0)
-        units = {d.path: prepare_document(d, base.images, base.pdf) for d in docs}
-        bodies = [prompt.build_body(base, u, base.request.response_format,
-                                    base.request.temperature)
-                  for d in docs for u in units[d.path]]
+        docs, units, bodies = prepared_requests(base, tmp / "in", n)
         bare_s: list[float] = []
         pipe_s: list[float] = []
         bare_cpu: list[float] = []
         pipe_cpu: list[float] = []
+        commit_s: list[float] = []
         summary, requests = None, 0
         for i in range(ROUNDS):
             for side in ("bare", "pipeline") if i % 2 == 0 else ("pipeline", "bare"):
@@ -106,9 +100,10 @@ def run(scale: float = 1.0) -> dict[str, Any]:
                 else:
                     cfg = base.model_copy(deep=True)
                     cfg.output.path = tmp / f"out-{i}"
-                    seconds, summary = asyncio.run(pipeline(cfg, docs, units))
+                    seconds, summary, committing = asyncio.run(pipeline(cfg, docs, units))
                     pipe_cpu.append(time.process_time() - cpu)
                     pipe_s.append(seconds)
+                    commit_s.append(committing)
                 requests += sim.ledger()["stats"].get("requests", 0)
     bare_rate, pipe_rate = len(bodies) / min(bare_s), summary.units_ok / min(pipe_s)
     return {
@@ -121,6 +116,8 @@ def run(scale: float = 1.0) -> dict[str, Any]:
         # when other work shares the machine
         "pipeline_cpu_ms_per_page": round(1000 * min(pipe_cpu) / len(bodies), 2),
         "bare_cpu_ms_per_page": round(1000 * min(bare_cpu) / len(bodies), 2),
+        # the Delta commits of attempts, pages and the manifest (periodic, not per page)
+        "commit_ms_per_page": round(1000 * min(commit_s) / len(bodies), 3),
         "pages": len(bodies),
         "pages_ok": summary.units_ok,
         "requests": requests,

@@ -1,11 +1,12 @@
 """Benchmark `scale`: one API limit shared by 1, 2 and 3 workers of a Prefect work pool.
 
-A Prefect server (SQLite, in a private home), `ernie-batch deploy`, then for each worker
-count a run of the CLI with `--pool --shards <workers>`, every worker limited to one flow
-run at a time, against the simulator (its own process) limited to `PER_WINDOW` requests per
-`WINDOW_S`: the rate the simulator saw while requests flowed (first to last answer) over the
-limit, its busiest window and its 429s. The headline ratio is the worst of the three.
-Time is compressed as in `rate` (a 4 s window for the minute).
+A Prefect server (SQLite, in a private home), `ernie-batch deploy`, then for each window
+(12 s, and the API's 60 s) and each worker count a run of the CLI with `--pool --shards
+<workers>`, the workers started as the README says (`pool.worker_command`: one flow run at
+a time each), against the simulator (its own process) limited to `PER_WINDOW` requests per
+window, `REQUESTS` requests a round (10 windows): the rate the simulator saw while requests
+flowed (first to last answer) over the limit, its busiest window and its 429s, and the rate
+over the whole command (start-up included). The headline ratio is the worst round's.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ from ernie_batch.bench._http import (
     workdir,
 )
 
-WINDOW_S = 4.0
-PER_WINDOW = 200
+WINDOWS_S = (12.0, 60.0)
+PER_WINDOW = 120
 LATENCY_S = 0.4
-CONCURRENCY = 40  # per shard: 2 x rate x latency, so one shard alone can use the whole limit
-REQUESTS = 1200
+CONCURRENCY = 16  # per shard: well above rate x latency, so one shard alone can use it all
+REQUESTS = 1200  # 10 windows
 POOL = "ernie-bench"
 
 
-def _config(path: Path, sim_url: str, sources: Path, output: Path) -> Path:
+def _config(path: Path, sim_url: str, sources: Path, output: Path, window_s: float) -> Path:
     q = json.dumps
     path.write_text(f"""name = "bench-scale"
 [sources]
@@ -47,8 +48,8 @@ base_url = {q(sim_url)}
 timeout_s = 60
 [limits]
 concurrency = {CONCURRENCY}
-rpm = {PER_WINDOW * 60 / WINDOW_S}
-window_s = {WINDOW_S}
+rpm = {PER_WINDOW * 60 / window_s}
+window_s = {window_s}
 [retries]
 backoff_base_s = 0.05
 backoff_max_s = 1.0
@@ -73,32 +74,51 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=1800)
 
 
+def _stop(procs: list[subprocess.Popen[bytes]], grace_s: float = 20.0) -> None:
+    """Stop the workers: SIGTERM (Prefect's worker turns it into a SIGINT to itself), and
+    SIGKILL for one still there after `grace_s` (seen here: a worker idle for 40 minutes
+    after its SIGTERM, which kept the benchmark waiting)."""
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _round(workers: int, n: int, tmp: Path, sim: SimProcess, env: dict[str, str],
-           first: int) -> dict[str, Any]:
+           first: int, window_s: float) -> dict[str, Any]:
     """One run with `workers` workers and as many shards; the simulator's figures."""
-    sources = make_images(tmp / f"in-{workers}", n, first=first)
-    config = _config(tmp / f"job-{workers}.toml", sim.url, sources, tmp / "out")
-    procs = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool",
-                               POOL, "--limit", "1"], env=env, stdout=subprocess.DEVNULL,
+    from ernie_batch.scale.pool import worker_command
+
+    name = f"{window_s:g}s-{workers}"
+    sources = make_images(tmp / f"in-{name}", n, first=first)
+    config = _config(tmp / f"job-{name}.toml", sim.url, sources, tmp / f"out-{name}", window_s)
+    command = [sys.executable, "-m", *worker_command(POOL).split()]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
              for _ in range(workers)]
     try:
-        time.sleep(WINDOW_S * 1.05)  # a quiet window, then an empty ledger
+        time.sleep(window_s * 1.05)  # a quiet window, then an empty ledger
         sim.reset()
+        started = time.time()
         done = _cli("run", "-c", str(config), "--pool", POOL, "--shards", str(workers),
                     "--json", env=env)
+        seconds = time.time() - started
         book = sim.ledger()
     finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait()
+        _stop(procs)
     if done.returncode != 0:
         raise RuntimeError(f"the run with {workers} worker(s) failed: {done.stderr[-2000:]}")
     entries = book["entries"]
-    return {"ratio": round(arrival_rate(entries, WINDOW_S) / PER_WINDOW, 3),
-            "busiest_window": busiest_window(entries, WINDOW_S),
-            "rate_limited": count_429(book["stats"]), "requests": len(entries)}
+    return {"ratio": round(arrival_rate(entries, window_s) / PER_WINDOW, 3),
+            "busiest_window": busiest_window(entries, window_s),
+            "rate_limited": count_429(book["stats"]), "requests": len(entries),
+            "wall_ratio": round(len(entries) / seconds * window_s / PER_WINDOW, 3),
+            "seconds": round(seconds, 1)}
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
@@ -107,24 +127,27 @@ def run(scale: float = 1.0) -> dict[str, Any]:
 
     n = max(10, round(REQUESTS * scale))
     figures: dict[str, Any] = {}
-    with workdir("scale") as tmp, SimProcess(rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S,
-                                             latency_s=LATENCY_S) as sim:
-        os.environ["PREFECT_HOME"] = str(tmp / "home")  # the server's database, ours alone
-        with start_local_server() as server, use_api(server.api_url):
+    with workdir("scale") as tmp, start_local_server(
+            extra_env={"PREFECT_HOME": str(tmp / "home")}) as server:  # its database, ours alone
+        with use_api(server.api_url):
             deploy_pool(POOL)
-            env = _env(tmp / "home", PREFECT_API_URL=server.api_url)
-            for i, workers in enumerate((1, 2, 3)):
-                figures[f"workers_{workers}"] = _round(workers, n, tmp, sim, env, first=i * n)
+        env = _env(tmp / "home", PREFECT_API_URL=server.api_url)
+        for w, window_s in enumerate(WINDOWS_S):
+            with SimProcess(rpm=PER_WINDOW * 60 / window_s, window_s=window_s,
+                            latency_s=LATENCY_S) as sim:
+                for i, workers in enumerate((1, 2, 3)):
+                    figures[f"window_{window_s:g}s_workers_{workers}"] = _round(
+                        workers, n, tmp, sim, env, first=(3 * w + i) * n, window_s=window_s)
     rounds = list(figures.values())
     return {
         "scenario": "scale",
         "ratio": min(r["ratio"] for r in rounds),
-        "goal": 0.90,
-        "busiest_window": max(r["busiest_window"] for r in rounds),
+        "goal": 0.93,
+        "busiest_window_over_limit": max(r["busiest_window"] - PER_WINDOW for r in rounds),
         "limit_per_window": PER_WINDOW,
         "rate_limited": sum(r["rate_limited"] for r in rounds),
         **figures,
-        "window_s": WINDOW_S,
+        "windows_s": list(WINDOWS_S),
         "latency_s": LATENCY_S,
         "concurrency_per_shard": CONCURRENCY,
         "requests_per_round": n,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,6 +17,7 @@ from ernie_batch.cli.common import (
     UntilOpt,
     WaitOpt,
     app,
+    chosen_runs,
     console,
     emit_json,
     fail,
@@ -47,19 +47,19 @@ def documents(
     as_json: JsonOpt = False,
 ) -> None:
     """Documents of the selected runs (default: the newest): complete, incomplete, conflicting."""
-    from ernie_batch.documents import DocumentCounts, documents_of_runs
+    from ernie_batch.answers.documents import DocumentCounts, documents_of_runs
     from ernie_batch.errors import LockedError, OutputError
 
     cfg = load(config, overrides(None, output))
     chosen = selection(run_ids, since, until)
-    root = Path(cfg.output.path)
+    root = cfg.output.root()
     summary: dict[str, Any] = {}
     if rebuild:
-        from ernie_batch.rebuild import rebuild_documents
+        from ernie_batch.run.rebuild import rebuild_documents
 
         everything = not (chosen.run_ids or chosen.since or chosen.until)
         try:
-            done = rebuild_documents(cfg, None if everything else chosen.resolve(root), wait)
+            done = rebuild_documents(cfg, None if everything else chosen_runs(chosen, root), wait)
         except LockedError as exc:
             raise fail(str(exc), ExitCode.LOCKED) from None
         except OutputError as exc:
@@ -69,7 +69,7 @@ def documents(
         ids = [done.run_id]
         what = "every document" if everything else f"the documents of {chosen.describe}"
     else:
-        ids = chosen.resolve(root)
+        ids = chosen_runs(chosen, root)
         what = f"the documents of {chosen.describe}"
     table = documents_of_runs(root, ids)
     counts = DocumentCounts.of(table) if table is not None else DocumentCounts()

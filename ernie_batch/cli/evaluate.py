@@ -18,6 +18,7 @@ from ernie_batch.cli.common import (
     QuietOpt,
     RunFlags,
     WaitOpt,
+    absolute_output,
     app,
     check_before_start,
     console,
@@ -81,7 +82,7 @@ def evaluate(configs: list[Path], names: list[str], labels_path: Path, flags: Ru
     for config, name in zip(configs, names, strict=True):
         cfg = check_before_start(config, given, wait=flags.wait, sources=labels.files)
         versions.append(Version(name, cfg, api_key(cfg)))
-    root = Path(given["output.path"])
+    root = versions[0].cfg.output.root()
     from ernie_batch.cli.drive import drive, print_summary
 
     call = run_eval(versions, labels, root, gate=gated, max_drop=max_drop,
@@ -106,7 +107,7 @@ def evaluate(configs: list[Path], names: list[str], labels_path: Path, flags: Ru
     raise typer.Exit(ExitCode.OK)
 
 
-def demo_eval(output: Path | None, latency: float, as_json: bool) -> None:
+def demo_eval(output: str | None, latency: float, as_json: bool) -> None:
     """`demo --eval`: the simulator answers the samples from their labels' truth, each prompt
     version misreading fields at its own rates; the two versions compared as `eval` does."""
     from ernie_batch.config import load_config
@@ -116,7 +117,7 @@ def demo_eval(output: Path | None, latency: float, as_json: bool) -> None:
     from ernie_batch.sim import SimServer, SimSettings
 
     key = "sim-" + secrets.token_hex(16)
-    target = (output or EVAL_OUTPUT).absolute()
+    target = absolute_output(output, EVAL_OUTPUT)
     with demo_home() as home:
         truth = truth_map(read_labels(home / LABELS), load_config(home / CONFIG))
         settings = SimSettings(api_key=key, latency_s=latency, scripted=truth,
@@ -176,6 +177,10 @@ def comparison(result: Any) -> Table:
             rows.append(("    items P / R / F1", [
                 f"{_pct(f.precision)} / {_pct(f.recall)} / {_pct(f.f1)}" if f else ""
                 for f in fields]))
+    for status in dict.fromkeys(st for s in scores for st in s.by_evidence):
+        fields = [s.by_evidence.get(status) for s in scores]
+        rows.append((f"  evidence {status}",
+                     [f"{_pct(f.accuracy)} (n {f.n})" if f else "" for f in fields]))
     rows += [
         ("invalid answers", [_pct(s.invalid_rate) for s in scores]),
         ("credits / page", [_num(s.credits_per_page, ",.1f") for s in scores]),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.table import Table
 
@@ -20,6 +18,7 @@ from ernie_batch.cli.common import (
     kv_table,
     out,
     overrides,
+    say_why,
     with_flags,
 )
 from ernie_batch.vocab import ExitCode
@@ -32,8 +31,9 @@ FIGURES = ("vendor_requests", "vendor_credits", "recorded_credits", "unrecorded_
 @with_flags(SelectionFlags)
 def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: OutputOpt = None, *,
               flags: SelectionFlags) -> None:
-    """Match the selected runs' requests (default: the newest run) with the vendor's usage
-    logs, add what is new to the billing table, and say whether every credit is accounted for.
+    """Match the selected runs' requests (default: the newest run with pages) with the
+    vendor's usage logs, add what is new (or attributed anew) to the billing table, and say
+    whether every credit is accounted for.
 
     Exit 0 when exact, 1 when not (or something is still pending), 2 when the endpoint has
     no usage logs, 3 when they cannot be read (key, network)."""
@@ -42,7 +42,7 @@ def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: Out
     from ernie_batch import store
     from ernie_batch.config import ConfigError, api_key
     from ernie_batch.errors import NoUsageLogs, UsageLogsError
-    from ernie_batch.reconcile import reconcile_runs
+    from ernie_batch.money.reconcile import reconcile_runs
 
     cfg = check_before_start(config, overrides(base_url, output))  # config, base URL, key
     key = api_key(cfg)
@@ -55,6 +55,7 @@ def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: Out
         raise fail(str(exc), ExitCode.FATAL) from None
     except store.LockedError as exc:
         raise fail(str(exc), ExitCode.LOCKED) from None
+    say_why(result.why)
     figures = result.figures
     code = ExitCode.OK if figures.exact else ExitCode.FAILED
     if flags.as_json:
@@ -66,7 +67,8 @@ def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: Out
               if result.start and result.end else "none yet (every request is within the lag)")
     rows = [("runs", ", ".join(result.run_ids) or "none"), ("logs window", window),
             *((name, _show(getattr(figures, name))) for name in FIGURES),
-            ("billing rows added", f"{result.added} to {Path(cfg.output.path) / 'billing'}"),
+            *_others(result.others),
+            ("billing rows written", f"{result.added} to {cfg.output.root().table_uri('billing')}"),
             ("exact", "yes" if figures.exact else "NO")]
     out.print(kv_table("ernie-batch reconcile", rows))
     if len(result.per_run) > 1:
@@ -80,6 +82,17 @@ def reconcile(config: ConfigOpt = None, base_url: BaseUrlOpt = None, output: Out
                           "yes" if f.exact else "NO")
         out.print(table)
     raise typer.Exit(code)
+
+
+def _others(others: dict) -> list[tuple[str, str]]:
+    """Rows of this output's runs outside the selection: attributed to them, judged when
+    they are selected."""
+    if not others:
+        return []
+    requests = sum(f.vendor_requests for f in others.values())
+    credits = sum(f.vendor_credits for f in others.values())
+    return [("other runs in the window", f"{requests:,} requests, {credits:,} credits of "
+             f"{len(others)} run(s) not selected: " + ", ".join(sorted(others)))]
 
 
 def _show(value: float | int) -> str:

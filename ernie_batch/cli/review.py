@@ -14,6 +14,7 @@ from ernie_batch.cli.common import (
     SinceOpt,
     UntilOpt,
     app,
+    chosen_runs,
     console,
     fail,
     load,
@@ -51,9 +52,9 @@ def review(
                    + ", ".join(s.value for s in UnitStatus) + ")", ExitCode.USAGE)
     cfg = load(config, overrides(None, output))
     chosen = selection(run_ids, since, until)
-    root = Path(cfg.output.path)
+    root = cfg.output.root()
     try:
-        run_list = chosen.resolve(root)
+        run_list = chosen_runs(chosen, root)
     except (ConfigError, ValueError) as exc:  # a --since or --until that is not a date
         raise fail(str(exc), ExitCode.USAGE) from None
     result = build_review(cfg, run_list, html, status, chosen.describe)

@@ -11,51 +11,118 @@ import typer
 
 from ernie_batch.cli.common import (
     ConfigOpt,
+    DateFromOpt,
+    FilesSinceOpt,
+    FilesUntilOpt,
     JsonOpt,
     OutputOpt,
+    Probing,
+    PromptOpt,
     RunFlags,
     SourcesArg,
+    absolute_output,
     app,
     check_before_start,
     console,
-    fail,
-    given,
+    emit_json,
+    pick_overrides,
     prefect_defaults,
     with_run_flags,
 )
 from ernie_batch.cli.drive import drive, print_summary
 from ernie_batch.vocab import ExitCode, RunOutcome
 
+NOTHING_TO_DO = "nothing_to_do"  # `--json`'s outcome of a run that found no document
 
-def run_flow(kind: str, config: Path | None, sources: list[Path] | None,
+
+def run_flow(kind: str, config: Path | None, sources: list[str] | None,
              overrides: dict[str, Any], flags: RunFlags) -> None:
-    """Check what can be checked, run the flow with a progress display, print the summary, exit."""
+    """Check what can be checked, run the flow with a progress display, print the summary, exit.
+
+    Discovery comes before Prefect (a run with nothing to do ends here, in a second), and so
+    does the start of the preparation workers; the flow's run takes what was found.
+    """
+    if flags.plan:  # the dry run: what this command would send and cost
+        from ernie_batch.cli.info import show_plan
+
+        return show_plan(config, sources, overrides, flags)
     force, retry_failed, wait = flags.force, flags.retry_failed, flags.wait
-    cfg = check_before_start(config, overrides, wait=wait, sources=sources)
+    cfg = check_before_start(config, overrides, wait=wait, sources=sources, probe_later=True)
+    probing = Probing(cfg)  # the endpoint answers while we find documents and import Prefect
+    folders = [str(s) for s in sources] if sources else None
+    found = None
+    if not cfg.scale.pool:  # a coordinator discovers for its shards itself
+        found = find_documents(kind, cfg, sources, flags, probing)
+        from ernie_batch.intake.prepare import start_workers_early
+
+        start_workers_early(cfg.prepare, len(found[0]))
     prefect_defaults()
-    from ernie_batch.summary import RunSummary
+    from ernie_batch.prefect_server import use_home
+
+    use_home(cfg.server)
+    from ernie_batch.run.engine import FOUND
+    from ernie_batch.run.summary import RunSummary
 
     common = {"config_path": str(config) if config else None, "force": force,
               "retry_failed": retry_failed, "wait_lock_s": wait}
-    folders = [str(s) for s in sources] if sources else None
     if cfg.scale.pool:
-        from flows.coordinate import coordinate
+        from flows.coordinate import coordinated as flow
 
-        call = coordinate(overrides=overrides, kind=kind, pool=cfg.scale.pool,
-                          shards=cfg.scale.shards, sources=folders, **common)
+        args = {"kind": kind, "pool": cfg.scale.pool, "shards": cfg.scale.shards,
+                "sources": folders}
     elif kind == "backfill":
-        from flows.backfill import backfill as backfill_flow
+        from flows.backfill import backfill as flow
 
-        call = backfill_flow(folders=folders, overrides=overrides, **common)
+        args = {"folders": folders}
     else:
-        from flows.ingest import ingest
+        from flows.ingest import ingest as flow
 
-        call = ingest(sources=folders, overrides=overrides, kind=kind, **common)
-    summary = RunSummary.model_validate(drive(call, flags, prefect=True))
+        args = {"sources": folders, "kind": kind}
+    probing.result()  # the flow's coroutine after it: never one left unawaited by an exit
+    call = flow(overrides=overrides, **args, **common)
+    token = FOUND.set((folders, *found) if found is not None else None)
+    try:
+        summary = RunSummary.model_validate(drive(call, flags, prefect=cfg))
+    finally:
+        FOUND.reset(token)
     print_summary(summary, flags.as_json, flags.quiet, f"ernie-batch {kind}")
     if summary.outcome == RunOutcome.FATAL_API_ERROR:
         console.print(f"[bold red]stopped:[/] {summary.error}", highlight=False)
     raise typer.Exit(summary.exit_code)
+
+
+def find_documents(kind: str, cfg: Any, sources: list[str] | None, flags: RunFlags,
+                   probing: Probing) -> tuple[list[Any], Any]:
+    """The run's documents, found before Prefect starts; none at all: say so and exit 0 (no
+    flow run, no `runs` row: a run that did nothing is no "newest run"), once the endpoint
+    took the key (a rejected key still exits 3)."""
+    import functools
+
+    from ernie_batch import store
+    from ernie_batch.intake.discover import discover
+    from ernie_batch.run.summary import RunSummary
+
+    opts = cfg.sources.model_copy(update={"paths": list(sources)}) if sources else cfg.sources
+    # objects on object storage whose (URL, ETag) the output knows are not read again
+    docs, stats = discover(opts, known=functools.partial(store.known_objects, cfg.output.root()))
+    if docs:
+        return docs, stats
+    probing.result()
+    where = ", ".join(str(p) for p in opts.paths)
+    passed = sum(stats.skipped.values())
+    why = (f" ({passed} file{'s' if passed != 1 else ''} passed over: "
+           + ", ".join(f"{reason} {n}" for reason, n in sorted(stats.skipped.items())) + ")"
+           if passed else "")
+    if not flags.quiet:
+        console.print(f"nothing to do: no documents under {where}{why}", highlight=False,
+                      soft_wrap=True)
+    if flags.as_json:
+        emit_json(RunSummary(
+            run_id="", kind=kind, outcome=NOTHING_TO_DO, exit_code=ExitCode.OK,
+            output=str(cfg.output.path), files_passed_over=dict(stats.skipped),
+            still_growing=[str(p) for p in stats.still_growing],
+            settle_s=cfg.sources.settle_seconds).model_dump(mode="json"))
+    raise typer.Exit(ExitCode.OK)
 
 
 @app.command()
@@ -68,34 +135,19 @@ def run(sources: SourcesArg = None, config: ConfigOpt = None, *, flags: RunFlags
 @app.command()
 @with_run_flags
 def backfill(
-    folders: Annotated[list[Path] | None, typer.Argument(
-        help="Folders to backfill (default: the config's sources).")] = None,
-    config: ConfigOpt = None,
-    since: Annotated[str | None, typer.Option(
-        help="Only files dated on or after this day (YYYY-MM-DD).")] = None,
-    until: Annotated[str | None, typer.Option(
-        help="Only files dated before this day (YYYY-MM-DD).")] = None,
-    date_from: Annotated[str | None, typer.Option(
-        help="Where a file's date comes from: mtime, or path (a YYYY-MM-DD in its path); "
-             "default: the config's sources.date_from.")] = None,
-    prompt_file: Annotated[Path | None, typer.Option(
-        "--prompt", help="A new prompt template file (a new fingerprint: pages run again).")
+    folders: Annotated[list[str] | None, typer.Argument(
+        help="Folders or s3://bucket/prefix to backfill (default: the config's sources).")
     ] = None,
+    config: ConfigOpt = None,
+    since: FilesSinceOpt = None,
+    until: FilesUntilOpt = None,
+    date_from: DateFromOpt = None,
+    prompt_file: PromptOpt = None,
     *,
     flags: RunFlags,
 ) -> None:
     """Re-run a folder or a date range (the backfill flow), perhaps with a new prompt."""
-    overrides = flags.overrides()
-    overrides.update(given({"sources.since": since, "sources.until": until,
-                            "sources.date_from": date_from}))
-    if prompt_file is not None:
-        try:
-            prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:  # the flag's error, not the config's field
-            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-            raise fail(f"--prompt {prompt_file}: cannot read: {reason}", ExitCode.USAGE) from None
-        overrides["prompt.template_file"] = str(prompt_file.resolve())
-        overrides["prompt.template"] = None  # clears an inline template of the config
+    overrides = {**flags.overrides(), **pick_overrides(since, until, date_from, prompt_file)}
     run_flow("backfill", config, folders, overrides, flags)
 
 
@@ -118,13 +170,13 @@ def demo(
     from ernie_batch.sim import SimServer, SimSettings
 
     key = "sim-" + secrets.token_hex(16)
-    target = (output or OUTPUT).absolute()  # under the folder the demo runs from
+    target = absolute_output(output, OUTPUT)  # under the folder the demo runs from
     with demo_home() as home, SimServer(SimSettings(api_key=key, latency_s=latency)) as sim:
         os.environ["AIMLAPI_API_KEY"] = key  # this process only: the demo needs no real key
         overrides = {
             "api.base_url": sim.url,
             "sources.paths": [str(home / SAMPLES)],
-            "output.path": str(target),
+            "output.path": target,
         }
         if not as_json:
             console.print(f"simulator on {sim.url}; samples from {home / SAMPLES}; "

@@ -41,11 +41,18 @@ def bench(
         help="Shrink (<1) or grow (>1) each scenario's workload.")] = 1.0,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON line per scenario.")] = False,
+    output: Annotated[str | None, typer.Option(
+        help="Where `history` writes its outputs: s3://bucket/prefix (the AWS environment "
+             "reaches it) or a folder; a fresh prefix under it, deleted at the end.")] = None,
 ) -> None:
     """Measure speed and memory as ratios against a baseline measured in the same run."""
-    from ernie_batch.bench import scenario
+    from ernie_batch.bench import OUTPUT_SCENARIOS, scenario
 
     names = scenarios or list(SCENARIOS)
+    if output is not None and set(names) - set(OUTPUT_SCENARIOS):
+        raise fail(f"--output: only for {', '.join(OUTPUT_SCENARIOS)} "
+                   f"(not {', '.join(sorted(set(names) - set(OUTPUT_SCENARIOS)))})",
+                   ExitCode.USAGE)
     for name in names:
         try:
             run_scenario = scenario(name)
@@ -53,7 +60,7 @@ def bench(
             raise fail(str(exc.args[0]), ExitCode.USAGE) from None
         if not as_json:
             console.print(f"running {name} …")
-        result = run_scenario(scale)
+        result = run_scenario(scale, output) if output is not None else run_scenario(scale)
         if as_json:
             print(json.dumps(result), flush=True)
             continue

@@ -1,19 +1,25 @@
 """Regenerate the demo's sample documents: `python -m ernie_batch.demo.make_samples`.
 
-Scanned-looking pages drawn with Pillow: two multi-page PDFs (image PDFs, like a scanner
-makes), a receipt as PNG and a letter photographed sideways as JPEG with an EXIF rotation.
+Two multi-page PDFs with a text layer (evidence is verified against it): the invoice as
+software exports one (text drawn in the PDF), the survey report as a scanner with OCR makes
+one (a speckled picture of each page, the same text invisible on top); a receipt as PNG and
+a letter photographed sideways as JPEG with an EXIF rotation (images: no text layer).
 Deterministic, so the files in git only change when this script does.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ernie_batch.demo.textpdf import Line, Page, render_page, text_pdf
+
 SAMPLES = Path(__file__).resolve().parent / "samples"
 W, H = 850, 1100
+PT = 0.72  # points per pixel at the samples' 100 dpi
 
 
 def page(lines: list[str], seed: int) -> Image.Image:
@@ -33,7 +39,7 @@ def page(lines: list[str], seed: int) -> Image.Image:
     return img
 
 
-def invoice_pages() -> list[Image.Image]:
+def invoice_texts() -> list[list[str]]:
     items = [("Paper, A4, 5 reams", 24.50), ("Toner cartridge", 89.00), ("Stapler", 12.25)]
     p1 = ["INVOICE 2026-0117", "Northwind Office Supply", "Date: 2026-11-02",
           "Bill to: Contoso Archives, 12 Harbour Road", "", "Item                      Amount"]
@@ -43,27 +49,47 @@ def invoice_pages() -> list[Image.Image]:
           "Total due: 150.90 EUR", "IBAN: DE00 1234 5678 9000 0000 00"]
     p3 = ["Terms and conditions", "1. Goods remain our property until paid in full.",
           "2. Claims within 14 days of delivery.", "3. Jurisdiction: Hamburg."]
-    return [page(p, i) for i, p in enumerate((p1, p2, p3))]
+    return [p1, p2, p3]
 
 
-def report_pages() -> list[Image.Image]:
+def report_texts() -> list[list[str]]:
     pages = []
     for i in range(4):
         lines = [f"Field survey report, section {i + 1}", "Date: 2026-10-1" + str(i),
                  "Site: north meadow, plots 1-12"]
         lines += [f"Plot {j}: {random.Random(i * 10 + j).randint(3, 40)} specimens recorded"
                   for j in range(1, 9)]
-        pages.append(page(lines, 100 + i))
+        pages.append(lines)
     return pages
 
 
+def text_page(lines: list[str]) -> Page:
+    """The layout of `page` (title, then lines 34 px apart), as PDF text in points."""
+    out = [Line(70 * PT, (70 + 27) * PT, lines[0], 34 * PT)]
+    out += [Line(70 * PT, (150 + 16 + 34 * i) * PT, line, 20 * PT)
+            for i, line in enumerate(lines[1:]) if line]
+    return Page(out)
+
+
+def scanned(lines: list[str], seed: int) -> Page:
+    """The page as a scanner with OCR makes it: its picture, speckled, under invisible text."""
+    text = text_page(lines)
+    img = render_page(text_pdf([text]), 0, dpi=100).convert("L")
+    rng = random.Random(seed)
+    draw = ImageDraw.Draw(img)
+    for _ in range(400):  # scanner speckle
+        draw.point((rng.randrange(img.width), rng.randrange(img.height)),
+                   fill=rng.randrange(150, 230))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=60)
+    return Page(text.lines, scan=buf.getvalue())
+
+
 def main() -> None:
-    inv = invoice_pages()
-    inv[0].save(SAMPLES / "invoice-2026-0117.pdf", save_all=True, append_images=inv[1:],
-                resolution=100, quality=60)
-    rep = report_pages()
-    rep[0].save(SAMPLES / "survey-report.pdf", save_all=True, append_images=rep[1:],
-                resolution=100, quality=60)
+    (SAMPLES / "invoice-2026-0117.pdf").write_bytes(
+        text_pdf([text_page(p) for p in invoice_texts()]))
+    (SAMPLES / "survey-report.pdf").write_bytes(
+        text_pdf([scanned(p, 100 + i) for i, p in enumerate(report_texts())]))
     receipt = page(["RECEIPT", "Cafe Aurora, 3 Mill Lane", "2026-11-20 08:42",
                     "Cappuccino        3.40", "Croissant         2.10", "TOTAL             5.50",
                     "Paid by card"], 7).crop((0, 0, W, 520)).convert("RGB")

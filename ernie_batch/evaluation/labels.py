@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ernie_batch.discover import sha256_file
 from ernie_batch.errors import LabelsError
+from ernie_batch.intake.discover import sha256_file
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,20 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
 from ernie_batch import store
+from ernie_batch.answers.merged_evidence import field_status, page_entries
 from ernie_batch.evaluation.labels import Label, LabelSet
 from ernie_batch.evaluation.score import Kind, Tolerances, correct, kind_of, overlap
+from ernie_batch.location import OutputRoot
 from ernie_batch.vocab import AttemptOutcome, UnitStatus
 
 PAGE_COLUMNS = ["key", "source_sha256", "page", "page_last", "status", "answer_json",
-                "latency_s", "finished_at", "run_id"]
+                "latency_s", "finished_at", "run_id", "evidence_json"]
 
 
 @dataclass
@@ -72,6 +73,9 @@ class VersionScore:
     run_id: str | None = None
     prompt_label: str | None = None
     fields: dict[str, FieldScore] = field(default_factory=dict)
+    # labelled fields by their evidence status (answers with evidence only): how far
+    # `verified` can be trusted
+    by_evidence: dict[str, FieldScore] = field(default_factory=dict)
     units: int = 0  # units holding the labelled pages and documents
     pages: int = 0  # pages those units cover
     answers: int = 0  # their attempts that came back with an answer (valid or not)
@@ -126,10 +130,12 @@ class VersionScore:
                 "credits_per_page": self.credits_per_page, "usd_per_page": self.usd_per_page,
                 "cost_per_correct_field": self.cost_per_correct_field,
                 "latency_mean_s": self.latency_mean_s, "latency_p95_s": self.latency_p95_s,
-                "fields": {name: f.as_json() for name, f in self.fields.items()}}
+                "fields": {name: f.as_json() for name, f in self.fields.items()},
+                "by_evidence": {status: {"accuracy": f.accuracy, "n": f.n}
+                                for status, f in self.by_evidence.items()}}
 
 
-def measure(root: Path, fingerprint: str, schema: Mapping[str, Any], tol: Tolerances,
+def measure(root: OutputRoot, fingerprint: str, schema: Mapping[str, Any], tol: Tolerances,
             labels: LabelSet, config: str) -> VersionScore:
     """Score one version (its fingerprint) on `labels` from the Parquet under `root`."""
     score = VersionScore(config=config, fingerprint=fingerprint)
@@ -142,26 +148,35 @@ def measure(root: Path, fingerprint: str, schema: Mapping[str, Any], tol: Tolera
         if label.page is None:
             doc_units = [u for u in units.values() if u["source_sha256"] == label.sha256]
             used |= {u["key"]: u for u in doc_units}
-            answer = documents.get(label.sha256)
+            answer, evidence = documents.get(label.sha256, (None, None))
         else:
             unit = _unit_of(units, label)
             if unit is not None:
                 used[unit["key"]] = unit
-            answer = unit["answer_json"] if unit and unit["status"] == UnitStatus.OK else None
-        _score_fields(score, label, json.loads(answer) if answer else None, props, tol)
+            ok = unit is not None and unit["status"] == UnitStatus.OK
+            answer = unit["answer_json"] if ok else None
+            evidence = unit["evidence_json"] if ok else None
+        _score_fields(score, label, json.loads(answer) if answer else None, props, tol,
+                      page_entries(evidence))
     _count_cost(score, root, used)
     return score
 
 
 def _score_fields(score: VersionScore, label: Label, answer: dict[str, Any] | None,
-                  props: Mapping[str, Any], tol: Tolerances) -> None:
+                  props: Mapping[str, Any], tol: Tolerances,
+                  evidence: dict[str, dict[str, Any]] | None = None) -> None:
     """A label's fields against an answer; no answer (invalid, failed, not sent): all wrong."""
     for name, expected in label.fields.items():
         sub = props.get(name) if isinstance(props.get(name), dict) else {}
         f = score.fields.setdefault(name, FieldScore())
         f.n += 1
         got = answer.get(name) if isinstance(answer, dict) else None
-        f.correct += answer is not None and correct(expected, got, sub, name, tol)
+        right = answer is not None and correct(expected, got, sub, name, tol)
+        f.correct += right
+        if answer is not None and evidence is not None:
+            by = score.by_evidence.setdefault(field_status(evidence, name), FieldScore())
+            by.n += 1
+            by.correct += right
         if kind_of(sub, expected) == Kind.LIST:
             f.is_list = True
             matched, answered, labelled = overlap(expected, got, sub, name, tol)
@@ -170,7 +185,7 @@ def _score_fields(score: VersionScore, label: Label, answer: dict[str, Any] | No
             f.labelled += labelled
 
 
-def _current_units(root: Path, fingerprint: str, shas: list[str]) -> dict[str, dict[str, Any]]:
+def _current_units(root: OutputRoot, fingerprint: str, shas: list[str]) -> dict[str, dict[str, Any]]:
     """key -> the unit's current row: its newest ok row, else its newest row (no duplicates)."""
     where = (pc.field("fingerprint") == fingerprint) & pc.field("source_sha256").isin(shas)
     table = store.read_columns(root, "pages", PAGE_COLUMNS, where)
@@ -179,14 +194,15 @@ def _current_units(root: Path, fingerprint: str, shas: list[str]) -> dict[str, d
     return {r["key"]: r for r in rows if r["status"] != UnitStatus.DUPLICATE}
 
 
-def _current_documents(root: Path, fingerprint: str, shas: list[str]) -> dict[str, str | None]:
-    """source_sha256 -> the merged answer of its newest documents row."""
+def _current_documents(root: OutputRoot, fingerprint: str, shas: list[str]
+                       ) -> dict[str, tuple[str | None, str | None]]:
+    """source_sha256 -> (the merged answer, its evidence) of its newest documents row."""
     where = (pc.field("fingerprint") == fingerprint) & pc.field("source_sha256").isin(shas)
     table = store.read_columns(root, "documents", ["key", "source_sha256", "answer_json",
-                                                   "built_at", "run_id"], where)
+                                                   "built_at", "run_id", "evidence_json"], where)
     if table is None or table.num_rows == 0:
         return {}
-    return {r["source_sha256"]: r["answer_json"]
+    return {r["source_sha256"]: (r["answer_json"], r["evidence_json"])
             for r in store.newest_per_key(table).to_pylist()}
 
 
@@ -196,7 +212,7 @@ def _unit_of(units: dict[str, dict[str, Any]], label: Label) -> dict[str, Any] |
                  and u["page"] <= label.page <= u["page_last"]), None)
 
 
-def _count_cost(score: VersionScore, root: Path, used: dict[str, dict[str, Any]]) -> None:
+def _count_cost(score: VersionScore, root: OutputRoot, used: dict[str, dict[str, Any]]) -> None:
     score.units = len(used)
     score.pages = sum(u["page_last"] - u["page"] + 1 for u in used.values())
     score.latencies = [u["latency_s"] for u in used.values()

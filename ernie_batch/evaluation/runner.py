@@ -18,14 +18,14 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from ernie_batch import store
+from ernie_batch.answers.prompt import fingerprint
 from ernie_batch.config import JobConfig
-from ernie_batch.engine import RunOptions, run_pipeline
 from ernie_batch.evaluation.labels import LabelSet
 from ernie_batch.evaluation.measure import VersionScore, measure
 from ernie_batch.evaluation.score import Tolerances
 from ernie_batch.evaluation.table import rows, write_evals
-from ernie_batch.prompt import fingerprint
-from ernie_batch.summary import RunSummary
+from ernie_batch.run.engine import RunOptions, run_pipeline
+from ernie_batch.run.summary import RunSummary
 from ernie_batch.vocab import RunKind, RunOutcome
 
 # a run that ends so stops the eval: scores of a half-run version would mislead
@@ -50,7 +50,7 @@ class EvalResult:
     stopped: RunSummary | None = None  # the run that stopped the eval: nothing was scored
     best: str | None = None
     gated: str | None = None  # the gated version, when it fell more than max_drop behind
-    part: Path | None = None  # the evals part written
+    part: str | None = None  # the evals table written to
 
     def as_json(self) -> dict[str, object]:
         """`--json` (CONTRACT "JSON lines")."""
@@ -83,7 +83,7 @@ def judge(scores: list[VersionScore], gate: str | None, max_drop: float
     return best, gate if fell else None
 
 
-async def run_eval(versions: list[Version], labels: LabelSet, root: Path, *,
+async def run_eval(versions: list[Version], labels: LabelSet, root: store.OutputRoot, *,
                    gate: str | None = None, max_drop: float = 0.0, wait_lock_s: float = 0.0,
                    on_run: Callable[[Version, RunSummary], None] | None = None) -> EvalResult:
     """Run each version on the labelled units, score them all, write the `evals` rows."""

@@ -21,6 +21,8 @@ from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
+from ernie_batch.answers.evidence import schema_type
+
 # notations of a whole date besides ISO; none with slashes (day and month order is ambiguous)
 DATE_FORMATS = ("%d.%m.%Y", "%d %B %Y", "%d %b %Y", "%B %d, %Y", "%b %d, %Y", "%B %d %Y",
                 "%d. %B %Y", "%Y/%m/%d")
@@ -76,18 +78,11 @@ def _is_iso_date(value: Any) -> bool:
         return False
 
 
-def _type(schema: Mapping[str, Any]) -> str | None:
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), None)
-    return kind if isinstance(kind, str) else None
-
-
 def kind_of(schema: Mapping[str, Any], expected: Any) -> Kind:
     """How a value is compared: by the schema, else (no type given) by the label's value."""
     if isinstance(schema.get("enum"), list):
         return Kind.ENUM
-    kind = _type(schema)
+    kind = schema_type(schema)
     if kind is None:  # the schema does not say (or has no such field): the label's value does
         kind = ("boolean" if isinstance(expected, bool) else
                 "number" if isinstance(expected, int | float) else
@@ -152,7 +147,7 @@ def _same(items: Mapping[str, Any], path: str, tol: Tolerances) -> Callable[[Any
 
 
 def _of_objects(items: Mapping[str, Any], values: list[Any]) -> bool:
-    return _type(items) == "object" or any(isinstance(v, dict) for v in values)
+    return schema_type(items) == "object" or any(isinstance(v, dict) for v in values)
 
 
 def _distinct(values: list[Any], same: Callable[[Any, Any], bool]) -> list[Any]:

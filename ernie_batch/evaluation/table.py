@@ -1,9 +1,7 @@
 """The `evals` table: one row per (eval, config, field) and each config's totals (`field = "*"`).
 
-Partitioned by the eval's start date (`OUTPUT/evals/date=D/part-<eval_id>-<nnnn>.parquet`),
-written once, after every version was run and scored, while holding the data lock shared (no
-compaction rewrites files meanwhile) and the eval id's run-id lock (no run's start-up takes its
-temporary part for a dead run's).
+Partitioned by the eval's start date (`OUTPUT/evals`, a Delta table: `date=D`), committed
+once, after every version was run and scored.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from typing import Any
 from ernie_batch import store
 from ernie_batch.evaluation.measure import VersionScore
 
-LOCK_WAIT_S = 60.0
 TOTAL = "*"
 
 
@@ -44,21 +41,12 @@ def rows(eval_id: str, scores: list[VersionScore], best: str | None, gated: str 
     return out
 
 
-def write_evals(root: Path, eval_id: str, date: str, table_rows: list[dict[str, Any]]) -> Path:
-    """Write the rows as the eval's part; returns its path."""
-    locks = [store.data_lock(root, exclusive=False), store.run_id_lock(root, eval_id)]
-    held = []
-    try:
-        for lock in locks:
-            if not lock.acquire(LOCK_WAIT_S):
-                raise store.LockedError(f"output folder {root}: {lock.path.name} is held by "
-                                        "another process (compaction)")
-            held.append(lock)
-        writer = store.TableWriter(root, "evals", store.EVALS_SCHEMA, eval_id, date)
-        for row in table_rows:
-            writer.add(row)
-        writer.flush()
-        return writer.parts[0]
-    finally:
-        for lock in reversed(held):
-            lock.release()
+def write_evals(root: store.OutputRoot, eval_id: str, date: str,
+                table_rows: list[dict[str, Any]]) -> str:
+    """Commit the rows (once for the eval id); returns the table's folder."""
+    writer = store.TableWriter(root, "evals", store.EVALS_SCHEMA, date,
+                               app=store.app_id(eval_id, "evals"))
+    for row in table_rows:
+        writer.add(row)
+    writer.flush()
+    return store.OutputRoot.of(root).table_uri("evals")

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from ernie_batch.config import JobConfig, SourceOptions
-from ernie_batch.content import parts_sha256
-from ernie_batch.discover import discover
 from ernie_batch.evaluation.labels import LabelSet
-from ernie_batch.prepare import prepare_document
+from ernie_batch.intake.content import parts_sha256
+from ernie_batch.intake.discover import discover
+from ernie_batch.intake.prepare import prepare_document
+from ernie_batch.intake.units import PageUnit
 from ernie_batch.sim.answers import generate_value
-from ernie_batch.units import PageUnit
 
 
 def truth_map(labels: LabelSet, cfg: JobConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ernie_batch.errors import ContentError
-from ernie_batch.units import MediaPart
+from ernie_batch.intake.units import MediaPart
 
 __all__ = ["ContentError", "content_sha256", "decode_media", "media_part_json", "parts_sha256"]
 

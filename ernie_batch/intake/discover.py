@@ -17,11 +17,16 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ernie_batch.config import SourceOptions
 from ernie_batch.errors import ConfigError
-from ernie_batch.units import DiscoveryStats, Document
+from ernie_batch.intake.units import DiscoveryStats, Document
+from ernie_batch.location import Location
 from ernie_batch.vocab import PassedOver
+
+if TYPE_CHECKING:
+    from ernie_batch.intake.objects import KnownObjects
 
 HEAD_BYTES = 1024  # PDF readers accept junk before "%PDF-" within the first KiB
 
@@ -221,7 +226,7 @@ def in_range(when: datetime, since: datetime | None, until: datetime | None) -> 
     return (since is None or when >= since) and (until is None or when < until)
 
 
-_Bounds = tuple[datetime | None, datetime | None]
+Bounds = tuple[datetime | None, datetime | None]
 
 
 # --- the walk --------------------------------------------------------------------------------
@@ -268,10 +273,10 @@ def _walk(root: Path, follow: bool, stats: DiscoveryStats) -> Iterator[Path]:
                 stats.skip(PassedOver.UNREADABLE)
 
 
-def _skip_reason(
-    rel: str, st: os.stat_result, opts: SourceOptions, now: float, bounds: _Bounds
-) -> str | None:
-    """Why a file found by the walk is not a document of this job, or None."""
+def skip_reason(rel: str, mtime: float, opts: SourceOptions, now: float,
+                bounds: Bounds) -> str | None:
+    """Why a file found by the walk (or an object by a listing) is not a document of this job,
+    or None. `rel` is its path under the source, `mtime` when it last changed."""
     if not any(glob_match(rel, p) for p in opts.include) or any(
         glob_match(rel, p) for p in opts.exclude
     ):
@@ -279,7 +284,7 @@ def _skip_reason(
     reason = name_skip_reason(tuple(rel.split("/")))
     if reason:
         return reason
-    if opts.settle_seconds > 0 and st.st_mtime > now - opts.settle_seconds:
+    if opts.settle_seconds > 0 and mtime > now - opts.settle_seconds:
         return PassedOver.STILL_GROWING
     since, until = bounds
     if since is None and until is None:
@@ -289,25 +294,32 @@ def _skip_reason(
         if when is None:
             return PassedOver.OUTSIDE_DATES
     else:
-        when = datetime.fromtimestamp(st.st_mtime, UTC)
+        when = datetime.fromtimestamp(mtime, UTC)
     return None if in_range(when, since, until) else PassedOver.OUTSIDE_DATES
 
 
 def discover(
-    opts: SourceOptions, *, now: float | None = None
+    opts: SourceOptions, *, now: float | None = None, known: KnownObjects | None = None
 ) -> tuple[list[Document], DiscoveryStats]:
     """Every file of the sources that passes the filters, as Documents sorted by path.
 
-    `now` (epoch seconds) decides which files are still growing; tests pass it explicitly.
-    Raises ValueError for an unparseable since/until and ConfigError for a source that does
-    not exist: a scheduled run over an unmounted share must fail loudly, not find nothing.
+    A source is a local folder or file, or an object-store prefix or object
+    (`s3://bucket/inbox/`: `objects.remote_documents`, which reads an object's bytes only
+    when `known` does not know its (URL, ETag)). `now` (epoch seconds) decides which files
+    are still growing; tests pass it explicitly. Raises ValueError for an unparseable
+    since/until and ConfigError for a source that does not exist or cannot be listed: a
+    scheduled run over an unmounted share must fail loudly, not find nothing.
     """
     now = time.time() if now is None else now
     bounds = (parse_bound(opts.since, "sources.since"), parse_bound(opts.until, "sources.until"))
     stats = DiscoveryStats()
-    found: dict[Path, Document] = {}
-    for source in opts.paths:
-        root = source.expanduser().absolute()
+    found: dict[str, Document] = {}
+    sources = [_location(source) for source in opts.paths]
+    for source in sources:
+        if source.is_remote:
+            continue
+        root = source.local
+        assert root is not None
         if root.is_file():
             candidates: Iterator[Path] = iter([root])
             root = root.parent
@@ -316,27 +328,43 @@ def discover(
         else:
             raise ConfigError(f"sources.paths: {source} does not exist")
         for path in candidates:
-            if path in found:
+            if str(path) in found:
                 continue
             doc = _document(path, root, opts, now, bounds, stats)
             if doc is not None:
-                found[path] = doc
+                found[str(path)] = doc
+    remote = [s for s in sources if s.is_remote]
+    if remote:
+        from ernie_batch.buckets import resolve_access
+        from ernie_batch.intake.objects import remote_documents
+
+        access = resolve_access(opts.storage_options)
+        for doc in remote_documents(remote, opts, now, bounds, stats, access, known):
+            found.setdefault(str(doc.path), doc)
     docs = sorted(found.values(), key=lambda d: str(d.path))
     stats.found = len(docs)
     return docs, stats
 
 
+def _location(source: str | os.PathLike[str] | Location) -> Location:
+    """A source as given (config, flag, or a caller's path), absolute when local."""
+    try:
+        return Location.parse(source).absolute()
+    except ValueError as exc:
+        raise ConfigError(f"sources.paths: {exc}") from None
+
+
 def _document(
-    path: Path, root: Path, opts: SourceOptions, now: float, bounds: _Bounds, stats: DiscoveryStats
+    path: Path, root: Path, opts: SourceOptions, now: float, bounds: Bounds, stats: DiscoveryStats
 ) -> Document | None:
     rel = path.relative_to(root).as_posix()
     try:
         st = path.stat()
-        reason = _skip_reason(rel, st, opts, now, bounds)
+        reason = skip_reason(rel, st.st_mtime, opts, now, bounds)
         if reason:
             stats.skip(reason)
             if reason == PassedOver.STILL_GROWING:
-                stats.still_growing.append(path)
+                stats.still_growing.append(Location.parse(path))
             return None
         head = read_head(path)
         digest = sha256_file(path)

@@ -26,6 +26,7 @@ import pikepdf
 
 from ernie_batch.config import ImageOptions, PdfOptions
 from ernie_batch.errors import PdfError, one_line
+from ernie_batch.intake.text import PageText
 from ernie_batch.vocab import UnitStatus
 
 
@@ -43,6 +44,7 @@ class PageImage:
     width: int
     height: int
     page: int  # 1-based
+    text: PageText | None = None  # its text layer, when asked for (evidence)
 
 
 def _password(opts: PdfOptions) -> str:
@@ -310,10 +312,12 @@ def render_scale(size_pt: tuple[float, float], max_side: int) -> float:
 
 
 def render_pdf(
-    path: Path, opts: PdfOptions, images: ImageOptions
+    path: Path, opts: PdfOptions, images: ImageOptions, text: bool = False
 ) -> tuple[list[PageImage | PdfError], int]:
-    """Each selected page rendered to an image (longest side opts.render_max_side)."""
-    from ernie_batch.images import ImageError, encode
+    """Each selected page rendered to an image (longest side opts.render_max_side), with its
+    text layer from the same open page when `text`."""
+    from ernie_batch.intake.images import ImageError, encode
+    from ernie_batch.intake.text import page_text
 
     doc = _open_pdfium(path, opts)
     try:
@@ -325,10 +329,11 @@ def render_pdf(
                 try:
                     scale = render_scale(page.get_size(), opts.render_max_side)
                     pil = page.render(scale=scale).to_pil()
+                    layer = _text_or_none(page_text, page, i + 1) if text else None
                 finally:
                     page.close()
                 data, mime, final = encode(pil, images, try_png=True)
-                out.append(PageImage(data, mime, final.width, final.height, i + 1))
+                out.append(PageImage(data, mime, final.width, final.height, i + 1, layer))
             except (PdfError, ImageError) as exc:
                 out.append(PdfError(f"page {i + 1}: {exc}", page=i + 1))
             except Exception as exc:  # noqa: BLE001 - one page must not lose the rest
@@ -336,6 +341,14 @@ def render_pdf(
     finally:
         doc.close()
     return out, count
+
+
+def _text_or_none(extract, page, number: int) -> PageText | None:  # noqa: ANN001 - pdfium
+    """A text layer pdfium chokes on is no text layer: the page is still sent."""
+    try:
+        return extract(page, number)
+    except Exception:  # noqa: BLE001 - verification then says no_text_layer
+        return None
 
 
 def open_for_rendering(path: Path, opts: PdfOptions):  # noqa: ANN201 - pypdfium2 document

@@ -7,8 +7,9 @@ so they hold bytes and paths, never open files or clients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from ernie_batch.intake.text import PageText
+from ernie_batch.location import Location
 from ernie_batch.vocab import UnitStatus
 
 DOC_TYPES = ("pdf", "jpeg", "png", "webp", "gif", "tiff", "bmp", "avif", "heif")
@@ -16,14 +17,20 @@ DOC_TYPES = ("pdf", "jpeg", "png", "webp", "gif", "tiff", "bmp", "avif", "heif")
 
 @dataclass(frozen=True, slots=True)
 class Document:
-    """A file found in a source folder, identified by the sha256 of its bytes."""
+    """A file found in a source folder (or an object under a prefix), identified by the sha256
+    of its bytes. A path or string given for `path` or `root` is taken as a `Location`."""
 
-    path: Path  # absolute
-    root: Path  # the source folder it was found under (for relative paths in prompts)
+    path: Location  # absolute, or an object's URL
+    root: Location  # the source it was found under (for relative paths in prompts)
     sha256: str
     doc_type: str  # one of DOC_TYPES, or "unknown"
     size: int
-    mtime: float  # seconds since the epoch
+    mtime: float  # seconds since the epoch (an object's Last-Modified)
+    etag: str | None = None  # an object's ETag as listed (change detection, never identity)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Location.parse(self.path))
+        object.__setattr__(self, "root", Location.parse(self.root))
 
     @property
     def relative_path(self) -> str:
@@ -58,6 +65,8 @@ class PageUnit:
     page_last: int
     page_count: int | None
     parts: tuple[MediaPart, ...]
+    # the pages' text layers (PDF pages, when evidence is asked for); None: no text layer
+    text: tuple[PageText, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +90,7 @@ class DiscoveryStats:
 
     found: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # files passed over, by reason
-    still_growing: list[Path] = field(default_factory=list)  # named in plan and run summaries
+    still_growing: list[Location] = field(default_factory=list)  # named in plan and run summaries
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1

@@ -1,9 +1,10 @@
-"""The `billing` table: the vendor's usage-log rows as `reconcile` saw them, each `inference_id` once.
+"""The `billing` table: the vendor's usage-log rows as `reconcile` matched them.
 
-Partitioned by the vendor's `created` date (`OUTPUT/billing/date=D/part-<reconcile_id>-<n>`).
-Adding is guarded by `OUTPUT/.billing.lock`, so two reconciles never add the same row twice;
-the writer also holds the data lock shared (no compaction rewrites files meanwhile) and its
-reconcile id's run-id lock (no run's start-up removes its temporary parts as a dead run's).
+Append-only: the current row of each `inference_id` is the newest written
+(`read_table(OUTPUT, "billing", current=True)`), so a later reconcile that attributes a
+row to a run an earlier one missed writes it again, and that one counts. Partitioned by
+the vendor's `created` date (`OUTPUT/billing`, a Delta table: `date=D`). Adding is guarded
+by `OUTPUT/.billing.lock`, so two reconciles never add the same row twice.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -19,64 +20,76 @@ import pyarrow.compute as pc
 
 from ernie_batch import store
 from ernie_batch.store import BILLING_SCHEMA, TableWriter
+from ernie_batch.store.lock import lock_dir
+from ernie_batch.store.records import BILLING_KEY, BILLING_NEWEST
 
 LOCK_WAIT_S = 60.0
 
 
 @contextmanager
-def _writing(root: Path, reconcile_id: str) -> Iterator[None]:
-    locks = [store.FileLock(root / ".billing.lock"), store.data_lock(root, exclusive=False),
-             store.run_id_lock(root, reconcile_id)]
-    held = []
+def _writing(root: store.OutputRoot) -> Iterator[None]:
+    lock = store.FileLock(lock_dir(root) / ".billing.lock")
+    if not lock.acquire(LOCK_WAIT_S):
+        raise store.LockedError(f"output {root}: {lock.path.name} is held by "
+                                "another process (a reconcile)")
     try:
-        for lock in locks:
-            if not lock.acquire(LOCK_WAIT_S):
-                raise store.LockedError(f"output folder {root}: {lock.path.name} is held by "
-                                        f"another process (a reconcile, or compaction)")
-            held.append(lock)
         yield
     finally:
-        for lock in reversed(held):
-            lock.release()
+        lock.release()
 
 
-def known_inference_ids(root: Path, among: list[str]) -> set[str]:
-    """Which of `among` the table holds (compaction sorts it by inference_id: few parts read)."""
-    table = store.read_columns(root, "billing", ["inference_id"], pc.field("inference_id").isin(
-        pa.array(among, pa.string())))
-    return set(table["inference_id"].to_pylist()) if table is not None else set()
+# what a reconcile decides about a vendor row: a change is written as a new current row
+ATTRIBUTION = ("run_id", "key", "attempt", "matched", "recorded_credits")
 
 
-def add_rows(root: Path, rows: list[dict[str, Any]], reconcile_id: str) -> int:
-    """Write the rows whose `inference_id` the table does not hold yet; returns how many."""
+def current_rows(root: store.OutputRoot, columns: list[str],
+                 where: pc.Expression | None = None) -> pa.Table | None:
+    """The current row (the newest written) of each `inference_id` among the rows `where`
+    selects, with `columns` (all the table's rows with None)."""
+    wanted = list(dict.fromkeys([*columns, BILLING_KEY, *BILLING_NEWEST]))
+    table = store.read_columns(root, "billing", wanted, where)
+    if table is None or table.num_rows == 0:
+        return None
+    return store.newest_per_key(table, BILLING_KEY, BILLING_NEWEST).select(columns)
+
+
+def add_rows(root: store.OutputRoot, rows: list[dict[str, Any]], reconcile_id: str) -> int:
+    """Commit the rows the table does not hold yet, and those whose current row attributes
+    them otherwise (a later reconcile knows the run an earlier one missed), in one commit,
+    once per reconcile id; returns how many.
+
+    A row that lost its attribution (a run only a journal not yet folded in names) is not
+    written: a reconcile that knows less never undoes one that knew more."""
     if not rows:
         return 0
-    root.mkdir(parents=True, exist_ok=True)
-    with _writing(root, reconcile_id):
-        have = known_inference_ids(root, [row["inference_id"] for row in rows])
-        by_date: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    root = store.OutputRoot.of(root)
+    now = datetime.now(UTC)
+    with _writing(root):
+        ids = pa.array(sorted({row[BILLING_KEY] for row in rows}), pa.string())
+        found = current_rows(root, [BILLING_KEY, *ATTRIBUTION], pc.field(BILLING_KEY).isin(ids))
+        have = {r[BILLING_KEY]: r for r in (found.to_pylist() if found is not None else [])}
+        writer = TableWriter(root, "billing", BILLING_SCHEMA,
+                             app=store.app_id(reconcile_id, "billing"))
         for row in rows:
-            if row["inference_id"] not in have:
-                have.add(row["inference_id"])
-                by_date[f"{row['created']:%Y-%m-%d}"].append(row)
-        for date, group in sorted(by_date.items()):
-            writer = TableWriter(root, "billing", BILLING_SCHEMA, reconcile_id, date)
-            for row in group:
-                writer.add(row)
-            writer.flush()
-    return sum(len(g) for g in by_date.values())
+            old = have.get(row[BILLING_KEY])
+            if old is not None and (row["run_id"] is None or all(
+                    old[c] == row[c] for c in ATTRIBUTION)):
+                continue
+            have[row[BILLING_KEY]] = row
+            writer.add({**row, "reconciled_at": now}, date=f"{row['created']:%Y-%m-%d}")
+        added = len(writer.rows)
+        writer.flush()
+    return added
 
 
-def vendor_credits_by_run(root: Path) -> dict[str, int]:
-    """The vendor's credits of each run's requests, from every reconcile so far."""
-    table = store.read_columns(root, "billing", ["inference_id", "run_id", "cost_credits"])
+def vendor_credits_by_run(root: store.OutputRoot) -> dict[str, int]:
+    """The vendor's credits of each run's requests, from the current billing rows."""
+    table = current_rows(root, ["run_id", "cost_credits"])
     if table is None:
         return {}
     totals: dict[str, int] = defaultdict(int)
-    seen: set[str] = set()
-    for inference_id, run_id, credits in zip(*(table[c].to_pylist() for c in table.column_names),
-                                             strict=True):
-        if run_id is not None and inference_id not in seen:
-            seen.add(inference_id)
+    for run_id, credits in zip(table["run_id"].to_pylist(), table["cost_credits"].to_pylist(),
+                               strict=True):
+        if run_id is not None:
             totals[run_id] += credits or 0
     return dict(totals)

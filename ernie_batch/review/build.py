@@ -10,12 +10,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ernie_batch.config import JobConfig
+from ernie_batch.location import OutputRoot
 from ernie_batch.review import charts
 from ernie_batch.review.gather import Selection, Totals, gather
 from ernie_batch.review.page import Part, render
 from ernie_batch.review.thumbs import Want, previews
+from ernie_batch.run.summary import RunSummary
 from ernie_batch.store.files import write_text_atomic
-from ernie_batch.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ def part_paths(first: Path, count: int) -> list[Path]:
 def build_review(cfg: JobConfig, run_ids: list[str], html_path: Path,
                  statuses: list[str] | None = None, describe: str = "") -> ReviewResult:
     """Write the review of `run_ids` (their pages, perhaps only some statuses) to `html_path`."""
-    from ernie_batch.prompt import fingerprint
+    from ernie_batch.answers.prompt import fingerprint
 
-    root = Path(cfg.output.path)
+    root = cfg.output.root()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     props = cfg.resolved.schema.get("properties")
@@ -72,8 +73,11 @@ def build_review(cfg: JobConfig, run_ids: list[str], html_path: Path,
 def chart_svgs(t: Totals) -> list[str]:
     """Credits per run (or per day, for many runs), pages per status, latency distribution."""
     statuses = sorted(t.statuses)
+    keys = list(t.credits_by)
+    day = charts.common_day(keys) if t.credits_by_what == "run" else None
     return [
-        charts.bar_chart("credits", f"Credits per {t.credits_by_what}", list(t.credits_by),
+        charts.bar_chart("credits", f"Credits per {t.credits_by_what}"
+                         + (f", {day} UTC" if day else ""), charts.bar_labels(keys),
                          list(t.credits_by.values()), "credits"),
         charts.bar_chart("statuses", "Pages per status", statuses,
                          [t.statuses[s] for s in statuses], "pages",
@@ -82,7 +86,7 @@ def chart_svgs(t: Totals) -> list[str]:
     ]
 
 
-def _subtitle(sel: Selection, describe: str, root: Path) -> str:
+def _subtitle(sel: Selection, describe: str, root: OutputRoot) -> str:
     runs = sel.totals.runs
     which = describe or ("run " + ", ".join(runs) if len(runs) <= 3 else f"{len(runs)} runs")
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -90,9 +94,11 @@ def _subtitle(sel: Selection, describe: str, root: Path) -> str:
 
 
 def review_of_run(cfg: JobConfig, summary: RunSummary) -> RunSummary:
-    """`[review] html = true`: the run's review at OUTPUT/review/<run_id>.html, named in the
-    summary. A review that cannot be written is a warning: the run's outcome stands."""
-    path = Path(cfg.output.path) / "review" / f"{summary.run_id}.html"
+    """`[review] html = true`: the run's review at OUTPUT/review/<run_id>.html (an output on
+    object storage: under its local state folder), named in the summary. A review that
+    cannot be written is a warning: the run's outcome stands."""
+    base = cfg.output.state_folder() if cfg.output.path.is_remote else Path(cfg.output.path)
+    path = base / "review" / f"{summary.run_id}.html"
     try:
         result = build_review(cfg, [summary.run_id], path, describe=f"run {summary.run_id}")
     except Exception as exc:  # noqa: BLE001 - the run is done; its review is a by-product

@@ -12,15 +12,16 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ernie_batch import store
+from ernie_batch.answers.merged_evidence import field_status, page_entries
+from ernie_batch.location import Location, OutputRoot
 from ernie_batch.store import PageRow
-from ernie_batch.vocab import FAILED, UnitStatus
+from ernie_batch.vocab import FAILED, EvidenceStatus, UnitStatus
 
 _ROW_FIELDS = [f.name for f in fields(PageRow) if f.name != "answers"]
 _ZERO_WHEN_NULL = ("attempts", "prompt_tokens", "completion_tokens", "credits", "usd")
@@ -37,10 +38,23 @@ class Card:
     outcomes: tuple[str, ...] = ()  # each attempt's outcome, in order
     conflicts: tuple[str, ...] = ()  # fields the documents table says disagree across pages
     date: str = ""  # the run's partition date
+    evidence: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> entry
+
+    def field_evidence(self, name: str) -> tuple[str | None, list[tuple[str, dict[str, Any]]]]:
+        """A top-level field's one status (None: no evidence) and its leaves' entries."""
+        entries = [(p, e) for p, e in self.evidence.items()
+                   if p == name or p.startswith((name + ".", name + "["))]
+        return (field_status(self.evidence, name) if entries else None), entries
+
+    @property
+    def unverified(self) -> int:
+        """Checked fields whose value the page's text does not back."""
+        return sum(e.get("status") not in (EvidenceStatus.VERIFIED, EvidenceStatus.NOT_CHECKED)
+                   for e in self.evidence.values())
 
     @property
     def folder(self) -> str:
-        return str(Path(self.row.source_path).parent)
+        return str(Location.parse(self.row.source_path).parent)
 
     @property
     def empty(self) -> tuple[str, ...]:
@@ -87,7 +101,7 @@ class Selection:
     documents_table: bool  # the documents table exists: the conflicts filter is shown
 
 
-def gather(root: Path, run_ids: list[str], statuses: list[str] | None = None,
+def gather(root: OutputRoot, run_ids: list[str], statuses: list[str] | None = None,
            schema_fields: list[str] | None = None, current_fingerprint: str | None = None,
            max_runs_in_chart: int = 20) -> Selection:
     """The cards of the selected runs' pages (optionally only some statuses), odd ones first.
@@ -131,6 +145,7 @@ def make_card(row: dict[str, Any], expected: list[str], outcomes: tuple[str, ...
         outcomes=outcomes, conflicts=conflicts,
         date=str(row.get("date") or (f"{started:%Y-%m-%d}" if isinstance(started, datetime)
                                      else "")),
+        evidence=page_entries(row.get("evidence_json")) or {},
     )
 
 
@@ -175,7 +190,7 @@ def totals(cards: list[Card], max_runs_in_chart: int = 20) -> Totals:
     return t
 
 
-def _outcomes(root: Path, run_ids: list[str]) -> dict[tuple[str, str], tuple[str, ...]]:
+def _outcomes(root: OutputRoot, run_ids: list[str]) -> dict[tuple[str, str], tuple[str, ...]]:
     """(run_id, key) -> the outcomes of its attempts, in order."""
     table = store.read_columns(root, "attempts", ["run_id", "key", "attempt", "outcome"])
     if table is None or table.num_rows == 0:
@@ -187,7 +202,7 @@ def _outcomes(root: Path, run_ids: list[str]) -> dict[tuple[str, str], tuple[str
     return {k: tuple(o for _, o in sorted(v)) for k, v in found.items()}
 
 
-def _conflicts(root: Path) -> dict[tuple[str, str], tuple[str, ...]] | None:
+def _conflicts(root: OutputRoot) -> dict[tuple[str, str], tuple[str, ...]] | None:
     """(source_sha256, fingerprint) -> conflicting field names, from the newest `documents`
     row of each key; None when there is no documents table (the filter is then hidden).
 

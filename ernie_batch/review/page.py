@@ -14,13 +14,14 @@ import html
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from ernie_batch.location import Location
+from ernie_batch.review.charts import percentile
 from ernie_batch.review.gather import Card, Selection
 from ernie_batch.review.static import CSP, SCRIPT, STYLE
 from ernie_batch.review.thumbs import Preview
-from ernie_batch.vocab import PreviewCheck, UnitStatus
+from ernie_batch.vocab import EvidenceStatus, PreviewCheck, UnitStatus
 
 
 def esc(value: object) -> str:
@@ -75,7 +76,8 @@ def render(sel: Selection, cards: Sequence[tuple[Card, Preview]], charts: Sequen
 
 def _card_data(i: int, c: Card) -> dict[str, Any]:
     return {"i": i, "status": c.row.status, "folder": c.folder, "empty": list(c.empty),
-            "conflicts": list(c.conflicts), "credits": c.row.credits, "latency": c.row.latency_s}
+            "conflicts": list(c.conflicts), "credits": c.row.credits, "latency": c.row.latency_s,
+            "unverified": c.unverified}
 
 
 def _totals(sel: Selection) -> str:
@@ -88,15 +90,9 @@ def _totals(sel: Selection) -> str:
              ("credits", f"{t.credits:,.2f}"), ("USD", f"{t.usd:.6f}"),
              ("runs", f"{len(t.runs):,}")]
     if lat:
-        items.append(("latency p50 / p95", f"{_pct(lat, 50):.2f} / {_pct(lat, 95):.2f} s"))
+        items.append(("latency p50 / p95", f"{percentile(lat, 50):.2f} / {percentile(lat, 95):.2f} s"))
     lis = "".join(f"<li><b>{esc(v)}</b>{esc(k)}</li>" for k, v in items)
     return f'<ul class="totals">{lis}</ul>'
-
-
-def _pct(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of sorted values."""
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
 
 
 def _options(values: list[tuple[str, str]], first: tuple[str, str]) -> str:
@@ -122,6 +118,11 @@ def _filters(sel: Selection, cards: list[Card]) -> str:
     sort = _options([("credits-desc", "cost, highest first"), ("credits-asc", "cost, lowest first"),
                      ("latency-desc", "latency, slowest first"),
                      ("latency-asc", "latency, fastest first")], ("odd", "odd ones first"))
+    unverified = ""
+    if any(c.evidence for c in cards):
+        n = sum(1 for c in cards if c.unverified)
+        unverified = (f'<label><input type="checkbox" id="f-unverified"> unverified fields only '
+                      f"({n})</label>")
     conflicts = ""
     if sel.documents_table:
         n = sum(1 for c in cards if c.conflicts)
@@ -131,6 +132,7 @@ def _filters(sel: Selection, cards: list[Card]) -> str:
             f'<label>Status <select id="f-status">{status}</select></label>'
             f'<label>Empty field <select id="f-empty">{empty}</select></label>'
             f'<label>Folder <select id="f-folder">{folder}</select></label>{conflicts}'
+            f"{unverified}"
             f'<label>Sort <select id="f-sort">{sort}</select></label>'
             f'<span id="shown" role="status">{len(cards)} of {len(cards)} pages shown</span></nav>')
 
@@ -150,7 +152,7 @@ def _pages(c: Card) -> str:
 
 
 def _media(c: Card, p: Preview) -> str:
-    name = Path(c.row.source_path).name
+    name = Location.parse(c.row.source_path).name
     if p.image is None:
         return f'<div class="ph">{esc(p.note)}</div>'
     b64 = base64.b64encode(p.image).decode("ascii")
@@ -162,7 +164,29 @@ def _media(c: Card, p: Preview) -> str:
         check = '<p class="check match">✓ the media sent, re-created from its source</p>'
     return (f'<button type="button" class="zoom" aria-label="larger: {esc(alt)}">'
             f'<img class="thumb" src="data:{esc(p.mime)};base64,{b64}" alt="{esc(alt)}" '
-            f'loading="lazy" decoding="async"></button>{check}')
+            f'loading="lazy" decoding="async">{_boxes(c)}</button>{check}')
+
+
+def _boxes(c: Card) -> str:
+    """The verified fields' boxes over the thumbnail (the unit's first page), as an SVG drawn
+    in the page's 0-1 coordinates: no image is re-encoded."""
+    rects = []
+    for path, e in c.evidence.items():
+        box = e.get("box")
+        if (e.get("status") != EvidenceStatus.VERIFIED or e.get("page") != c.row.page
+                or not isinstance(box, list) or len(box) != 4):
+            continue
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box)
+        except (TypeError, ValueError):
+            continue
+        rects.append(f'<rect x="{x0:.4f}" y="{y0:.4f}" width="{max(x1 - x0, 0.002):.4f}" '
+                     f'height="{max(y1 - y0, 0.002):.4f}" data-field="{esc(path)}">'
+                     f"<title>{esc(path)}</title></rect>")
+    if not rects:
+        return ""
+    return ('<svg class="boxes" viewBox="0 0 1 1" preserveAspectRatio="none" aria-hidden="true">'
+            + "".join(rects) + "</svg>")
 
 
 def _fields(c: Card) -> str:
@@ -170,11 +194,37 @@ def _fields(c: Card) -> str:
         return ""
     rows = []
     for name, value in c.fields:
+        status, entries = c.field_evidence(name)
+        ok = status in (EvidenceStatus.VERIFIED, EvidenceStatus.NOT_CHECKED)
         cls = " ".join(x for x in ("empty" if value is None else "",
-                                    "conflict" if name in c.conflicts else "") if x)
+                                    "conflict" if name in c.conflicts else "",
+                                    "" if status is None else "ev-ok" if ok else "ev-no") if x)
         text = "(empty)" if value is None else value
-        rows.append(f'<tr class="{cls}"><th>{esc(name)}</th><td>{esc(text)}</td></tr>')
+        rows.append(f'<tr class="{cls}"><th>{esc(name)}</th><td>{esc(text)}'
+                    f"{_evidence(status, entries)}</td></tr>")
     return f'<table class="fields">{"".join(rows)}</table>'
+
+
+def _badge(status: str) -> str:
+    return f'<span class="ev-badge ev-{esc(status)}">{esc(status.replace("_", " "))}</span>'
+
+
+def _evidence(status: str | None, entries: list[tuple[str, dict[str, Any]]]) -> str:
+    """A field's badge and quote; a field of several leaves lists each of them."""
+    if status is None:
+        return ""
+    if len(entries) == 1:
+        quote = entries[0][1].get("quote")
+        shown = f' <q class="quote">{esc(quote)}</q>' if quote else ""
+        return f'<div class="ev">{_badge(status)}{shown}</div>'
+    items = "".join(
+        f'<li>{_badge(str(e.get("status")))} <code>{esc(p)}</code>'
+        + (f' <q class="quote">{esc(e["quote"])}</q>' if e.get("quote") else "") + "</li>"
+        for p, e in entries)
+    checked = [e for _, e in entries if e.get("status") != EvidenceStatus.NOT_CHECKED]
+    verified = sum(e.get("status") == EvidenceStatus.VERIFIED for e in checked)
+    return (f'<details class="ev"><summary>{_badge(status)} {verified} of {len(checked)} '
+            f"verified</summary><ul>{items}</ul></details>")
 
 
 def _card(i: int, c: Card, p: Preview) -> str:

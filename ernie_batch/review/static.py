@@ -40,7 +40,19 @@ main{display:grid;gap:12px;padding:12px 24px}
 .st-invalid_answer{border-left-color:#c62828}.st-api_error{border-left-color:#ad1457}
 .st-input_error{border-left-color:#ef6c00}.st-skipped{border-left-color:#9e9e9e}
 .st-duplicate{border-left-color:#1565c0}
-.zoom{border:0;padding:0;background:none;cursor:zoom-in;display:block}
+.zoom{border:0;padding:0;background:none;cursor:zoom-in;display:block;position:relative}
+svg.boxes{position:absolute;inset:0;width:100%;height:100%;pointer-events:none}
+svg.boxes rect{fill:rgba(46,125,50,.18);stroke:#2e7d32;stroke-width:1.5;
+  vector-effect:non-scaling-stroke}
+.ev{margin-top:2px;font-size:12px;color:#37474f;white-space:normal}
+.ev ul{margin:4px 0 0;padding-left:18px}
+.ev-badge{display:inline-block;font-size:11px;padding:0 6px;border-radius:8px;color:#fff;
+  background:#607d8b;vertical-align:baseline}
+.ev-verified{background:#2e7d32}.ev-quote_not_on_page{background:#c62828}
+.ev-value_not_in_quote{background:#d84315}.ev-no_quote{background:#8d6e63}
+.ev-no_text_layer{background:#78909c}.ev-not_checked{background:#b0bec5;color:#263238}
+q.quote{font-style:italic}
+body.only-unverified tr.ev-ok{display:none}
 .thumb{width:210px;height:auto;border:1px solid #ccc;display:block;background:#fff}
 .ph{width:210px;min-height:150px;display:flex;align-items:center;justify-content:center;
   text-align:center;box-sizing:border-box;padding:10px;font-size:12px;color:#444;
@@ -80,12 +92,13 @@ SCRIPT = """
   const value = (id) => ($(id) ? $(id).value : "");
   function visible(d) {
     const status = value("f-status"), empty = value("f-empty"), folder = value("f-folder");
-    const conflicts = $("f-conflicts");
+    const conflicts = $("f-conflicts"), unverified = $("f-unverified");
     if (status && d.status !== status) return false;
     if (empty === "*" && d.empty.length === 0) return false;
     if (empty && empty !== "*" && !d.empty.includes(empty)) return false;
     if (folder && d.folder !== folder) return false;
     if (conflicts && conflicts.checked && d.conflicts.length === 0) return false;
+    if (unverified && unverified.checked && d.unverified === 0) return false;
     return true;
   }
   const byKey = (key, dir) => (a, b) => {
@@ -109,9 +122,10 @@ SCRIPT = """
       order.appendChild(el);
     }
     main.appendChild(order);
+    document.body.classList.toggle("only-unverified", !!($("f-unverified") || {}).checked);
     $("shown").textContent = shown + " of " + rows.length + " pages shown";
   }
-  for (const id of ["f-status", "f-empty", "f-folder", "f-conflicts", "f-sort"]) {
+  for (const id of ["f-status", "f-empty", "f-folder", "f-conflicts", "f-unverified", "f-sort"]) {
     if ($(id)) $(id).addEventListener("change", apply);
   }
   const box = $("lightbox"), big = $("lightbox-img"), caption = $("lightbox-caption");

@@ -2,7 +2,7 @@
 
 The prepared media is not stored, so a page is re-created the way the run made it: the
 source is hashed (a different sha256 than `source_sha256`: placeholder, the page shown would
-not be the page answered), then `prepare.prepare_document` runs again with the config's
+not be the page answered), then `intake.prepare.prepare_document` runs again with the config's
 options and each unit's `parts_sha256` is compared with the recorded `content_sha256`
 (pikepdf's page split and pdfium's renders are deterministic, as is the image preparation
 for the same Pillow). What is shown is separate from what is checked: PDF pages are rendered
@@ -18,13 +18,14 @@ from __future__ import annotations
 import io
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ernie_batch.config import ImageOptions, JobConfig, PdfOptions
 from ernie_batch.errors import InputError, one_line
+from ernie_batch.location import Location
 from ernie_batch.vocab import PreviewCheck
 
 
@@ -58,12 +59,19 @@ class ThumbOptions:
 
 
 def preview_document(path: str, doc_type: str, wants: list[Want], images: ImageOptions,
-                     pdf: PdfOptions, thumbs: ThumbOptions) -> list[Preview]:
-    """One preview per want, in order. Never raises: every problem is a placeholder's note."""
+                     pdf: PdfOptions, thumbs: ThumbOptions,
+                     storage_options: Mapping[str, str]) -> list[Preview]:
+    """One preview per want, in order. Never raises: every problem is a placeholder's note.
+    An object on object storage is read as it is now (a temporary copy)."""
+    from ernie_batch.intake.objects import readable
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # libraries warn about every defect they repair
         try:
-            return _preview(Path(path), doc_type, wants, images, pdf, thumbs)
+            with readable(Location.parse(path), None, storage_options) as local:
+                return _preview(local, doc_type, wants, images, pdf, thumbs)
+        except InputError as exc:  # the object is gone or cannot be read
+            return [Preview(PreviewCheck.GONE, note=f"source gone: {exc}")] * len(wants)
         except Exception as exc:  # noqa: BLE001 - a placeholder, never a lost review
             note = f"no preview: {type(exc).__name__}: {one_line(exc, 200)}"
             return [Preview(PreviewCheck.UNAVAILABLE, note=note) for _ in wants]
@@ -71,10 +79,10 @@ def preview_document(path: str, doc_type: str, wants: list[Want], images: ImageO
 
 def _preview(path: Path, doc_type: str, wants: list[Want], images: ImageOptions,
              pdf: PdfOptions, thumbs: ThumbOptions) -> list[Preview]:
-    from ernie_batch.content import parts_sha256
-    from ernie_batch.discover import sha256_file
-    from ernie_batch.prepare import prepare_document
-    from ernie_batch.units import Document, PageUnit, UnitFailure
+    from ernie_batch.intake.content import parts_sha256
+    from ernie_batch.intake.discover import sha256_file
+    from ernie_batch.intake.prepare import prepare_document
+    from ernie_batch.intake.units import Document, PageUnit, UnitFailure
 
     try:
         stat = path.stat()
@@ -130,7 +138,7 @@ def _check(want: Want, digest: str | None) -> tuple[PreviewCheck, str]:
 
 def _pdf_thumbs(path: Path, pdf: PdfOptions, wants: list[Want],
                 thumbs: ThumbOptions) -> dict[int, tuple[bytes, str] | Exception]:
-    from ernie_batch.pdf import open_for_rendering, render_page
+    from ernie_batch.intake.pdf import open_for_rendering, render_page
 
     try:
         doc = open_for_rendering(path, pdf)
@@ -155,7 +163,7 @@ def _pdf_thumbs(path: Path, pdf: PdfOptions, wants: list[Want],
 def _image_thumb(data: bytes, thumbs: ThumbOptions) -> tuple[bytes, str]:
     from PIL import Image
 
-    from ernie_batch.images import normalise
+    from ernie_batch.intake.images import normalise
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
@@ -251,17 +259,19 @@ def previews(wants: list[tuple[str, str, Want]], cfg: JobConfig) -> list[Preview
 def _run(jobs: list[tuple[str, str, list[Want]]], cfg: JobConfig,
          thumbs: ThumbOptions) -> Iterable[list[Preview]]:
     """The previews of each job, in job order: inline, or in a pebble pool."""
-    from ernie_batch.prepare import INLINE, _mp_context, worker_count
+    from ernie_batch.intake.prepare import INLINE, mp_context, worker_count
 
     if cfg.prepare.workers == INLINE or len(jobs) <= 1:
-        return [preview_document(p, t, w, cfg.images, cfg.pdf, thumbs) for p, t, w in jobs]
+        return [preview_document(p, t, w, cfg.images, cfg.pdf, thumbs,
+                                 cfg.sources.storage_options) for p, t, w in jobs]
     from pebble import ProcessPool
 
     workers = min(worker_count(cfg.prepare.workers), len(jobs))
     with ProcessPool(max_workers=workers, max_tasks=cfg.prepare.max_tasks_per_worker,
-                     context=_mp_context()) as pool:
+                     context=mp_context()) as pool:
         futures = [pool.schedule(preview_document,
-                                 args=(p, t, w, cfg.images, cfg.pdf, thumbs),
+                                 args=(p, t, w, cfg.images, cfg.pdf, thumbs,
+                                       cfg.sources.storage_options),
                                  timeout=cfg.prepare.timeout_s) for p, t, w in jobs]
         results = []
         for future, (_, _, w) in zip(futures, jobs, strict=True):

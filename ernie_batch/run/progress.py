@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from ernie_batch.summary import Progress
+from ernie_batch.run.summary import Progress
 
 MIN_FINISHED_FOR_RATE = 5  # fewer finished units in the window: trust the configured limit
 

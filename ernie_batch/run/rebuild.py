@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ernie_batch import prompt, store
-from ernie_batch.answers import answer_fields
+from ernie_batch import store
+from ernie_batch.answers import prompt
+from ernie_batch.answers.documents import DocumentSpec, Touched, build_documents, document_key
+from ernie_batch.answers.judge import answer_fields
 from ernie_batch.config import JobConfig
-from ernie_batch.documents import DocumentSpec, Touched, build_documents, document_key
-from ernie_batch.recorder import RunInfo, RunRecorder
-from ernie_batch.recovery import recover_journals, remove_dead_temp_files
+from ernie_batch.location import OutputRoot
+from ernie_batch.run.recorder import RunInfo, RunRecorder
+from ernie_batch.run.recovery import recover_journals
 from ernie_batch.vocab import RunKind, RunOutcome
 
 SAME = ["key", "answer_json", "provenance_json", "conflicts_json", "complete", "source_paths"]
@@ -37,7 +38,8 @@ class Rebuilt:
 
 def rebuild_documents(cfg: JobConfig, run_ids: list[str] | None, wait_s: float = 0.0) -> Rebuilt:
     """Rebuild the documents the runs touched (every document: None). LockedError if in use."""
-    root = Path(cfg.output.path)
+    root = cfg.output.root()
+    store.check_layout(root)
     store.check_writable(root)
     info = _info(cfg)
     run_lock = store.OutputLock(root, info.run_id)
@@ -48,7 +50,6 @@ def rebuild_documents(cfg: JobConfig, run_ids: list[str] | None, wait_s: float =
             raise store.LockedError(f"output folder {root} is in use (its data lock is held); "
                                     "use --wait to queue behind it")
         fields = answer_fields(cfg.resolved.schema)
-        remove_dead_temp_files(root, info.run_id)
         recover_journals(root, store.pages_schema(fields))
         touched = _touched(root, info.fingerprint, run_ids)
         before = _current(root, touched)
@@ -78,7 +79,7 @@ def _info(cfg: JobConfig) -> RunInfo:
         prompt_label=cfg.prompt.label)
 
 
-def _touched(root: Path, fingerprint: str, run_ids: list[str] | None) -> Touched:
+def _touched(root: OutputRoot, fingerprint: str, run_ids: list[str] | None) -> Touched:
     """(content, fingerprint) of the documents with page rows of these runs (all runs: None)."""
     where = pc.field("fingerprint") == fingerprint
     if run_ids is not None:
@@ -90,7 +91,7 @@ def _touched(root: Path, fingerprint: str, run_ids: list[str] | None) -> Touched
                    strict=True))
 
 
-def _current(root: Path, touched: Touched) -> dict[str, tuple]:
+def _current(root: OutputRoot, touched: Touched) -> dict[str, tuple]:
     """What a reader sees of these documents now: key -> the columns a rebuild may change."""
     keys = pa.array(sorted(document_key(sha, fp) for sha, fp in touched), pa.string())
     table = store.read_columns(root, "documents", [*SAME, "built_at", "run_id"],

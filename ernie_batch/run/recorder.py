@@ -1,13 +1,21 @@
 """Every row a run produces, in the one order that survives a kill: journal first, then the buffers.
 
-A row is durable the moment its journal line is written; the Parquet buffers follow and are
-flushed as numbered parts (attempts before pages) every `flush_rows` rows or
-`flush_seconds`. Each request is journaled as `sent` before it goes out: one whose
-response is never recorded (the process died, or gave up waiting) becomes a `lost`
-attempt row, here (`lost`, `abandon_in_flight`) or when recovery folds the journal.
-The recorder also keeps the run's progress counters and is the one place a run's manifest
-(`runs` row) is built, for finished runs and for killed ones that recovery replays from
-their journals.
+A row is durable the moment its journal line is written; the table buffers follow and are
+committed in **rounds**, every `commit_every_s` seconds (or sooner, `flush_rows` page rows)
+and at the end: round n is a `commit` line in the journal (everything journaled before it
+and after round n-1's line), then one Delta commit per table in the fixed order attempts,
+pages, each as version n of the application transaction `<run_id>:<table>`. At the end
+the last round, then the run's manifest line, then documents and the `runs` row, both as
+the last round's version. So a kill anywhere, also between two tables' commits, leaves a
+journal from which recovery commits exactly what is missing (`ernie_batch.run.recovery`).
+Each request is journaled as `sent` before it goes out: one whose response is never
+recorded (the process died, or gave up waiting) becomes a `lost` attempt row, here (`lost`,
+`abandon_in_flight`) or when recovery folds the journal. On an output in a bucket the journal stays
+on this machine, so the rows are also staged every `stage_every_s` as uncommitted data files
+(`store.staging`), and a round's commit is one transaction of its staged files: another
+machine's next run commits what a lost one staged (`run.staged`). The recorder also keeps
+the run's progress counters and is the one place a run's manifest (`runs` row) is built,
+for finished runs and for killed ones that recovery replays from their journals.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from ernie_batch.location import OutputRoot
+from ernie_batch.run.summary import Progress
 from ernie_batch.store import (
     ATTEMPTS_SCHEMA,
     AttemptRow,
@@ -32,11 +41,15 @@ from ernie_batch.store import (
     PageRow,
     RunRow,
     TableWriter,
+    app_id,
     sum_exact,
     write_run_row,
 )
-from ernie_batch.summary import Progress
+from ernie_batch.store.staging import StagingManifest, commit_files, stage_rows
 from ernie_batch.vocab import FAILED, AttemptOutcome
+
+# the journal's format: 2 has `commit` lines (rounds); an earlier release's journals do not
+JOURNAL_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,7 @@ class RunInfo:
         return f"{self.started_at:%Y-%m-%d}"
 
     def header(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"date": self.date}
+        return dataclasses.asdict(self) | {"date": self.date, "journal": JOURNAL_FORMAT}
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> RunInfo:
@@ -91,33 +104,42 @@ def lost_attempt(sent: dict[str, Any], error: str) -> AttemptRow:
 class RunRecorder:
     """The rows, progress and manifest of one run."""
 
-    def __init__(self, root: Path, info: RunInfo, pages_schema: pa.Schema, *,
-                 journal: Journal | None = None, flush_rows: int = 500,
-                 flush_seconds: float = 30.0,
+    def __init__(self, root: OutputRoot, info: RunInfo, pages_schema: pa.Schema, *,
+                 journal: Journal | None = None, flush_rows: int = 5000,
+                 commit_every_s: float = 10.0, stage_every_s: float = 5.0,
                  on_progress: Callable[[Progress], None] | None = None,
-                 on_page: Callable[[dict[str, Any]], None] | None = None,
-                 prefix: str = "part") -> None:
-        self.root, self.info = root, info
+                 on_page: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.root, self.info = OutputRoot.of(root), info
         self.run_id, self.date = info.run_id, info.date
         self.journal = journal
-        self.pages = TableWriter(root, "pages", pages_schema, self.run_id, self.date, prefix)
-        self.attempts = TableWriter(root, "attempts", ATTEMPTS_SCHEMA, self.run_id, self.date,
-                                    prefix)
+        self.attempts = self._writer("attempts", ATTEMPTS_SCHEMA)
+        self.pages = self._writer("pages", pages_schema)
+        self.round = 0  # rounds committed (each: attempts, then pages)
+        self.commit_s = 0.0  # time spent committing rows to the tables (bench `overhead`)
         self.progress = Progress()
         self.errors: Counter[str] = Counter()  # failure messages, for the summary's top errors
         self.on_progress = on_progress
         self.on_page = on_page  # sees every page row as it is recorded
-        self._flush_rows, self._flush_seconds = flush_rows, flush_seconds
-        self._last_flush = time.monotonic()
+        self._flush_rows, self._commit_every_s = flush_rows, commit_every_s
+        self._last_commit = self._last_stage = time.monotonic()
+        self._stage_every_s = stage_every_s
+        self.staging: StagingManifest | None = None  # an output on object storage (`stage`)
+        self._staged = {"attempts": 0, "pages": 0}  # buffered rows staged so far, per table
         self._credits: list[float | None] = []
         self._usd: list[float | None] = []
         self.touched: set[tuple[str, str]] = set()  # (source_sha256, fingerprint): documents
+        self.accepted_runs: list[str] | None = None  # a shard run: the attempts it took over
         self._in_flight: dict[tuple[str, int], dict[str, Any]] = {}  # sent, not yet answered
+
+    def _writer(self, table: str, schema: pa.Schema) -> TableWriter:
+        return TableWriter(self.root, table, schema, self.date, app=app_id(self.run_id, table))
 
     def open_journal(self, extra: dict[str, Any]) -> None:
         """Start the run's journal (only once the output lock is held: recovery folds the rest)."""
-        self.journal = Journal(self.root / "_journal" / f"{self.run_id}.jsonl",
+        self.journal = Journal(self.root.journal_dir / f"{self.run_id}.jsonl",
                                self.info.header() | extra)
+        if not self.root.is_local:  # its journal stays on this machine: stage for the others
+            self.staging = StagingManifest(self.root, self.run_id, self.info.header() | extra)
 
     # ---- rows
 
@@ -190,14 +212,64 @@ class RunRecorder:
             self.on_page(row)
         if self.on_progress is not None:
             self.on_progress(p)
-        self.maybe_flush()
+        self.maybe_commit()
 
-    def maybe_flush(self, force: bool = False) -> None:
-        due = time.monotonic() - self._last_flush >= self._flush_seconds
-        if force or due or len(self.pages.rows) >= self._flush_rows:
-            self.attempts.flush()
-            self.pages.flush()
-            self._last_flush = time.monotonic()
+    def maybe_commit(self) -> None:
+        """Commit a round when one is due: `commit_every_s` passed, or `flush_rows` pages wait."""
+        now = time.monotonic()
+        if now - self._last_commit >= self._commit_every_s or (
+                len(self.pages.rows) >= self._flush_rows):
+            self.commit()
+        elif self.staging is not None and now - self._last_stage >= self._stage_every_s:
+            self.stage()
+
+    def stage(self) -> None:
+        """Write the rows that arrived since the last staging as data files of the round in
+        progress, and list them in the run's staging manifest (`store.staging`)."""
+        assert self.staging is not None
+        started = self._last_stage = time.monotonic()
+        new = False
+        for writer in (self.attempts, self.pages):
+            start = self._staged[writer.table]
+            if len(writer.rows) > start:
+                self.staging.add(self.round + 1, writer.table,
+                                 stage_rows(self.root, writer.table, writer.arrow(start)))
+                self._staged[writer.table] = len(writer.rows)
+                new = True
+        if new:
+            self.staging.save()
+        self.commit_s += time.monotonic() - started
+
+    def commit(self) -> int:
+        """Commit what is buffered as the next round (nothing buffered: no round); the rounds
+        so far. The round's line reaches the journal (and the disk) before any commit."""
+        self._last_commit = started = time.monotonic()
+        if not (self.attempts.rows or self.pages.rows):
+            return self.round
+        if self.staging is not None:
+            self.stage()  # the round's last rows: then the round is its staged files
+        self.round += 1
+        if self.journal is not None:
+            self.journal.write({"t": "commit", "round": self.round}, sync=True)
+        for writer in (self.attempts, self.pages):
+            if self.staging is None:
+                writer.flush(self.round)
+                continue
+            commit_files(self.root, writer.table, self.staging.files(self.round, writer.table),
+                         writer.app or "", self.round)
+            writer.discard()
+            self._staged[writer.table] = 0
+        if self.staging is not None:
+            self.staging.rounds.pop(self.round, None)
+            self.staging.save()
+        self._last_commit = time.monotonic()
+        self.commit_s += self._last_commit - started
+        return self.round
+
+    @property
+    def final_version(self) -> int:
+        """The version documents and the `runs` row are committed as: the last round's."""
+        return max(self.round, 1)
 
     # ---- totals and the manifest
 
@@ -210,30 +282,49 @@ class RunRecorder:
         return sum_exact(self._usd)
 
     def manifest(self, *, finished_at: datetime | None, documents: int, outcome: str,
-                 error: str | None, not_sent: int | None) -> RunRow:
-        """The run's `runs` row from what was recorded (`not_sent`, `already_done`: None = unknown)."""
+                 error: str | None, not_sent: int | None, selected: int | None = None,
+                 refused_sporadic: int | None = None) -> RunRow:
+        """The run's `runs` row from what was recorded (`not_sent`, `already_done`,
+        `selected`, `refused_sporadic`: None = unknown, as for a killed run's; the 429s not
+        sporadic count as the limit's)."""
         p, i = self.progress, self.info
         return RunRow(
             run_id=i.run_id, kind=i.kind, config_path=i.config_path, fingerprint=i.fingerprint,
             started_at=i.started_at, finished_at=finished_at, documents=documents,
             units_ok=p.units.ok, units_failed=p.units.failed, units_skipped=p.units.skipped,
-            units_duplicate=p.units.duplicate,
+            units_duplicate=p.units.duplicate + p.followers_unanswered,
             units_already_done=p.already_done if not_sent is not None else None,
-            units_not_sent=not_sent, requests=p.requests, credits=self.credits, usd=self.usd,
+            units_not_sent=not_sent, units_selected=selected,
+            requests=p.requests, credits=self.credits, usd=self.usd,
             outcome=outcome, error=error, parent_run_id=i.parent_run_id, shard=i.shard,
             hostname=i.hostname, pid=i.pid, template_path=i.template_path,
             schema_path=i.schema_path, prompt_label=i.prompt_label,
+            accepted_runs=self.accepted_runs,
+            rate_limited=p.rate_limited - (refused_sporadic or 0),
+            refused_sporadic=refused_sporadic,
         )
 
-    def close(self, manifest: RunRow | None) -> None:
-        """Write the last parts, then the manifest (if given), then drop the journal.
-
-        A request still unanswered here was abandoned: it gets its `lost` row first, so
-        deleting the journal never drops a request that was sent.
-        """
+    def end_rows(self) -> int:
+        """The last round: a request still unanswered here was abandoned and gets its `lost`
+        row first (deleting the journal never drops a request that was sent); returns
+        `final_version`."""
         self.abandon_in_flight("the run ended before this request's response was recorded")
-        self.maybe_flush(force=True)
+        self.commit()
+        return self.final_version
+
+    def note_manifest(self, manifest: RunRow) -> None:
+        """Journal the manifest before documents and `runs` are committed: killed between
+        them, recovery commits this row, not an `interrupted` one."""
+        if self.journal is not None:
+            self.journal.write({"t": "manifest", **manifest.as_dict()}, sync=True)
+
+    def close(self, manifest: RunRow | None) -> None:
+        """Commit the manifest (if given) as the last round's version, then drop the journal."""
         if manifest is not None:
-            write_run_row(self.root, self.date, manifest)
+            started = time.monotonic()
+            write_run_row(self.root, self.date, manifest, self.final_version)
+            if self.staging is not None:
+                self.staging.delete()
+            self.commit_s += time.monotonic() - started
         if self.journal is not None:
             self.journal.close(delete=True)

@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from ernie_batch.answers import Verdict, answer_columns
-from ernie_batch.client import CallResult
-from ernie_batch.prompt import unit_key
+from ernie_batch.answers.judge import Verdict, answer_columns
+from ernie_batch.answers.prompt import unit_key
+from ernie_batch.answers.verify import FieldEvidence, counts, to_json
+from ernie_batch.api.client import CallResult
+from ernie_batch.intake.units import Document, PageUnit
 from ernie_batch.store import AttemptRow, PageRow, sum_exact
-from ernie_batch.units import Document, PageUnit
 from ernie_batch.vocab import AttemptOutcome, UnitStatus
 
 
@@ -24,6 +25,7 @@ class RowMaker:
     fingerprint: str
     model: str
     answer_fields: list[pa.Field]
+    prep_fingerprint: str | None = None
 
     def unit_row(self, doc: Document, page: int, last: int, page_count: int | None,
                  status: UnitStatus, error: str | None) -> PageRow:
@@ -31,7 +33,8 @@ class RowMaker:
         now = datetime.now(UTC)
         return PageRow(
             run_id=self.run_id, key=unit_key(doc.sha256, page, last, self.fingerprint),
-            fingerprint=self.fingerprint, source_path=str(doc.path), source_sha256=doc.sha256,
+            fingerprint=self.fingerprint, prep_fingerprint=self.prep_fingerprint,
+            source_path=str(doc.path), source_sha256=doc.sha256, source_etag=doc.etag,
             doc_type=doc.doc_type, page=page, page_last=last, page_count=page_count,
             status=status, error=error, model=self.model, started_at=now, finished_at=now,
             answers=answer_columns(None, self.answer_fields),
@@ -39,7 +42,9 @@ class RowMaker:
 
     def answered_row(self, unit: PageUnit, content_sha: str, status: UnitStatus,
                      error: str | None, verdict: Verdict | None, last: CallResult | None,
-                     attempts: list[AttemptRow], started: datetime, elapsed: float) -> PageRow:
+                     attempts: list[AttemptRow], started: datetime, elapsed: float,
+                     evidence: dict[str, FieldEvidence] | None = None,
+                     prompt_tokens_est: int | None = None) -> PageRow:
         """The row of a unit that was sent: its final answer (if ok) and the sums of its attempts.
 
         `latency_s` is the last (answering) attempt's, request to response; `queued_s` the rest
@@ -51,10 +56,14 @@ class RowMaker:
         if value is not None:
             row.answer_json = json.dumps(value, ensure_ascii=False)
             row.answers = answer_columns(value, self.answer_fields)
+        if value is not None and evidence is not None:
+            row.evidence_json = to_json(evidence)
+            row.fields_verified, row.fields_checked = counts(evidence)
         row.raw_answer = last.content if last else None
         row.response_id = last.response_id if last else None
         row.attempts = len(attempts)
         row.prompt_tokens = sum(a.prompt_tokens or 0 for a in attempts)
+        row.prompt_tokens_est = prompt_tokens_est
         row.completion_tokens = sum(a.completion_tokens or 0 for a in attempts)
         row.credits = sum_exact(a.credits for a in attempts)
         row.usd = sum_exact(a.usd for a in attempts)

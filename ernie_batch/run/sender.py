@@ -5,7 +5,8 @@ Layered like httpx's `_send_handling_auth -> _send_handling_redirects -> _send_s
 * `send` retries **invalid answers** (schema violations, cut-off JSON) at a higher
   temperature, up to `retries.answer` times, around
 * `_send_handling_transport`, which retries **429s, 5xx, timeouts, resets and unreadable
-  bodies** with backoff (a 429's pause is the budget's, shared by every sender), up to
+  bodies** after their Retry-After or with backoff (a limit's 429 also pauses every sender:
+  the budget's), up to
   `retries.transport` times, and moves the whole run to the next `response_format` when the
   endpoint refuses one with a 400, around
 * `_send_single`: a budget lease, the request journaled as sent (with its
@@ -24,16 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ernie_batch import answers, prompt, request_ids, tokens
-from ernie_batch.client import ApiClient, CallResult
+from ernie_batch.answers import judge, prompt
+from ernie_batch.answers.verify import verify
+from ernie_batch.api import request_ids, tokens
+from ernie_batch.api.client import ApiClient, CallResult
+from ernie_batch.api.limits import RequestBudget
 from ernie_batch.config import JobConfig
-from ernie_batch.content import parts_sha256
 from ernie_batch.errors import BudgetStopped
-from ernie_batch.limits import RequestBudget
-from ernie_batch.recorder import RunRecorder
-from ernie_batch.rows import RowMaker
+from ernie_batch.intake.content import parts_sha256
+from ernie_batch.intake.units import PageUnit
+from ernie_batch.run.recorder import RunRecorder
+from ernie_batch.run.rows import RowMaker
 from ernie_batch.store import AttemptRow
-from ernie_batch.units import PageUnit
 from ernie_batch.vocab import AttemptOutcome, RunOutcome, UnitStatus
 
 
@@ -70,10 +73,11 @@ class _Try:
     answer_failures: int = 0
     status: UnitStatus = UnitStatus.API_ERROR
     error: str | None = "not sent"
-    verdict: answers.Verdict | None = None
+    verdict: judge.Verdict | None = None
     last: CallResult | None = None
     mode: str = ""
     not_sent: bool = False
+    est_tokens: int | None = None  # the first request's prompt-token estimate (the row keeps it)
 
 
 def _lease_outcome(outcome: AttemptOutcome) -> str:
@@ -99,6 +103,7 @@ class UnitSender:
         self.client, self.budget, self.recorder, self.rows, self.stop = (
             client, budget, recorder, rows, stop)
         self.format_mode = cfg.request.response_format
+        self._completion = prompt.expected_completion_tokens(cfg)
         self._credits_in_flight = 0.0
         self._rng = rng or random.Random()
         self._first_call: float | None = None
@@ -123,9 +128,13 @@ class UnitSender:
             progress.not_sent += 1
             return
         progress.finish_times.append(time.monotonic())
+        checked = None
+        if self.cfg.prompt.evidence and t.status == UnitStatus.OK and t.verdict is not None:
+            assert t.verdict.value is not None
+            checked = verify(t.verdict.value, t.verdict.quotes, self.cfg.resolved.schema, unit.text)
         self.recorder.page(self.rows.answered_row(
             unit, parts_sha256(unit.parts), t.status, t.error, t.verdict, t.last, t.attempts,
-            started, time.perf_counter() - t0))
+            started, time.perf_counter() - t0, checked, t.est_tokens))
 
     async def _send_handling_answers(self, t: _Try) -> None:
         while await self._send_handling_transport(t):
@@ -158,14 +167,17 @@ class UnitSender:
             t.transport_failures += 1
             if t.transport_failures > self.cfg.retries.transport:
                 return False
-            if res.outcome != AttemptOutcome.RATE_LIMITED:  # 429s: the budget pauses every sender
-                await asyncio.sleep(self._backoff(t.transport_failures, res.retry_after))
+            # a 429 waits its own Retry-After too: the budget pauses every sender only for
+            # a limit's, and a sporadic one (an upstream shedding load) is this request's alone
+            await asyncio.sleep(self._backoff(t.transport_failures, res.retry_after))
 
     async def _send_single(self, t: _Try) -> CallResult | None:
         """One request under a budget lease, its answer judged and recorded; None if stopped."""
         t.mode = self.format_mode
         body = prompt.build_body(self.cfg, t.unit, t.mode, t.temperature)
         est_tokens, est_credits = self._estimate(t.unit, body)
+        if t.est_tokens is None:
+            t.est_tokens = est_tokens
         if self._over_budget(est_credits):
             self.stop.set(RunOutcome.BUDGET_STOPPED, "max_credits reached: stopped dispatching")
         while True:
@@ -181,6 +193,9 @@ class UnitSender:
                 self.stop.set(RunOutcome.INTERRUPTED, "the request budget was stopped")
                 continue
             break
+        if t.mode != self.format_mode:  # another unit fell back while this one waited
+            t.mode = self.format_mode
+            body = prompt.build_body(self.cfg, t.unit, t.mode, t.temperature)
         n = len(t.attempts) + 1
         request_id = request_ids.build(self.rows.run_id, t.key, n)
         self.recorder.sent(t.key, n, request_id, t.temperature)  # journaled before it goes out
@@ -201,7 +216,8 @@ class UnitSender:
             t.error = "abandoned in flight when the run was interrupted"
             return None
         t.last = res
-        t.verdict = (answers.judge(res.content, res.finish_reason, self.cfg.resolved.sent_schema)
+        t.verdict = (judge.judge(res.content, res.finish_reason, self.cfg.resolved.sent_schema,
+                                 self.cfg.prompt.evidence)
                      if res.outcome == AttemptOutcome.OK else None)
         row = self.rows.attempt_row(t.key, n, res, t.temperature, t.verdict, request_id)
         t.attempts.append(row)
@@ -224,9 +240,8 @@ class UnitSender:
         pdf_pages = sum(p.pages for p in unit.parts if p.is_pdf)
         est = tokens.prompt_tokens(tokens.text_chars(body["messages"]), images, pdf_pages)
         b = self.cfg.budget
-        credits = est * b.credits_per_prompt_token + (
-            min(b.expected_completion_tokens, self.cfg.request.max_tokens)
-            * b.credits_per_completion_token)
+        credits = (est * b.credits_per_prompt_token
+                   + self._completion * b.credits_per_completion_token)
         return est, credits
 
     def _over_budget(self, est_credits: float) -> bool:

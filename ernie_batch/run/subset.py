@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from ernie_batch.units import Document
+from ernie_batch.intake.units import Document
+from ernie_batch.location import Location
 
 
 class Subset:
@@ -19,7 +20,7 @@ class Subset:
     def __init__(self, pages: Mapping[str | Path, set[int] | None]) -> None:
         self._pages = {str(Path(p).resolve()): (None if v is None else set(v))
                        for p, v in pages.items()}
-        self._resolved: dict[Path, str] = {}
+        self._resolved: dict[Location, str] = {}
 
     def __contains__(self, doc: Document) -> bool:
         return self._key(doc) in self._pages
@@ -40,6 +41,7 @@ class Subset:
         return any(page <= p <= page_last for p in pages)
 
     def _key(self, doc: Document) -> str:
-        if doc.path not in self._resolved:
-            self._resolved[doc.path] = str(doc.path.resolve())
+        if doc.path not in self._resolved:  # an object's URL is its own resolved form
+            self._resolved[doc.path] = (str(doc.path) if doc.path.is_remote
+                                        else str(Path(doc.path).resolve()))
         return self._resolved[doc.path]

@@ -27,6 +27,8 @@ class Progress:
     units_done: int = 0  # rows recorded
     units: Tally = field(default_factory=Tally)  # rows by status
     already_done: int = 0  # answered (or given up on) by earlier runs: no row, no request
+    # paths whose content another path of the run carries, in units that path did not answer
+    followers_unanswered: int = 0
     not_sent: int = 0  # selected but not sent because the run stopped
     abandoned: int = 0  # in flight when an interrupt's grace ran out: no row, sent next time
     rate_limit_per_s: float | None = None  # the configured request rate, for early ETAs
@@ -67,10 +69,12 @@ class RunSummary(BaseModel):
     units_duplicate: int = 0  # same content as another path: a duplicate row, no request
     units_not_sent: int = 0  # selected, but the run stopped before sending them
     units_already_done: int = 0  # answered (or given up on) by an earlier run: no row
+    units_selected: int = 0  # every unit selected: the six counts above add up to it
     documents_built: int = 0  # documents rows this run wrote (documents it touched)
     documents_complete: int = 0  # of them, every page of the configured range answered
     requests: int = 0
-    rate_limited: int = 0
+    rate_limited: int = 0  # 429s attributed to the limit (they cut the rate)
+    refused_sporadic: int = 0  # 429s that did not follow the rate: retried, no rate cut
     credits: float = 0.0
     usd: float = 0.0
     duration_s: float = 0.0
@@ -79,6 +83,9 @@ class RunSummary(BaseModel):
     still_growing: list[str] = []  # the files passed over as still growing, by name
     settle_s: float = 0.0  # sources.settle_seconds: what "still growing" meant
     top_errors: list[tuple[str, int]] = []
+    # files no earlier run could prepare with these settings (any prompt): not tried again
+    still_unreadable: list[str] = []
+    unreadable_since: str | None = None  # the earliest run that could not read one of them
     recovered_runs: list[str] = []
     shard_runs: list[dict[str, Any]] = []  # a coordinator's: each shard's accepted run
     review_html: str | None = None  # the run's review page ([review] html = true)

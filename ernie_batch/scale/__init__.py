@@ -1,17 +1,21 @@
 """Shard runs on a Prefect work pool, under one rate limit shared by every worker.
 
 A coordinator (in the calling process) discovers the selection, splits it by content into
-shards, writes each shard's documents to a manifest under `OUTPUT/_scale/<coordinator>/`,
-and submits one run of the shard flow per shard to the pool with `run_deployment`. Workers
-(Prefect's own `prefect worker start`) run the shard flows; each is an ordinary `Pipeline`
-over its documents, its budget asking the coordinator for every request it sends.
+shards, writes each shard's documents (paths, or object URLs with their ETags) to a
+manifest under `OUTPUT/_scale/<coordinator>/`, and submits one run of the shard flow per
+shard to the pool with `run_deployment`. Workers (Prefect's own `prefect worker start
+--pool NAME --limit 1`) run the shard flows; each is an ordinary `Pipeline` over its
+documents, pacing its own request budget.
 
-The rate limit has one owner, the coordinator: it paces *grants* with the same request
-budget a single run uses, hands them to shards that have requests waiting, and lowers the
-rate on any shard's 429. The channel is a pair of small files per shard under the same
-folder (`channel`); grants unused within a fraction of a second expire, so a late or
-stalled shard can never send a burst that a window did not allow.
+The rate limit goes through the Prefect server, not through the coordinator: every shard
+run (and every single run on a shared server: configured, or the home's) is a member of its
+key's limit, with a share by demand that it lowers at once and raises only after a check,
+and a hand-over that lets the others take a leaver's share and count its tail at once
+(`shares`, `limit_share`). The coordinator sends nothing. A stop travels through Prefect too
+(`stop`): a Variable the shard runs watch, their own flow runs' states, and cancellation on
+Ctrl-C.
 
-Modules: `channel` (the files), `granter` (the coordinator's side of the limit),
-`shared_budget` (a shard's side), `plan` (shards and manifests), `coordinator` (the run).
+Modules: `plan` (shards, manifests, the plan), `shares` (the sharing rules, pure),
+`limit_share` (membership through Prefect Variables), `stop`, `shard` (a shard run),
+`coordinator` (the run), `outcome` (what it came to), `pool` (`deploy`).
 """

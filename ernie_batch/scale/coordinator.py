@@ -2,35 +2,40 @@
 
 The coordinator runs in the calling process, never in the pool (a worker limited to one
 flow run at a time could not run its own shards under it). It holds the output folder's run
-lock for all its shards, owns the shared rate limit (`Granter`), submits the shard runs with
-`run_deployment`, and reads each shard's result from `OUTPUT/runs`, not from Prefect's
-results (those live on the worker's disk). A shard run that `Crashed` (its worker went
-silent: no heartbeats) or failed is submitted again, at most `scale.retries` times, as a new
-attempt under a new run id that takes the dead one's work over or fences a live one
-(`ernie_batch.scale.shard`). Its own `runs` row (`kind = "coordinator"`) has no counts or
-money (its shard runs have them) and lists the shard runs whose rows count
+lock for all its shards, submits the shard runs with `run_deployment`, watches their Prefect
+states, and reads each shard's result from `OUTPUT/runs`, not from Prefect's results (those
+live on the worker's disk). It sends no request and is no member of the key's limit: each
+shard run is one, through the Prefect server (`limit_share`). A shard run that `Crashed`
+(its worker went silent: no heartbeats) or failed by an exception is submitted again, at
+most `scale.retries` times, as a new attempt under a new run id that takes the dead one's
+work over or fences a live one (`ernie_batch.scale.shard`); one stopped by a stop
+(`ernie_batch.scale.stop`) is not. Its own `runs` row (`kind = "coordinator"`) has no
+counts or money (its shard runs have them) and lists the shard runs whose rows count
 (`accepted_runs`). The same command run again after the coordinator died resumes its plan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import functools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ernie_batch import interrupt, store
-from ernie_batch.config import JobConfig, api_key
-from ernie_batch.discover import discover
+from ernie_batch import store
+from ernie_batch.config import JobConfig
 from ernie_batch.errors import ConfigError, LockedError
-from ernie_batch.scale.channel import Channel, ShardReport, write_json
-from ernie_batch.scale.granter import Granter
-from ernie_batch.scale.limit_share import LimitShare
+from ernie_batch.intake.discover import discover
+from ernie_batch.location import Location
+from ernie_batch.run import interrupt
+from ernie_batch.run.summary import RunSummary
 from ernie_batch.scale.outcome import ShardState, finish
 from ernie_batch.scale.plan import (
     Attempt,
+    Folder,
     Plan,
     absolute_overrides,
     find_unfinished,
@@ -39,11 +44,11 @@ from ernie_batch.scale.plan import (
     split,
     write_manifest,
 )
-from ernie_batch.summary import RunSummary
+from ernie_batch.scale.stop import clear_stop, read_stop
 from ernie_batch.vocab import RunOutcome
 
 SHARD_FLOW = "ernie-shard"
-POLL_S = 1.0
+POLL_S = 0.5  # how often the shard runs' states are read (one request for all of them)
 # a status line callback set by whoever starts the coordinator (the CLI), seen through Prefect
 STATUS_OBSERVER: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
     "ernie_batch_coordinator_status", default=None)
@@ -54,8 +59,14 @@ def deployment_name(pool: str) -> str:
     return f"{SHARD_FLOW}/{pool}"
 
 
-def pool_limit_problem(cfg: JobConfig) -> str | None:
-    """Why the config's limits cannot be shared between shard runs; None when they can."""
+def pool_problem(cfg: JobConfig) -> str | None:
+    """Why the config cannot run on a pool; None when it can. The plan, the manifests and
+    the tables are read by path (an output on object storage: not yet), and the limit is
+    shared by requests (not by tokens)."""
+    if Location.parse(cfg.output.path).is_remote:
+        return (f"output.path {cfg.output.path}: a run on a pool needs a local output folder "
+                "its workers share; an output on object storage is not supported with --pool "
+                "yet")
     if cfg.limits.rpm <= 0 or cfg.limits.tpm > 0:
         return ("limits.rpm: a run on a pool shares the API's limit between its workers, so "
                 "it must be set (> 0), and limits.tpm must be 0")
@@ -66,10 +77,10 @@ class Coordinator:
     """One coordinated run; `await run()` returns its summary."""
 
     def __init__(self, cfg: JobConfig, *, overrides: dict[str, Any], kind: str, pool: str,
-                 shards: int, sources: list[Path] | None = None, force: bool = False,
+                 shards: int, sources: list[str] | None = None, force: bool = False,
                  retry_failed: bool = False, wait_lock_s: float = 0.0,
                  on_status: Callable[[str], None] | None = None) -> None:
-        problem = pool_limit_problem(cfg)
+        problem = pool_problem(cfg)
         if problem:
             raise ConfigError(problem)
         self.cfg, self.kind, self.pool, self.shards = cfg, kind, pool, shards
@@ -77,22 +88,25 @@ class Coordinator:
         self.started_at = datetime.now(UTC)
         self.run_id = store.new_run_id(self.started_at)
         self.force, self.retry_failed, self.wait_lock_s = force, retry_failed, wait_lock_s
-        self.sources = sources
+        self.sources = sources  # paths or object-store URLs, as given: never through pathlib
         self.overrides = absolute_overrides(cfg, overrides, sources)
-        self.on_status = on_status  # None: no status line is built (it reads every report)
+        self.on_status = on_status  # None: no status line is built
         self.states: list[ShardState] = []
-        self.granter: Granter | None = None
         self.resumed = False
+        self.stop: dict[str, Any] | None = None  # a stop a shard raised: no more retries
         self._graceful = interrupt.GRACEFUL.get()
         self._cancelling = False
+        self._woken: asyncio.Event | None = None  # a signal came: act now, not at the next poll
         self._lock = store.OutputLock(self.root, self.run_id)
         self._data_lock = store.data_lock(self.root, exclusive=False)
 
     @property
-    def channel(self) -> Channel:
-        return Channel.of(self.root, self.run_id)
+    def folder(self) -> Folder:
+        return Folder.of(self.root, self.run_id)
 
     async def run(self) -> RunSummary:
+        from prefect.client.orchestration import get_client
+
         store.check_writable(self.root)
         await asyncio.to_thread(self._lock.acquire, self.wait_lock_s)
         own = None
@@ -104,24 +118,11 @@ class Coordinator:
             plan = self._plan(docs)
             own = store.run_id_lock(self.root, self.run_id)
             own.try_acquire()
-            granter = Granter(self.channel, per_window=plan.per_window, window_s=plan.window_s,
-                              adaptive=self.cfg.limits.adaptive)
-            self.granter = granter
-            if self.resumed:
-                granter.resume(self.channel)
-            async with LimitShare(self.cfg.api.base_url, api_key(self.cfg), self.run_id,
-                                  granter.window_s, granter):  # other runs of the key
-                granting = asyncio.create_task(granter.run())
-                try:
-                    with self._signals():
-                        await self._watch(plan)
-                finally:
-                    granter.stop()
-                    await granting
-            summary = finish(self, stats.skipped, granter.rate_limited)
-            # a replaced shard run that lives on waits for grants that never come: stop it
-            write_json(self.channel.stop, {"reason": "interrupted", "shard": None,
-                                           "error": "its coordinator finished without it"})
+            with self._signals():
+                await self._watch(plan)
+            summary = await asyncio.to_thread(finish, self, stats.skipped)
+            async with get_client() as client:
+                await clear_stop(client, self.run_id)
             return summary
         finally:
             if own is not None:
@@ -135,7 +136,8 @@ class Coordinator:
         opts = self.cfg.sources
         if self.sources:
             opts = opts.model_copy(update={"paths": list(self.sources)})
-        return discover(opts)
+        # objects on object storage whose (URL, ETag) the output knows are not read again
+        return discover(opts, known=functools.partial(store.known_objects, self.root))
 
     def _plan(self, docs: list[Any]) -> Plan:
         """A new plan, or the plan of a coordinator of the same selection that died."""
@@ -150,15 +152,13 @@ class Coordinator:
             self.states = [ShardState(i, n, list(a)) for i, (n, a) in
                            enumerate(zip(found.documents, found.attempts, strict=True))]
             return found
-        limits = self.cfg.limits
         groups = split(docs, self.shards)
-        plan = Plan(self.run_id, digest, self.shards,
-                    per_window=limits.rpm * limits.window_s / 60.0, window_s=limits.window_s,
-                    attempts=[[] for _ in groups], documents=[len(g) for g in groups])
+        plan = Plan(self.run_id, digest, self.shards, attempts=[[] for _ in groups],
+                    documents=[len(g) for g in groups])
         for shard, group in enumerate(groups):
-            write_manifest(self.channel, shard, group, how)
+            write_manifest(self.folder, shard, group, how)
             self.states.append(ShardState(shard, len(group)))
-        plan.write(self.channel)
+        plan.write(self.folder)
         return plan
 
     # ---- submitting and watching
@@ -167,62 +167,61 @@ class Coordinator:
         from prefect.deployments import run_deployment
 
         earlier = [a.run_id for a in state.attempts]
-        for run_id in earlier:
-            self.granter.retire(run_id)  # type: ignore[union-attr]
         attempt = Attempt(store.new_run_id())
-        self.granter.admit(attempt.run_id)  # type: ignore[union-attr]
         flow_run = await run_deployment(
             deployment_name(self.pool), timeout=0, as_subflow=True,
-            parameters={"manifest": str(self.channel.manifest(state.shard)),
+            parameters={"manifest": str(self.folder.manifest(state.shard)),
                         "run_id": attempt.run_id, "earlier": earlier},
             flow_run_name=f"{self.run_id}-shard-{state.shard}-{len(earlier) + 1}")
         attempt.flow_run_id = str(flow_run.id)
         state.attempts.append(attempt)
-        state.state, state.message = "SCHEDULED", None
+        state.state, state.name, state.message = "SCHEDULED", None, None
         plan.attempts[state.shard] = list(state.attempts)
-        plan.write(self.channel)
+        plan.write(self.folder)
 
     async def _watch(self, plan: Plan) -> None:
         from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
         retries = self.cfg.scale.retries
+        self._woken = asyncio.Event()
         async with get_client() as client:
             for state in self.states:
                 if state.documents and not state.attempts:
                     await self._submit(plan, state)
-                elif state.attempts:
-                    self.granter.admit(state.attempts[-1].run_id)  # type: ignore[union-attr]
             while not all(s.done or not s.documents for s in self.states):
-                for state in self.states:
-                    if state.done or not state.attempts:
-                        continue
-                    flow_run = await client.read_flow_run(state.attempts[-1].flow_run_id)
-                    state.observe(flow_run.state)
-                    if (state.state in ("CRASHED", "FAILED") and not self._cancelling
+                watched = {s.attempts[-1].flow_run_id: s for s in self.states
+                           if s.attempts and not s.done}
+                found = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=list(watched))))
+                for flow_run in found:
+                    watched[str(flow_run.id)].observe(flow_run.state)
+                self.stop = self.stop or await read_stop(client, self.run_id)
+                for state in watched.values():
+                    if (state.worth_retrying and not self._cancelling and self.stop is None
                             and len(state.attempts) <= retries):
                         await self._submit(plan, state)
                 if self._cancelling:
                     await self._cancel(client)
                 if self.on_status is not None:
                     self.on_status(self._status_line())
-                await asyncio.sleep(POLL_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), POLL_S)
+                self._woken.clear()
 
     def _status_line(self) -> str:
-        reports = [ShardReport.read(self.channel.report(s.attempts[-1].run_id))
-                   for s in self.states if s.attempts]
-        sent = sum(r.used for r in reports if r is not None)
+        from ernie_batch.scale.pool import worker_command
+
         states = ", ".join(f"{s.shard}: {s.state.lower()}" for s in self.states if s.documents)
         waiting = sum(1 for s in self.states if s.state in ("SCHEDULED", "PENDING"))
-        hint = (f"; waiting for a worker of pool {self.pool!r} (`prefect worker start --pool "
-                f"{self.pool}`)" if waiting else "")
-        return f"coordinator {self.run_id}: shards {states}; {sent} requests sent{hint}"
+        hint = (f"; waiting for a worker of pool {self.pool!r} (`{worker_command(self.pool)}`)"
+                if waiting else "")
+        return f"coordinator {self.run_id}: shards {states}{hint}"
 
     # ---- Ctrl-C
 
     def _signals(self) -> Any:
         """Ctrl-C or SIGTERM: cancel the shard runs through Prefect and wait for them."""
-        import contextlib
-
         stack = contextlib.ExitStack()
         if self._graceful is not None:
             stack.enter_context(self._graceful.handling())
@@ -231,15 +230,24 @@ class Coordinator:
 
     def _on_signal(self, hurry: bool) -> None:
         self._cancelling = True
+        if self._woken is not None:
+            self._woken.set()
 
     async def _cancel(self, client: Any) -> None:
-        from prefect.states import Cancelling
+        """A running shard run is cancelled through its worker (SIGTERM: a graceful stop);
+        one no worker has started yet is cancelled at once."""
+        from prefect.states import Cancelled, Cancelling
 
         for state in self.states:
             if state.attempts and not state.done and not state.cancel_sent:
-                await client.set_flow_run_state(state.attempts[-1].flow_run_id, Cancelling(),
-                                                force=True)
-                state.cancel_sent = True
+                started = state.state in ("RUNNING", "CANCELLING")
+                await client.set_flow_run_state(
+                    state.attempts[-1].flow_run_id,
+                    Cancelling() if started else Cancelled(message="its coordinator was "
+                                                                   "interrupted"), force=True)
+                state.cancel_sent = started
+                if not started:
+                    state.state = "CANCELLED"
 
     @property
     def interrupted(self) -> RunOutcome | None:

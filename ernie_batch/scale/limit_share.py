@@ -1,42 +1,45 @@
 """One API limit for every run that uses the same endpoint and key, through the Prefect server.
 
-A coordinator (its shard runs get their grants from it) and a single run when a Prefect
-server is configured are **members** of the limit: each keeps a Prefect Variable
-`ernie_limit_<digest>_<run id>` alive and paces at the limit divided by the live members,
-equal shares. The digest is of the base URL and of a sha256 of the key: never the key. Each
-member writes only its own variable (until when it lives, how many members its share is
-for and since when, its window), so members never race.
+Shard runs of a pool, and single runs on a shared Prefect server, are **members**
+of the key's limit: each keeps a Prefect Variable `ernie_limit_<digest>_<run id>` alive and
+paces itself with its own `RequestBudget` at its share. The digest is of the base URL and of
+a sha256 of the key: never the key. Each member writes only its own variable, so members
+never race on a write; how shares follow demand and change hands safely is
+`ernie_batch.scale.shares`.
 
-The sliding window stays safe across changes by evidence, not timing:
-
-* a member lowers its share as soon as it sees another, and says so in its variable;
-* a member that joins while others are live sends nothing until every live one says it
-  paces for at least as many members and a whole window of theirs has passed since, and a
-  window has passed since any other lapsed (its requests still count in it);
-* one that left said how many requests it sent in its last window and when the last: a
-  newcomer counts them as its own until they leave the window, and starts at once (back to
-  back runs of a key do not wait a window for each other);
-* a member raises its share only one window after another left;
-* a member sends only while its variable lives: each write renews it for two `REFRESH_S`
-  of the three it lives, so one that stalls stops sending before the others count it out,
-  and joins again (as a newcomer) when it comes back. One that leaves says when, and its
-  variable stays a while for newcomers to see.
+Every `REFRESH_S` a member reads the others, works out everyone's share by demand, lowers
+its own at once or raises it after a check, counts the others' tails, and writes what it
+now holds, needs and sent. A member alone starts at once; a newcomer among others starts
+as soon as one of them has lowered its share for it (a second or two), while they go on
+using the limit. A member sends only while its variable lives: each write renews it for
+`LEASE_S`, and its budget admits for `LEASE_S - LEASE_MARGIN_S` only, so one that stalls stops
+sending before the others count it out, and on coming back joins again with no share. One
+that leaves says so, with its sends of the last window: the others take its share at once
+and count its tail until it leaves the window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from pydantic import SecretStr
 
-REFRESH_S = 5.0  # how often a member says it lives and counts the others (read when used)
+from ernie_batch.scale.shares import EPS, Member, Sent, allocate, held, portion, tails
+
+REFRESH_S = 1.0  # how often a member reads the others and writes its state
+LEASE_S = 15.0  # how long a member's variable lives after each write
+LEASE_MARGIN_S = 5.0  # its budget stops admitting this long before the variable lapses
+DEMAND_S = 4.0  # a member not waiting needs what it sent in this long (at most a window)
 PREFIX = "ernie_limit_"
+
+Check = Callable[[Any], Awaitable[None]]  # told the Prefect client before each step
 
 
 def limit_digest(base_url: str, key: SecretStr) -> str:
@@ -45,85 +48,49 @@ def limit_digest(base_url: str, key: SecretStr) -> str:
     return hashlib.sha256(f"{base_url.rstrip('/')}\0{key_hash}".encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class Member:
-    """What a member's variable says (wall-clock seconds)."""
-
-    name: str
-    expires: float
-    members: int  # its share is 1 / members
-    applied_at: float  # since when it paces at that share
-    window_s: float
-    left: bool = False  # said goodbye (else, once expired: lapsed, stalled or killed)
-    recent: int = 0  # when it left: requests it sent in its last window
-    last_sent: float | None = None  # and when the last one
-
-    @property
-    def tail_until(self) -> float:
-        """Until when requests of a member that left still count in the window."""
-        return (self.last_sent + self.window_s) if self.recent and self.last_sent else -math.inf
-
-    @classmethod
-    def of(cls, variable: dict[str, Any]) -> Member | None:
-        value = variable.get("value")
-        if not isinstance(value, dict):
-            return None
-        try:
-            last_sent = value.get("last_sent")
-            return cls(str(variable["name"]), float(value["expires"]), int(value["members"]),
-                       float(value["applied_at"]), float(value["window_s"]),
-                       bool(value.get("left", False)), int(value.get("recent") or 0),
-                       float(last_sent) if last_sent is not None else None)
-        except (KeyError, TypeError, ValueError):
-            return None
-
-
-def room_at(others: list[Member], members: int, now: float) -> float | None:
-    """When a newcomer pacing for `members` may start (wall clock); None while a live member
-    paces for fewer. A member that left is no reason to wait: its tail is counted instead
-    (`LimitShare._join`)."""
-    live = [m for m in others if m.expires > now]
-    if any(m.members < members for m in live):
-        return None
-    return max([m.applied_at + m.window_s for m in live]
-               + [m.expires + m.window_s for m in others if m.expires <= now and not m.left],
-               default=-math.inf)
-
-
 class Paced(Protocol):
-    """What a member paces: a `RequestBudget`, or a coordinator's `Granter`."""
+    """What a member paces: its `RequestBudget`."""
 
-    def set_share(self, fraction: float) -> None: ...  # of the configured limit
+    def set_share(self, fraction: float) -> None: ...
     def hold(self, seconds: float) -> None: ...  # send nothing that long (inf: until told)
     def renew(self, seconds: float) -> None: ...  # send for that long only
-    def recent(self) -> tuple[int, float | None]: ...  # sent in the last window, the last when
-    def occupy(self, count: int, at_wall: float) -> None: ...  # count others' sends as ours
+    def sent(self) -> list[tuple[float, float]]: ...  # its last window: (wall time, tokens)
+    def set_others(self, room: float, requests: list[tuple[float, float]],
+                   tokens: list[tuple[float, float]]) -> None: ...
+    def snapshot(self) -> dict[str, float]: ...  # "waiting": requests waiting now
 
 
 class LimitShare:
-    """A run's membership of a shared limit; `async with` it while the run sends."""
+    """A run's membership of a shared limit; `async with` it while the run sends.
+
+    `limits` are the configured (whole) requests and tokens per window; `checks` run before
+    every step with the Prefect client (a shard run watches for its stop there)."""
 
     def __init__(self, base_url: str, key: SecretStr, member: str, window_s: float,
-                 paced: Paced) -> None:
+                 paced: Paced, limits: tuple[float | None, float | None], *,
+                 checks: Sequence[Check] = ()) -> None:
         self.prefix = f"{PREFIX}{limit_digest(base_url, key)}_"
         self.name = self.prefix + member.lower()
         self.window_s = window_s
         self.paced = paced
-        self.members = 1
-        self.applied_at = 0.0
+        self.full = limits
+        self.checks = list(checks)
+        self.share = 0.0  # applied: what the budget paces at
         self.expires = 0.0
-        self.waiting = False  # a newcomer holding until the others made room
-        self._raise_at: float | None = None  # when a higher share may apply (after a leave)
+        self._joined = time.time()
+        # (since when, share): ours of the last window, the current one last
+        self._history: collections.deque[tuple[float, float]] = collections.deque(
+            [(self._joined, 0.0)])
+        self._said: tuple[float, float | None, float] | None = None  # share, want, when written
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> LimitShare:
         from prefect.client.orchestration import get_client
 
+        self._apply(0.0)
         async with get_client() as client:
-            self.paced.hold(math.inf)
-            await self._write(client)  # seen before we look: two joining at once see each other
-            self._join(await self._others(client), time.time())
-            await self._write(client)
+            await self._write(client, 0.0, hungry=True)  # about to send; seen before we look
+            await self._step(client)
         self._task = asyncio.create_task(self._refresh())
         return self
 
@@ -134,20 +101,10 @@ class LimitShare:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._apply(0.0)  # gone: nothing more is sent on our share
         with contextlib.suppress(Exception):  # unreachable server: it lapses by itself
             async with get_client() as client:
-                await self._write(client, left=True)
-
-    def _join(self, others: list[Member], now: float) -> None:
-        live = sum(1 for m in others if m.expires > now)
-        self.members, self.applied_at, self._raise_at = live + 1, now, None
-        self.paced.set_share(1.0 / self.members)
-        for m in others:
-            if m.left and m.last_sent is not None and m.tail_until > now:
-                self.paced.occupy(m.recent, m.last_sent)
-        self.waiting = True
-        self.paced.hold(math.inf)
-        self._check_room(others, now)  # alone, or room already: at once
+                await self._write(client, 0.0, left=True)
 
     async def _refresh(self) -> None:
         from prefect.client.orchestration import get_client
@@ -156,59 +113,107 @@ class LimitShare:
             while True:
                 await asyncio.sleep(REFRESH_S)
                 try:
-                    others = await self._others(client)
-                    now = time.time()
-                    if now > self.expires:  # we stalled and were counted out: join again
-                        self._join(others, now)
-                    else:
-                        self.observe(sum(1 for m in others if m.expires > now) + 1, now)
-                        self._check_room(others, now)
-                    await self._write(client)
-                except Exception:  # noqa: BLE001 - a server hiccup: keep the share we have
+                    if time.time() > self.expires:  # we stalled and were counted out
+                        self._apply(0.0)
+                        await self._write(client, 0.0)
+                    await self._step(client)
+                except Exception:  # noqa: BLE001 - a server hiccup: the lease bounds the rest
                     continue
 
-    def observe(self, members: int, now: float) -> None:
-        """Lower the share at once; raise it only a window after the count fell."""
-        if members > self.members:
-            self.members, self.applied_at, self._raise_at = members, now, None
-            self.paced.set_share(1.0 / members)
-        elif members < self.members:
-            if self._raise_at is None:
-                self._raise_at = now + self.window_s
-            elif now >= self._raise_at:
-                self.members, self.applied_at, self._raise_at = members, now, None
-                self.paced.set_share(1.0 / members)
+    async def _step(self, client: Any) -> None:
+        """Read the others, take the share demand gives us (a raise only once checked),
+        count their tails, say what we hold."""
+        for check in self.checks:
+            await check(client)
+        others = await self._others(client)
+        now = time.time()
+        wants = {m.name: m.want for m in others if m.live(now)} | {self.name: self._want(now)}
+        target = allocate(wants, sum(m.share for m in others if m.binds(now) and
+                                     not m.live(now)))[self.name]
+        if target < self.share - EPS:
+            self._apply(target, others, now)
+        elif (target := min(target, 1.0 - held(others, now))) > self.share + EPS:
+            await self._write(client, target)  # our claim first, then look again
+            others = await self._others(client)
+            now = time.time()
+            if held(others, now) + target <= 1.0 + EPS:
+                self._apply(target, others, now)
+        self._count_others(others, now)
+        if self._news(time.time()):
+            await self._write(client, self.share)
+
+    def _news(self, now: float) -> bool:
+        """Whether our variable is worth writing: a share or a demand the others have not seen,
+        or a lease to renew. Our sends since we last wrote are within our cap: the others
+        need not see them (`shares`)."""
+        if self._said is None:
+            return True
+        share, want, at = self._said
+        new_want = self._want(now)
+        return (share != self.share or now - at > REFRESH_S + (LEASE_S - LEASE_MARGIN_S) / 3
+                or (want is None) != (new_want is None)
+                or (want is not None and new_want is not None and abs(new_want - want) > 0.05))
+
+    def _want(self, now: float) -> float | None:
+        """None while requests wait (or, just joined, before the first one could); else the
+        part of the limit we used lately."""
+        horizon = min(DEMAND_S, self.window_s)
+        sent = self.paced.sent()
+        if (self.paced.snapshot().get("waiting", 0.0) > 0
+                or (not sent and now - self._joined < horizon)):
+            return None
+        recent = [cost for at, cost in sent if at > now - horizon]
+        used = (len(recent), sum(recent))  # requests, tokens
+        return max((n * self.window_s / horizon / full
+                    for n, full in zip(used, self.full, strict=True) if full), default=0.0)
+
+    def _apply(self, share: float, others: list[Member] | None = None,
+               now: float = 0.0) -> None:
+        if share != self.share:
+            self._history.append((time.time(), share))
+        self.share = share
+        if others is not None:
+            self._count_others(others, now)
+        if share > EPS:
+            self.paced.set_share(min(1.0, share))
+            self.paced.hold(0.0)
         else:
-            self._raise_at = None
+            self.paced.hold(math.inf)
 
-    def _check_room(self, others: list[Member], now: float) -> None:
-        if not self.waiting:
-            return
-        start = room_at(others, self.members, now)
-        if start is not None:
-            self.waiting = False
-            self.paced.hold(max(0.0, start - now))
+    def _count_others(self, others: list[Member], now: float) -> None:
+        """Our share bounds ours and our portion of the others' tails together."""
+        gained = self.share - min(share for _, share in self._window_history(now))
+        requests, tokens = tails(others, portion(gained, others, now))
+        self.paced.set_others(self.share, requests, tokens)
 
-    async def _write(self, client: Any, left: bool = False) -> None:
+    def _window_history(self, now: float) -> tuple[tuple[float, float], ...]:
+        """(since when, share) of the shares we held within the last window, current last."""
+        while len(self._history) > 1 and self._history[1][0] <= now - self.window_s:
+            self._history.popleft()  # one that ended before the window began
+        return tuple(self._history)
+
+    async def _write(self, client: Any, share: float, left: bool = False,
+                     hungry: bool = False) -> None:
         from prefect.client.schemas.actions import VariableCreate, VariableUpdate
         from prefect.exceptions import ObjectAlreadyExists
 
         now = time.time()
-        self.expires = now if left else now + 3 * REFRESH_S
-        value: dict[str, Any] = {"expires": self.expires, "members": self.members,
-                                 "applied_at": self.applied_at, "window_s": self.window_s}
-        if left:
-            recent, last_sent = self.paced.recent()
-            value |= {"left": True, "recent": recent, "last_sent": last_sent}
+        expires = now if left else now + LEASE_S
+        caps = tuple(full * share if full else None for full in self.full)
+        want = None if left or hungry else self._want(now)
+        member = Member(self.name, expires, share, caps, want,  # type: ignore[arg-type]
+                        self.window_s, Sent.of(self.paced.sent(), self.window_s, now), left,
+                        self._window_history(now))  # applied shares, never an unchecked claim
         try:
-            await client.create_variable(VariableCreate(name=self.name, value=value))
+            await client.create_variable(VariableCreate(name=self.name, value=member.json()))
         except ObjectAlreadyExists:
-            await client.update_variable(VariableUpdate(name=self.name, value=value))
+            await client.update_variable(VariableUpdate(name=self.name, value=member.json()))
+        self.expires, self._said = expires, (share, want, now)
         if not left:
-            self.paced.renew(self.expires - now - REFRESH_S)
+            self.paced.renew(LEASE_S - LEASE_MARGIN_S - (time.time() - now))
 
     async def _others(self, client: Any) -> list[Member]:
-        """The other members, live or gone less than a window ago (the older are deleted)."""
+        """The other members whose share or tail still counts (the older are deleted)."""
         response = await client.request("POST", "/variables/filter", json={
             "variables": {"name": {"like_": self.prefix + "%"}}, "limit": 200})
         response.raise_for_status()
@@ -216,19 +221,33 @@ class LimitShare:
         found = [m for m in map(Member.of, response.json()) if m is not None
                  and m.name.startswith(self.prefix) and m.name != self.name]
         for m in found:
-            if m.expires + m.window_s + 3 * REFRESH_S < now:
+            if m.expires + m.window_s + LEASE_S < now:
                 with contextlib.suppress(Exception):  # another member may be at it too
                     await client.delete_variable_by_name(m.name)
         return [m for m in found if m.expires + m.window_s >= now]
 
 
+def configured_limits(cfg: Any) -> tuple[float | None, float | None]:
+    """The config's whole limits per window (requests, tokens); None: not limited."""
+    limits, per_window = cfg.limits, cfg.limits.window_s / 60.0
+    return (limits.rpm * per_window or None, limits.tpm * per_window or None)
+
+
+def membership(cfg: Any, key: SecretStr, run_id: str, budget: Any, *,
+               checks: Sequence[Check] = ()) -> LimitShare:
+    """A run's membership of its key's limit, pacing `budget`."""
+    return LimitShare(cfg.api.base_url, key, run_id, cfg.limits.window_s, budget,
+                      configured_limits(cfg), checks=checks)
+
+
 def run_membership(cfg: Any, key: SecretStr, run_id: str,
                    budget: Any) -> contextlib.AbstractAsyncContextManager[Any]:
-    """A single run's membership: when a configured Prefect server is there to share through
-    and the run has a limit to share (`limits.rpm` or `limits.tpm`); else nothing."""
+    """A single run's membership: when a Prefect server others use too (configured, or the
+    home's) is there to share through and the run has a limit to share (`limits.rpm` or
+    `limits.tpm`); else nothing."""
     from ernie_batch.prefect_server import shared_server
 
     limits = cfg.limits
     if not (limits.rpm > 0 or limits.tpm > 0) or not shared_server():
         return contextlib.nullcontext()
-    return LimitShare(cfg.api.base_url, key, run_id, limits.window_s, budget)
+    return membership(cfg, key, run_id, budget)

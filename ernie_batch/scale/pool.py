@@ -7,7 +7,8 @@ its environment gets `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` (30 s, the least Prefec
 so its shard runs send heartbeats. A self-hosted server does not act on missing heartbeats
 by itself: the automation (Prefect's "detect zombie flows") marks a shard run `Crashed` when
 no heartbeat came for `SILENT_S`, and the coordinator then gives its shard to a new attempt.
-Workers are Prefect's own (`prefect worker start --pool NAME`).
+Workers are Prefect's own, one shard run at a time each (`worker_command`): a worker without
+`--limit` takes every shard run it finds, and the first to look takes all of them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from ernie_batch.scale.coordinator import deployment_name
 HEARTBEAT_S = 30  # the smallest heartbeat Prefect accepts
 SILENT_S = 3 * HEARTBEAT_S  # no heartbeat for this long: the shard run is crashed
 AUTOMATION = "ernie-batch: crash silent shard runs"
+
+
+def worker_command(pool: str) -> str:
+    """How to start a worker of the pool (README "Running on several machines")."""
+    return f"prefect worker start --pool {pool} --limit 1"
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,18 @@
 
 The differences from a run of the CLI: its run id and its documents come from the
 coordinator; it takes no folder run lock (the coordinator holds it for all its shards; each
-shard holds the shared data lock and its own run-id lock, as every writer does); its budget
-asks the coordinator for every request (`SharedBudget`); a fatal error or a budget stop here
-raises the coordinator's stop flag, and the flag raised elsewhere stops this one.
+shard holds the shared data lock and its own run-id lock, as every writer does); it is a
+member of its key's limit through the Prefect server (`limit_share`), pacing its own
+budget at its share, whatever its coordinator does; a fatal error or a budget stop here
+stops every shard of the coordinator, and one raised elsewhere stops this one (`stop`).
 
 A shard run that replaces an earlier attempt (its worker went silent) takes the earlier
 one's work over when that one is dead: start-up recovery folds its journal (its run-id lock
-is free), its rows count, its units are not sent again. An earlier attempt still alive (a
-worker that lost its server but lives on) is *fenced*: its rows never count as done here,
-its units are sent again, and the coordinator will not accept it; it gets no more grants,
-so it cannot send another request either. The report says which was which.
+is free), its rows count, its units are not sent again; its `runs` row lists the attempts
+it took over (`accepted_runs`), so its coordinator accepts them with it. An earlier attempt
+still alive (a worker that lost its server but lives on) is *fenced*: its rows never count
+as done here, its units are sent again, and the coordinator will not accept it; its flow
+run is `Crashed`, which stops it the moment it can talk to the server again.
 """
 
 from __future__ import annotations
@@ -23,16 +25,15 @@ from typing import Any
 import pyarrow as pa
 
 from ernie_batch.config import api_key, load_config
-from ernie_batch.engine import Pipeline, RunOptions
 from ernie_batch.errors import ConfigError
-from ernie_batch.recovery import fold_dead_run
-from ernie_batch.scale.channel import Channel, read_json
-from ernie_batch.scale.plan import document_of
-from ernie_batch.scale.shared_budget import SharedBudget
-from ernie_batch.summary import RunSummary
-from ernie_batch.vocab import RunKind, RunOutcome
-
-STOPS_EVERY_SHARD = (RunOutcome.FATAL_API_ERROR, RunOutcome.BUDGET_STOPPED)
+from ernie_batch.location import Location
+from ernie_batch.run.engine import Pipeline, RunOptions
+from ernie_batch.run.recovery import fold_dead_run
+from ernie_batch.run.summary import RunSummary
+from ernie_batch.scale.limit_share import membership
+from ernie_batch.scale.plan import document_of, read_json
+from ernie_batch.scale.stop import ShardWatch
+from ernie_batch.vocab import RunKind
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -46,7 +47,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
              overrides.get("prompt.template_file"), overrides.get("prompt.schema_file"),
              *(overrides.get("sources.paths") or [])]
     for path_text in named:
-        if path_text and not Path(path_text).exists():
+        if path_text and not (location := Location.parse(path_text)).is_remote \
+                and not location.exists():
             raise ConfigError(f"{path_text} does not exist on this worker: the coordinator's "
                               "paths must be the same here (shared storage, same mount point)")
     return manifest
@@ -72,32 +74,31 @@ def take_over(root: Path, recovered: list[str], earlier: list[str], schema: pa.S
     return taken, fenced
 
 
-async def run_shard(manifest_path: Path, run_id: str,
-                    earlier: list[str] | None = None) -> RunSummary:
-    """Run the shard's documents under run id `run_id`, replacing the `earlier` attempts."""
+async def run_shard(manifest_path: Path, run_id: str, earlier: list[str] | None = None,
+                    flow_run_id: str | None = None) -> RunSummary:
+    """Run the shard's documents under run id `run_id`, replacing the `earlier` attempts;
+    `flow_run_id` (its own, in Prefect) is watched: not running any more, it stops."""
     manifest = read_manifest(manifest_path)
     cfg = load_config(manifest.get("config_path"), manifest.get("overrides") or {})
     key = api_key(cfg)  # from this worker's environment or a Secret block, never the manifest
-    channel = Channel(manifest_path.parent)
     shard = int(manifest["shard"])
-    budget = SharedBudget(channel, shard, run_id, cfg.limits.concurrency)
+    coordinator = manifest["coordinator_run_id"]
     opts = RunOptions(kind=RunKind.SHARD, force=bool(manifest.get("force")),
                       retry_failed=bool(manifest.get("retry_failed")), run_id=run_id,
-                      parent_run_id=manifest["coordinator_run_id"], shard=shard,
+                      parent_run_id=coordinator, shard=shard,
                       wait_lock_s=float(manifest.get("wait_lock_s") or 600))
     docs = [document_of(d) for d in manifest["documents"]]
-    try:
-        async with Pipeline(cfg, key, opts, budget=budget) as run:  # type: ignore[arg-type]
+    async with Pipeline(cfg, key, opts) as run:
+        watch = ShardWatch(coordinator, shard, flow_run_id, run.stop.set)
+        run.stop.listeners.append(watch.raised)
+        try:
             taken, fenced = await asyncio.to_thread(take_over, run.root, run.recovered,
                                                     earlier or [], run.pages_schema)
-            budget.report.extra = {"taken_over": taken, "fenced": fenced}
+            run.recorder.accepted_runs = taken
             run.done.ignored_runs.update(fenced)
-            budget.on_stop_flag = lambda reason, error: run.stop.set(RunOutcome(reason), error)
-            run.stop.listeners.append(
-                lambda reason, error: budget.raise_stop_flag(reason, error)
-                if reason in STOPS_EVERY_SHARD else None)
             run.progress.documents_total = len(docs)
-            await run.process(docs)
+            async with membership(cfg, key, run.run_id, run.budget, checks=[watch.check]):
+                await run.process(docs)
             return await run.finish()
-    finally:
-        await budget.aclose()
+        finally:
+            await watch.aclose()

@@ -16,7 +16,7 @@ import re
 import uuid
 from typing import Any
 
-from ernie_batch import tokens
+from ernie_batch.api import tokens
 from ernie_batch.config import DEFAULT_SCHEMA
 from ernie_batch.sim.validation import Checked, is_number
 

@@ -30,10 +30,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ernie_batch import tokens
+from ernie_batch.api import tokens
 from ernie_batch.config import CREDITS_PER_USD, whole_credits
-from ernie_batch.content import content_sha256
+from ernie_batch.intake.content import content_sha256
 from ernie_batch.sim.answers import answer_schema, compose_answer
+from ernie_batch.sim.evidence import answer_with_evidence, wants_evidence
 from ernie_batch.sim.faults import (
     FAULT_KINDS,
     NON_JSON_BODY,
@@ -210,7 +211,9 @@ class Simulator:
     def fault_error(self, fault: str) -> ApiError:
         """The error answer of the rate_limited and server_error faults (not billed)."""
         if fault == "rate_limited":
-            wait = min(1.0, self.settings.window_s / 60) * self._fault_rng.uniform(0.5, 2.0)
+            wait = self.settings.sporadic_retry_after_s
+            if wait is None:
+                wait = min(1.0, self.settings.window_s / 60) * self._fault_rng.uniform(0.5, 2.0)
             return ApiError(429, "Too many requests: the provider is busy, retry later",
                             "fault_rate_limited", {"Retry-After": retry_after(wait)})
         status = self._fault_rng.choice((500, 502, 503, 504))
@@ -307,7 +310,10 @@ class Simulator:
                    headers_delivered: bool) -> tuple[dict[str, Any], int, float]:
         """The 200 body of the vendor's response schema, and what it was billed (credits, usd)."""
         truth = self.settings.scripted.get(checked.digest)
-        if truth is not None and self.settings.error_rates:
+        if wants_evidence(checked):  # the answer and a quote per field, read from the page
+            truth = answer_with_evidence(checked, truth, self.settings.error_rates,
+                                         self.settings.seed)
+        elif truth is not None and self.settings.error_rates:
             truth = misread(truth, checked, self.settings.error_rates, self.settings.seed)
         content, finish = compose_answer(checked, fault, truth)
         completion = tokens.completion_tokens(content)

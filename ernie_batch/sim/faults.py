@@ -38,7 +38,10 @@ BILLED_FAULTS = frozenset({"slow", "truncated", "length", "invalid_answer", "fen
 class FaultRates:
     """Probabilities per request (seeded), all 0 by default."""
 
-    rate_limited: float = 0.0  # random 429 (with Retry-After), not billed
+    # sporadic 429 with Retry-After, whatever the rate (an aggregator's upstream shedding
+    # load), apart from the RPM/TPM limit: drawn after admission, so it counts in the window
+    # as the limit's own 429s do not; not billed
+    rate_limited: float = 0.0
     server_error: float = 0.0  # 500/502/503/504 picked at random, not billed
     slow: float = 0.0  # answer only after SimSettings.slow_s; billed
     reset: float = 0.0  # connection dropped before any response byte; not billed

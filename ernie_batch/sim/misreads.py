@@ -49,12 +49,14 @@ def draw(seed: int, digest: str, field: str, version: str) -> float:
     return int(h[:13], 16) / 16**13
 
 
-def misread(answer: Any, checked: Checked, error_rates: Rates, seed: int = 0) -> Any:
-    """`answer` with the fields its version misreads spoiled (unchanged when none applies)."""
+def misread(answer: Any, checked: Checked, error_rates: Rates, seed: int = 0,
+            schema: dict[str, Any] | None = None) -> Any:
+    """`answer` with the fields its version misreads spoiled (unchanged when none applies);
+    `schema`: the answer's, when the request's is a wrapper around it (evidence)."""
     version = version_of(checked, error_rates)
     if version is None or not isinstance(answer, dict):
         return answer
-    props = checked.schema.get("properties") or {}
+    props = (checked.schema if schema is None else schema).get("properties") or {}
     spoiled = dict(answer)
     for name, rate in error_rates[version].items():
         if name in spoiled and draw(seed, checked.digest, name, version) < rate:

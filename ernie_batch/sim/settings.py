@@ -24,6 +24,9 @@ class SimSettings:
     max_concurrency: int = 0  # 0 = no limit
     balance_credits: float | None = None  # None = unlimited
     faults: FaultRates = field(default_factory=FaultRates)
+    # Retry-After of the sporadic 429s (`faults.rate_limited`); None: drawn from 0.5-2 s
+    # (times window_s / 60 when the window is shorter than a minute)
+    sporadic_retry_after_s: float | None = None
     seed: int = 0
     slow_s: float = 30.0
     reject_response_formats: tuple[str, ...] = ()

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ernie_batch.content import ContentError, content_sha256, decode_media
+from ernie_batch.intake.content import ContentError, content_sha256, decode_media
 
 IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP"})  # what the vendor accepts
 

@@ -3,7 +3,8 @@
 Read from the key columns of `pages` only, only for the fingerprint in play and the content
 the run discovered, and kept in Arrow form: a run's start does not grow with the rows of
 history it does not touch. The decisions live here, beside the index they read, so the
-engine asks one question per document and one per unit.
+engine asks one question per document and one per unit. `known_objects` answers discovery's
+one question about objects on object storage: which (URL, ETag) pairs were read before.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class DoneIndex:
             part = _Part.build(rows)
             for sha, (doc, start, stop) in part.rows_by_sha().items():
                 self._where[sha] = (part, doc, start, stop)
+
+    def unrecorded(self, shas: Iterable[str]) -> set[str]:
+        """Of content this index read rows for (`add_from`), that with no row of its
+        fingerprint: every row of it since is the reading run's own."""
+        return {sha for sha in shas if sha not in self._where}
 
     def _record(self, sha: str, fp: str) -> DocRecord | None:
         found = self._where.get(sha) if fp == self.fingerprint else None
@@ -250,3 +256,28 @@ def load_done(root: StrPath, fingerprint: str, shas: Iterable[str] | None = None
     index = DoneIndex(fingerprint)
     index.add_from(root, shas)
     return index
+
+
+KNOWN_COLUMNS = ["source_path", "source_etag", "source_sha256", "doc_type"]
+
+
+def known_objects(root: StrPath, objects: Iterable[tuple[str, str]]
+                  ) -> dict[tuple[str, str], tuple[str, str]]:
+    """(source_path, source_etag) -> (source_sha256, doc_type) for the objects among `objects`
+    that `pages` rows recorded under that ETag (any prompt, any run): what their bytes were,
+    known without reading them again. Reads four columns of the rows of those paths only."""
+    wanted = {(path, etag) for path, etag in objects if etag}  # a local file has no ETag
+    if not wanted:
+        return {}
+    paths = pa.array(sorted({path for path, _ in wanted}), pa.string())
+    rows = read_columns(root, "pages", KNOWN_COLUMNS, pc.field("source_path").isin(paths),
+                        include_rejected=True)  # a fenced run read the same bytes
+    if rows is None:
+        return {}
+    found: dict[tuple[str, str], tuple[str, str]] = {}
+    for path, etag, sha, doc_type in zip(*(rows[c].to_pylist() for c in KNOWN_COLUMNS),
+                                         strict=True):
+        if (path, etag) in wanted:
+            found[(path, etag)] = (sha, doc_type)
+    return found
+

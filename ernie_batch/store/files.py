@@ -1,7 +1,7 @@
-"""Files that appear whole or not at all: temp name, fsync, rename; and a probe of the folder.
+"""Small files that appear whole or not at all (temp name, rename), and a probe of the folder.
 
-A reader never sees half a file, and a kill leaves at worst a dot-named temporary part
-that the next holder of the lock removes.
+The tables' data files are Delta's (`store.delta`); these are small files beside them (the
+scale plan and manifests, review pages).
 """
 
 from __future__ import annotations
@@ -9,16 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from ernie_batch.errors import OutputError
-
-TABLES = ("pages", "attempts", "runs", "documents", "billing", "evals")
-_RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+from ernie_batch.location import OutputRoot, StrPath
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,40 +30,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Whole or not at all (a temporary file beside it, then a rename); no fsync: for files
-    rewritten often whose loss in a power cut costs nothing (grants, reports, review pages)."""
+    """Whole or not at all (a temporary file beside it, then a rename); no fsync: a power cut
+    may leave the previous version (the scale plan and manifests, review pages)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def remove_temp_files(root: Path, may_remove: Callable[[str], bool]) -> int:
-    """Delete half-written parts that killed runs left: those whose run id `may_remove` allows.
-
-    A temporary part's name carries the run id it belongs to (`.part-<run_id>-0000.parquet.
-    <pid>.tmp`); the caller decides by run id, so a live sibling's temporary files stay.
-    """
-    removed = 0
-    for table in TABLES:
-        folder = root / table
-        if folder.is_dir():
-            for tmp in folder.rglob(".*.tmp"):
-                run_id = _RUN_ID.search(tmp.name)
-                if run_id and may_remove(run_id.group(0)):
-                    tmp.unlink(missing_ok=True)
-                    removed += 1
-    return removed
 
 
 def _file_in_the_way(root: Path) -> Path | None:
@@ -83,8 +49,14 @@ def _file_in_the_way(root: Path) -> Path | None:
     return None
 
 
-def check_writable(root: Path) -> None:
-    """Create the folder and prove a file can be written and synced there."""
+def check_writable(root: StrPath | OutputRoot) -> None:
+    """Create the folder and prove a file can be written and synced there; on object storage,
+    prove an object can be written and deleted there (the bucket exists, the keys may write)."""
+    out = OutputRoot.of(root)
+    if not out.is_local:
+        _check_bucket(out)
+        return
+    root = out.local_path()
     blocker = _file_in_the_way(root)
     if blocker == root:
         raise OutputError(f"output folder {root} is a file")
@@ -102,3 +74,28 @@ def check_writable(root: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)  # also when the disk was full: leave nothing behind
+
+
+def _check_bucket(out: OutputRoot) -> None:
+    import obstore
+    from obstore.exceptions import BaseError
+
+    from ernie_batch.buckets import client
+
+    location = out.location
+    store = client(out.object_access(), location.scheme, location.bucket)
+    probe = f"{location.key}/.write-probe-{os.getpid()}".lstrip("/")
+    try:
+        obstore.put(store, probe, b"probe")
+        obstore.delete(store, probe)
+    except (BaseError, OSError) as exc:  # its kind, status and S3 code: never a credential
+        raise OutputError(f"output {out.url} is not writable: {why(exc)}") from None
+
+
+def why(exc: BaseException) -> str:
+    """An object-store error in a few words: its kind, the HTTP status and S3's error code
+    (the whole text may quote a signed request)."""
+    text = str(exc)
+    status = re.search(r"status (\d{3}[A-Za-z ]*)", text)
+    code = re.search(r"<Code>(\w+)</Code>", text)
+    return ", ".join([type(exc).__name__, *(m.group(1).strip() for m in (status, code) if m)])

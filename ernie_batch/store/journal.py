@@ -51,12 +51,13 @@ class Journal:
         self._synced = 0.0
         self.write({"t": "run", **header})
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], sync: bool = False) -> None:
+        """Append one record; with `sync`, on disk before this returns (a commit's line)."""
         data = memoryview((_encode(record) + "\n").encode("utf-8"))
         while data:  # a regular file takes it whole; a signal may cut a write short
             data = data[os.write(self._fd, data):]
         now = time.monotonic()
-        if now - self._synced >= self._sync_every_s:
+        if sync or now - self._synced >= self._sync_every_s:
             os.fsync(self._fd)
             self._synced = now
 

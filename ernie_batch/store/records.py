@@ -22,8 +22,10 @@ PAGE_HEAD = [
     pa.field("run_id", pa.string()),
     pa.field("key", pa.string()),
     pa.field("fingerprint", pa.string()),
+    pa.field("prep_fingerprint", pa.string()),  # preparation settings alone (no prompt)
     pa.field("source_path", pa.string()),
     pa.field("source_sha256", pa.string()),
+    pa.field("source_etag", pa.string()),  # an object's ETag when read (null: a local file)
     pa.field("doc_type", pa.string()),
     pa.field("page", pa.int32()),
     pa.field("page_last", pa.int32()),
@@ -35,12 +37,17 @@ PAGE_HEAD = [
     pa.field("duplicate_of_run", pa.string()),
     pa.field("answer_json", pa.string()),
     pa.field("raw_answer", pa.string()),
+    pa.field("evidence_json", pa.string()),  # [prompt] evidence: field path -> quote, span, status, box
+    pa.field("fields_verified", pa.int32()),
+    pa.field("fields_checked", pa.int32()),  # not_checked fields count in neither
 ]
 PAGE_TAIL = [
     pa.field("response_id", pa.string()),
     pa.field("attempts", pa.int16()),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
+    # one request's prompt tokens as estimated before sending (`plan` learns billed/estimated)
+    pa.field("prompt_tokens_est", pa.int64()),
     pa.field("credits", pa.float64()),
     pa.field("usd", pa.float64()),
     pa.field("latency_s", pa.float64()),  # the answering attempt's request to response
@@ -88,7 +95,10 @@ RUNS_SCHEMA = pa.schema(
         pa.field("units_duplicate", pa.int64()),
         pa.field("units_already_done", pa.int64()),
         pa.field("units_not_sent", pa.int64()),
+        pa.field("units_selected", pa.int64()),  # the six counts above add up to it
         pa.field("requests", pa.int64()),
+        pa.field("rate_limited", pa.int64()),  # 429s attributed to the limit
+        pa.field("refused_sporadic", pa.int64()),  # 429s that did not follow the rate
         pa.field("credits", pa.float64()),
         pa.field("usd", pa.float64()),
         pa.field("outcome", pa.string()),
@@ -124,9 +134,13 @@ BILLING_SCHEMA = pa.schema(
         pa.field("attempt", pa.int16()),
         pa.field("matched", pa.bool_()),  # an attempt row of ours holds it
         pa.field("recorded_credits", pa.float64()),  # what that attempt recorded (null: unknown)
-        pa.field("reconcile_id", pa.string()),  # the reconcile that first saw it
+        pa.field("reconcile_id", pa.string()),  # the reconcile that wrote this row
+        pa.field("reconciled_at", TS),  # when: the newest row per inference_id is the current one
     ]
 )
+# `billing` is append-only: a later reconcile that attributes a row otherwise writes it again
+BILLING_KEY = "inference_id"
+BILLING_NEWEST = ("reconciled_at", "reconcile_id")
 
 # `eval`: one row per (eval id, config, field), and the config's totals in its `field = "*"` row
 EVALS_SCHEMA = pa.schema(
@@ -207,16 +221,22 @@ class PageRow:
     model: str
     started_at: datetime
     finished_at: datetime
+    source_etag: str | None = None
     duplicate_of_path: str | None = None
     duplicate_of_run: str | None = None
+    prep_fingerprint: str | None = None
     content_sha256: str | None = None
     answer_json: str | None = None
     raw_answer: str | None = None
+    evidence_json: str | None = None
+    fields_verified: int | None = None
+    fields_checked: int | None = None
     answers: dict[str, Any] = field(default_factory=dict)  # answer_<field> -> cell
     response_id: str | None = None
     attempts: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_est: int | None = None  # null on rows of units never sent
     credits: float = 0.0
     usd: float = 0.0
     latency_s: float | None = None
@@ -306,6 +326,9 @@ class RunRow:
     schema_path: str | None = None
     prompt_label: str | None = None
     accepted_runs: list[str] | None = None
+    units_selected: int | None = None  # None: unknown (a killed run's, a coordinator's)
+    rate_limited: int | None = None
+    refused_sporadic: int | None = None  # None: not known (a run recovered from its journal)
 
     def as_dict(self) -> dict[str, Any]:
         return _columns(self, RUN_COLUMNS)
@@ -333,6 +356,7 @@ DOCUMENT_HEAD = [
 ]
 DOCUMENT_TAIL = [
     pa.field("provenance_json", pa.string()),
+    pa.field("evidence_json", pa.string()),  # each merged field's, from the page it came from
     pa.field("conflicts_json", pa.string()),
     pa.field("credits", pa.float64()),
     pa.field("usd", pa.float64()),
@@ -371,6 +395,7 @@ class DocumentRow:
     credits: float
     usd: float
     built_at: datetime
+    evidence_json: str | None = None  # null: no page of it carries evidence
 
     def as_dict(self) -> dict[str, Any]:
         return {**_columns(self, _DOC_HEAD), **self.answers, **_columns(self, _DOC_TAIL)}
