@@ -72,6 +72,7 @@ def lease(home: ServerHome, idle_s: float = 600.0) -> ServerLease:
     return held
 
 
+@pytest.mark.slow  # tens of seconds: the default tier stays under 10 minutes
 def test_a_run_leaves_a_background_server_the_next_run_uses(home, sim_factory, tmp_path):
     sim = sim_factory()
     inbox = tmp_path / "inbox"
@@ -206,6 +207,7 @@ def test_a_state_file_naming_someone_elses_process_never_gets_it_killed(home):
         sleeper.wait()
 
 
+@pytest.mark.slow  # tens of seconds: the default tier stays under 10 minutes
 def test_two_commands_at_once_start_one_server_that_stops_once_idle_and_unused(home):
     stop(home, force=True)  # none running: the two must start one
     leases = [ServerLease(home, kind="background", idle_s=2.0) for _ in range(2)]

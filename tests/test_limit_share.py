@@ -268,6 +268,7 @@ def test_members_joining_leaving_and_idling_never_exceed_the_limit_together(monk
     assert len(busy) >= 0.8 * per_window * 6.0 / window_s, len(busy)
 
 
+@pytest.mark.slow  # tens of seconds: the default tier stays under 10 minutes
 @pytest.mark.parametrize("offset_s", [0.0, 1.5])
 def test_two_runs_of_one_key_at_once_stay_under_its_limit_together(
         prefect_harness, monkeypatch, sim_factory, api_env, tmp_path, offset_s):

@@ -241,6 +241,7 @@ def flowing_rate(events: list[dict[str, Any]]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+@pytest.mark.slow  # tens of seconds: the default tier stays under 10 minutes
 def test_sporadic_429s_cost_a_retry_not_the_rate(recorded_sim, tmp_path):
     """15 % of requests refused at random with Retry-After, a limit far above need: the run
     keeps close to the pace of a bare client that only retries each refused request after
@@ -304,6 +305,7 @@ def test_sporadic_429s_cost_a_retry_not_the_rate(recorded_sim, tmp_path):
     assert reported["refused_sporadic"] == summary.refused_sporadic
 
 
+@pytest.mark.slow  # tens of seconds: the default tier stays under 10 minutes
 def test_a_true_limit_with_sporadic_429s_is_held(recorded_sim, tmp_path):
     """The limit told and enforced (30 per 3 s window), 15 % refused at random besides: no
     window goes over the limit, its own 429s stay rare, and the random ones cost no rate."""

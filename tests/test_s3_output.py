@@ -43,6 +43,7 @@ def s3_job(s3, sim_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return config, out, chaos.cli_env(chaos.prefect_home()), sim, units
 
 
+@pytest.mark.slow  # tens of seconds: the default tier stays under 10 minutes
 def test_every_command_works_on_an_output_in_a_bucket(s3_job, tmp_path: Path) -> None:
     config, out, env, sim, units = s3_job
     res = _cli(env, "run", "-c", str(config), "--json")

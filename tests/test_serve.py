@@ -90,7 +90,8 @@ def read_table(path: Path) -> pd.DataFrame | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-@pytest.mark.parametrize("server", ["own", pytest.param("background", marks=pytest.mark.slow)])
+@pytest.mark.slow  # half a minute each
+@pytest.mark.parametrize("server", ["own", "background"])
 def test_serve_runs_the_interval_schedule_on_the_homes_server_and_stops_what_it_started(
     tmp_path: Path, sim_factory, monkeypatch: pytest.MonkeyPatch, server: str
 ) -> None:
