@@ -13,10 +13,13 @@ import pytest
 from pydantic import SecretStr
 
 from ernie_batch import store
+from ernie_batch.config import ImageOptions, PdfOptions, SourceOptions
+from ernie_batch.intake.count import count_within
+from ernie_batch.intake.discover import discover
 from ernie_batch.run.engine import Pipeline, run_job
 from ernie_batch.run.summary import RunSummary
 from tests import test_chaos as chaos
-from tests.conftest import TEST_KEY, job_config
+from tests.conftest import TEST_KEY, job_config, put_object
 
 COUNTS = ("units_ok", "units_failed", "units_skipped", "units_duplicate", "units_already_done",
           "units_not_sent")
@@ -86,3 +89,18 @@ def test_finished_runs_add_up_with_duplicates_earlier_work_and_skipped_files(
     assert (second.units_ok, second.units_duplicate, second.units_skipped,
             second.units_already_done, second.units_not_sent) == (1, 3, 1, 26, 0)
     assert_adds_up(second, tmp_path / "out", 31)
+
+
+def test_documents_on_object_storage_are_counted_by_their_pages_as_local_ones(s3, tmp_path):
+    """A run that stops before it reaches a document counts its units from its structure: an
+    object's pages as a file's (it was one unit each: the URL was opened as a path)."""
+    _, bucket = s3
+    chaos.make_corpus(tmp_path / "in", images=2, pdf_pages=5, seed=3)
+    for path in sorted((tmp_path / "in").iterdir()):
+        put_object(bucket, f"in/{path.name}", path.read_bytes())
+    images, pdf = ImageOptions(), PdfOptions(pages_per_request=2)
+    local = count_within(discover(SourceOptions(paths=[tmp_path / "in"]))[0], images, pdf, 30)
+    remote = count_within(discover(SourceOptions(paths=[f"s3://{bucket}/in/"]))[0],
+                          images, pdf, 30)
+    assert sorted(v for v in local.values()) == sorted(v for v in remote.values())
+    assert sorted(len(v) for v in remote.values()) == [1, 1, 3]  # 5 pages, 2 a request

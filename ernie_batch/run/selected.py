@@ -58,7 +58,8 @@ class SelectedUnits:
         """Count the paths whose content another path of the run carries (their leader's
         units, counted from the file when the leader was never prepared); how many units."""
         counted = count_within([d for d in docs if d.sha256 not in self._ranges],
-                               self.cfg.images, self.cfg.pdf, COUNT_WITHIN_S)
+                               self.cfg.images, self.cfg.pdf, COUNT_WITHIN_S,
+                               self.cfg.sources.storage_options)
         total = 0
         for doc in docs:
             ranges = self._ranges.get(doc.sha256) or counted.get(str(doc.path), [(1, 1, None)])
@@ -87,7 +88,8 @@ class SelectedUnits:
                 self.add(doc, decision.already_done + len(decision.duplicates))
         known = {str(d.path): self._ranges[d.sha256] for d in to_count if d.sha256 in self._ranges}
         known |= count_within([d for d in to_count if str(d.path) not in known],
-                              self.cfg.images, self.cfg.pdf, COUNT_WITHIN_S)
+                              self.cfg.images, self.cfg.pdf, COUNT_WITHIN_S,
+                              self.cfg.sources.storage_options)
         late = 0
         for doc in to_count:
             ranges = known.get(str(doc.path))
