@@ -29,6 +29,7 @@ from ernie_batch.errors import ConfigError
 from ernie_batch.location import Location, OutputRoot
 from ernie_batch.run.engine import Pipeline, RunOptions
 from ernie_batch.run.recovery import fold_dead_run
+from ernie_batch.run.staged import recover_staged_run
 from ernie_batch.run.summary import RunSummary
 from ernie_batch.scale.limit_share import membership
 from ernie_batch.scale.plan import document_of, job_config, read_json
@@ -70,10 +71,16 @@ def take_over(root: OutputRoot, recovered: list[str], earlier: list[str], schema
 
     Waiting matters: a sibling folding the dead attempt holds its lock, and taking that for
     a live owner would fence the attempt, send its answered pages again and pay them twice.
+    With the output in a bucket the earlier attempt may have run on another machine (its
+    journal and lock are there, not here): its staged rounds are committed and its `runs`
+    row written (`run.staged`), so its answers count once. Such an attempt cannot be told
+    from a live one here yet: it is taken over, never fenced.
     """
     taken, fenced = [], []
     for run_id in earlier:
         dead = run_id in recovered or fold_dead_run(root, run_id, schema, wait_s) is not False
+        if dead and not root.is_local:  # it may have died on another machine: what it staged
+            recover_staged_run(root, run_id, schema)
         (taken if dead else fenced).append(run_id)
     return taken, fenced
 
