@@ -297,3 +297,87 @@ def test_a_pool_run_refuses_a_local_source_in_one_line(tmp_path, given):
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(tmp_path / "inbox") in lines[0], lines
     assert "local path" in lines[0] and "--pool" in lines[0]
+
+
+DEAD_ATTEMPT = """
+import asyncio, sys
+from ernie_batch.scale.shard import output_root, run_shard
+asyncio.run(run_shard(output_root(sys.argv[1], {}), sys.argv[2], sys.argv[3]))
+"""
+
+
+@pytest.mark.slow  # a shard run in a subprocess killed with -9, then its next attempt: ~30 s
+def test_a_shard_attempt_takes_over_one_that_died_on_another_machine(
+        prefect_harness, s3, sim_factory, api_env, tmp_path, monkeypatch):
+    """Output in a bucket: the first attempt is killed -9 and its machine's state (journal,
+    run-id lock) is gone with it; the next attempt, elsewhere, commits what the dead one
+    staged, takes it over (its `runs` row written, so its coordinator accepts it) and sends
+    only what arrived after the dead attempt's last staging."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+
+    from deltalake import DeltaTable
+    from prefect.settings import PREFECT_API_URL
+
+    _, bucket = s3
+    units = make_corpus(tmp_path / "in", images=40, pdf_pages=1, seed=31)
+    for path in sorted((tmp_path / "in").iterdir()):
+        put_object(bucket, f"inbox/{path.name}", path.read_bytes())
+    shutil.rmtree(tmp_path / "in")
+    source, out = f"s3://{bucket}/inbox/", f"s3://{bucket}/out"
+    sim = sim_factory(latency_s=0.25)
+    how = how_of(PROJECT / "configs" / "demo.toml", **{
+        "api.base_url": sim.url, "prepare.workers": -1, "limits.concurrency": 2,
+        "output.path": out, "output.stage_every_s": 1.0, "output.commit_every_s": 600})
+    folder = Folder.of(out, COORDINATOR)
+    key = write_manifest(folder, 0, discover(SourceOptions(paths=[source]))[0], how)
+    first, second = store.new_run_id(), store.new_run_id()
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "XDG_CACHE_HOME": str(tmp_path / "machine-a"), "PYTHONPATH": str(PROJECT)}
+    with open(tmp_path / "machine-a.log", "wb") as log:
+        dead = subprocess.Popen([sys.executable, "-c", DEAD_ATTEMPT, out, key, first], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
+                                start_new_session=True)
+    staged = f"out/_staging/{first}.json"
+    try:
+        deadline = time.monotonic() + 120
+        while len(sim.ledger()["entries"]) < 15 or staged not in bucket_keys(bucket):
+            assert dead.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "machine-a.log").read_text()
+            time.sleep(0.2)
+        time.sleep(1.5)
+        os.killpg(dead.pid, signal.SIGKILL)
+    finally:
+        dead.kill()
+        dead.wait()
+    sent_by_dead = len(sim.ledger()["entries"])
+    shutil.rmtree(tmp_path / "machine-a")  # its journal and lock: lost with the machine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-b"))
+    summary = asyncio.run(run_shard(folder.root, key, second, [first]))
+    assert summary.outcome == "completed"
+    pages = DeltaTable(f"{out}/pages").to_pandas()  # as a user reads the committed table
+    assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
+    assert set(pages["run_id"]) == {first, second}
+    runs = {r["run_id"]: r for r in store.read_table(out, "runs").to_pylist()}
+    assert runs[first]["outcome"] == "interrupted" and runs[first]["parent_run_id"] == COORDINATOR
+    assert runs[second]["accepted_runs"] == [first]  # its coordinator accepts both
+    assert staged not in bucket_keys(bucket)  # folded, then deleted
+    entries = sim.ledger()["entries"]
+    times = Counter(e["content_sha256"] for e in entries)
+    again = [e for e in entries[:sent_by_dead] if times[e["content_sha256"]] > 1]
+    assert sent_by_dead - len(again) >= 10  # most of what the dead attempt received was kept
+
+
+def bucket_keys(bucket: str) -> list[str]:
+    import obstore
+
+    from ernie_batch.buckets import client, resolve_access
+
+    return [m["path"] for batch in obstore.list(client(resolve_access(), "s3", bucket))
+            for m in batch]
