@@ -168,8 +168,9 @@ def job_config(data: dict[str, Any], named: dict[str, str | None] | None = None)
     def path(key: str) -> Path | None:
         return Path(named[key]) if named.get(key) else None
 
-    return cfg.model_copy(update={"config_path": path("config_path"), "resolved": dataclasses.replace(
-        cfg.resolved, template_path=path("template_path"), schema_path=path("schema_path"))})
+    resolved = dataclasses.replace(cfg.resolved, template_path=path("template_path"),
+                                   schema_path=path("schema_path"))
+    return cfg.model_copy(update={"config_path": path("config_path"), "resolved": resolved})
 
 
 def selection_digest(how: dict[str, Any], shards: int, shas: list[str]) -> str:

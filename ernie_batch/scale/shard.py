@@ -34,6 +34,7 @@ from ernie_batch.run.summary import RunSummary
 from ernie_batch.scale.limit_share import membership
 from ernie_batch.scale.plan import document_of, job_config, read_json
 from ernie_batch.scale.stop import ShardWatch
+from ernie_batch.store.files import why
 from ernie_batch.vocab import RunKind
 
 
@@ -48,11 +49,12 @@ def output_root(output: str, storage_options: dict[str, Any] | None = None) -> O
 
 def read_manifest(root: OutputRoot, key: str) -> dict[str, Any]:
     """The manifest at `key` below the output; one line when this worker cannot read it."""
+    from obstore.exceptions import BaseError
+
     try:
         manifest = read_json(root, key)
-    except OSError as exc:  # a folder this worker does not see, a bucket it cannot reach
-        raise ConfigError(f"shard manifest {root}/{key} cannot be read here: "
-                          f"{type(exc).__name__}") from None
+    except (OSError, BaseError) as exc:  # a folder it does not see, a bucket it cannot reach
+        raise ConfigError(f"shard manifest {root}/{key} cannot be read here: {why(exc)}") from None
     if not isinstance(manifest, dict):
         raise ConfigError(f"shard manifest {root}/{key} cannot be read here: a worker of a pool "
                           "must reach the run's output (on object storage, or the same folder)")
