@@ -279,15 +279,17 @@ def test_scale_commands_refuse_in_one_line(tmp_path, args, env, fragment):
     assert len(lines) == 1 and fragment in lines[0] and "s3cret" not in res.stderr
 
 
-@pytest.mark.parametrize("given", ["config", "argument"])
+@pytest.mark.parametrize("given", ["config", "argument", "pdf password"])
 def test_a_pool_run_refuses_a_local_source_in_one_line(tmp_path, given):
     """Workers on other machines cannot read a path of the coordinator's: exit 2 before
-    anything starts, one line naming it (given in the config, or on the command line)."""
+    anything starts, one line naming it (given in the config, or on the command line). Nor
+    is a secret of the config sent to them (a PDF password)."""
     (tmp_path / "inbox").mkdir()
     inbox = str(tmp_path / "inbox") if given == "config" else "s3://scans/inbox/"
     cfg = tmp_path / "job.toml"
     cfg.write_text(f'[sources]\npaths = ["{inbox}"]\n[api]\nbase_url = "http://127.0.0.1:9/v1"\n'
-                   '[limits]\nrpm = 60\n')
+                   '[limits]\nrpm = 60\n' + ('[pdf]\npassword = "hunter2-pdf"\n'
+                                              if given == "pdf password" else ""))
     sources = [str(tmp_path / "inbox")] if given == "argument" else []
     res = cli("backfill", *sources, "--pool", "p", "--config", str(cfg),
               "--output", str(tmp_path / "out"),
@@ -295,8 +297,11 @@ def test_a_pool_run_refuses_a_local_source_in_one_line(tmp_path, given):
               cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and str(tmp_path / "inbox") in lines[0], lines
-    assert "local path" in lines[0] and "--pool" in lines[0]
+    assert len(lines) == 1 and "--pool" in lines[0], lines
+    if given == "pdf password":
+        assert "pdf.password" in lines[0] and "hunter2-pdf" not in res.stderr + res.stdout
+    else:
+        assert str(tmp_path / "inbox") in lines[0] and "local path" in lines[0]
 
 
 DEAD_ATTEMPT = """
