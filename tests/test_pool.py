@@ -149,33 +149,45 @@ class Job:
         return OutputRoot.of(self.out)
 
 
-def upload_corpus(tmp_path: Path, bucket: str, images: int) -> int:
+def upload_corpus(folder: Path, bucket: str, images: int) -> int:
     """The test corpus, put in the bucket under inbox/ and deleted from the disk."""
-    units = make_corpus(tmp_path / "in", images=images, pdf_pages=6, seed=8)
-    for path in sorted((tmp_path / "in").iterdir()):
+    units = make_corpus(folder / "in", images=images, pdf_pages=6, seed=8)
+    for path in sorted((folder / "in").iterdir()):
         put_object(bucket, f"inbox/{path.name}", path.read_bytes())
-    shutil.rmtree(tmp_path / "in")
+    shutil.rmtree(folder / "in")
     return units
 
 
 def pool_job(pool: Pool, sim_factory, s3, tmp_path: Path, images: int, *,
              latency_s: float = 0.3, concurrency: int = 4, output_in_bucket: bool = False,
-             output_extra: str = "") -> Job:
+             output_extra: str = "", hidden: bool = False) -> Job:
     """The simulator under the test's limit (warmed: a cold one admits its first requests
     late, bench/_http.py), the job's config over `images` images and a PDF in the bucket, its
-    output in a local folder (or the bucket), two workers."""
+    output in a local folder (or the bucket), two workers. The coordinator's machine is the
+    folder `tmp_path/coordinator`: the config, its prompt and schema (relative to it), the
+    corpus before it went to the bucket, its own state; with `hidden`, each worker runs with
+    a tmpfs over that folder (`hidden_workers`)."""
     server, bucket = s3
     sim = sim_factory(latency_s=latency_s, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
     warm_server(sim)
-    units = upload_corpus(tmp_path, bucket, images)
+    machine = tmp_path / "coordinator"
+    units = upload_corpus(machine, bucket, images)
     source = f"s3://{bucket}/inbox/"
     out = f"s3://{bucket}/out" if output_in_bucket else str(tmp_path / "out")
-    config = write_config(tmp_path / "job.toml", source, out, sim.url, concurrency=concurrency)
-    config.write_text(config.read_text().replace(
+    config = write_config(machine / "job.toml", source, out, sim.url, concurrency=concurrency)
+    text = config.read_text()
+    for kind, name in (("prompts", "page.txt"), ("schemas", "page.json")):
+        (machine / kind).mkdir()
+        shutil.copy(PROJECT / "configs" / kind / name, machine / kind / name)
+        text = text.replace(json.dumps(str(PROJECT / "configs" / kind / name)),
+                            json.dumps(f"{kind}/{name}"))  # relative to the config file
+    config.write_text(text.replace(
         "rpm = 6000", f"rpm = {PER_WINDOW * 60 / WINDOW_S}\nwindow_s = {WINDOW_S}").replace(
         "[output]\n", f"[output]\n{output_extra}"))
-    env = machine_env(pool, server, tmp_path / "coordinator")
-    return Job(sim, config, units, workers(pool, server, tmp_path), source, out, env)
+    env = machine_env(pool, server, machine)
+    procs = (hidden_workers(pool, server, tmp_path, machine) if hidden
+             else workers(pool, server, tmp_path))
+    return Job(sim, config, units, procs, source, out, env)
 
 
 def machine_env(pool: Pool, server, machine: Path) -> dict[str, str]:
@@ -197,6 +209,24 @@ def readme_worker_command() -> list[str]:
 def workers(pool: Pool, server, tmp_path: Path, n: int = 2) -> list[subprocess.Popen]:
     return [start(readme_worker_command(), machine_env(pool, server, tmp_path / f"worker-{i}"),
                   tmp_path / f"worker-{i}.log") for i in range(n)]
+
+
+def hidden_workers(pool: Pool, server, tmp_path: Path, hidden: Path,
+                   n: int = 2) -> list[subprocess.Popen]:
+    """The README's worker command, each worker in a mount namespace of its own (`unshare
+    --mount`, as root) with a tmpfs over `hidden` (the coordinator's config, prompt, schema,
+    corpus and state: none of it there) and a PREFECT_HOME of its own: as on a machine that
+    shares only the Prefect server and the object store."""
+    procs = []
+    for i in range(n):
+        own = tmp_path / f"worker-{i}"
+        (own / "prefect-home").mkdir(parents=True)
+        env = {**machine_env(pool, server, own), "PREFECT_HOME": str(own / "prefect-home")}
+        script = (f"mount -t tmpfs tmpfs {shlex.quote(str(hidden))} && "
+                  f"test -z \"$(ls -A {shlex.quote(str(hidden))})\" && exec \"$@\"")
+        procs.append(start(["unshare", "--mount", "sh", "-c", script, "sh",
+                            *readme_worker_command()], env, tmp_path / f"worker-{i}.log"))
+    return procs
 
 
 def backfill(job: Job, tmp_path: Path, shards: int, *args: str) -> subprocess.Popen:
@@ -372,6 +402,43 @@ def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(
     for key in (TEST_KEY, S3_SECRET):
         files, hits = scan([pool.pgdata, pool.logs, tmp_path, pool.home], key)
         assert hits == [] and files > 50
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0
+                    or shutil.which("unshare") is None, reason="unshare --mount needs root")
+def test_workers_that_see_nothing_of_the_coordinators_machine_run_its_shards(
+        pool, sim_factory, s3, tmp_path):
+    """Each worker in its own mount namespace, a tmpfs over the coordinator's folder (config,
+    prompt, schema, corpus, state) and a PREFECT_HOME of its own: four shards over two such
+    workers, sources and output in the bucket, every page answered once."""
+    job = pool_job(pool, sim_factory, s3, tmp_path, 62, latency_s=0.2, concurrency=6,
+                   output_in_bucket=True, hidden=True)
+    try:
+        run = backfill(job, tmp_path, shards=4)
+        deadline = time.monotonic() + 900
+        while run.poll() is None:
+            assert all(p.poll() is None for p in job.procs), [
+                (tmp_path / f"worker-{i}.log").read_text()[-2000:] for i in range(2)]
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        assert run.returncode == 0, (tmp_path / "backfill.out").read_text()[-3000:]
+    finally:
+        for proc in job.procs:
+            stop(proc)
+    summary = summary_of(tmp_path)
+    assert summary["units_ok"] == summary["units_selected"] == job.units
+    pages = user_reads(job, "pages")
+    assert len(pages) == job.units and pages["key"].is_unique
+    assert (pages["status"] == "ok").all()
+    runs = user_reads(job, "runs")
+    shards = runs[runs["kind"] == "shard"]
+    assert len(shards) == 4 and (shards["outcome"] == "completed").all()
+    hidden = tmp_path / "coordinator"  # where the shards' config was: recorded, never opened
+    assert set(shards["template_path"]) == {str(hidden / "prompts" / "page.txt")}
+    assert set(shards["config_path"]) == {str(hidden / "job.toml")}
+    per_worker = [set(re.findall(r"flow run '([0-9a-f-]{36})'", (tmp_path / f"worker-{i}.log")
+                                 .read_text())) for i in range(2)]
+    assert all(per_worker), "both workers ran shard runs"
 
 
 def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
