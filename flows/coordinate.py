@@ -24,7 +24,7 @@ async def coordinate(config_path: str | None, overrides: dict[str, Any], kind: s
     """Split the selection into `shards` shard runs on `pool`; its state carries the summary."""
     cfg = load_config(config_path, overrides)
     coordinator = Coordinator(
-        cfg, overrides=overrides, kind=kind, pool=pool, shards=shards,
+        cfg, kind=kind, pool=pool, shards=shards,
         sources=sources or None, force=force,
         retry_failed=retry_failed, wait_lock_s=wait_lock_s, on_status=STATUS_OBSERVER.get())
     return flow_state(await coordinator.run())

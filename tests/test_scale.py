@@ -9,6 +9,7 @@ The whole thing on a work pool, with workers and PostgreSQL, is `tests/test_pool
 from __future__ import annotations
 
 import asyncio
+import json
 import types
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,8 +24,16 @@ from ernie_batch.intake.discover import discover
 from ernie_batch.run.summary import RunSummary
 from ernie_batch.scale import limit_share, stop
 from ernie_batch.scale.outcome import ShardState, finish, flow_state, shard_counts
-from ernie_batch.scale.plan import Attempt, Folder, absolute_overrides, split, write_manifest
-from ernie_batch.scale.shard import run_shard
+from ernie_batch.scale.plan import (
+    Attempt,
+    Folder,
+    job_data,
+    provenance,
+    read_json,
+    split,
+    write_manifest,
+)
+from ernie_batch.scale.shard import output_root, run_shard
 from ernie_batch.scale.stop import ShardWatch, read_stop
 from ernie_batch.vocab import RunOutcome
 from tests.conftest import PROJECT, SAMPLES, TEST_KEY, put_object
@@ -55,24 +64,30 @@ def test_shards_split_by_content_and_balance(tmp_path):
     assert max(sizes) - min(sizes) <= 4 and split(docs, 4) == groups  # balanced, deterministic
 
 
-def shard_setup(tmp_path: Path, sim_url: str, shards: int, **overrides) -> tuple[Folder, int]:
+def how_of(config: Path, **overrides) -> dict:
+    """What a coordinator writes in a manifest of a job: its config as data, its options."""
+    cfg = load_config(config, overrides)
+    return {"job": job_data(cfg, None, 1), "provenance": provenance(cfg), "kind": "run"}
+
+
+def shard_setup(tmp_path: Path, sim_url: str, shards: int) -> tuple[Folder, int]:
     units = make_corpus(tmp_path / "in", images=66, pdf_pages=6, seed=4)
     folder = Folder.of(tmp_path / "out", COORDINATOR)
-    how = {"config_path": str(PROJECT / "configs" / "demo.toml"), "kind": "run",
-           "overrides": {"api.base_url": sim_url, "output.path": str(tmp_path / "out"),
-                         "sources.paths": [str(tmp_path / "in")], "prepare.workers": -1,
-                         "limits.concurrency": 4, "limits.rpm": PER_WINDOW * 60 / WINDOW_S,
-                         "limits.window_s": WINDOW_S, **overrides}}
+    how = how_of(PROJECT / "configs" / "demo.toml", **{
+        "api.base_url": sim_url, "output.path": str(tmp_path / "out"),
+        "sources.paths": [str(tmp_path / "in")], "prepare.workers": -1,
+        "limits.concurrency": 4, "limits.rpm": PER_WINDOW * 60 / WINDOW_S,
+        "limits.window_s": WINDOW_S})
     for shard, group in enumerate(split(docs_of(tmp_path / "in"), shards)):
         write_manifest(folder, shard, group, how)
     return folder, units
 
 
-def run_shards(folder: Path, shards: int) -> tuple[list[str], list[RunSummary]]:
+def run_shards(folder: Folder, shards: int) -> tuple[list[str], list[RunSummary]]:
     run_ids = [store.new_run_id() for _ in range(shards)]
 
     async def go() -> list[RunSummary]:
-        return await asyncio.gather(*(run_shard(folder.manifest(i), run_id)
+        return await asyncio.gather(*(run_shard(folder.root, folder.manifest(i), run_id)
                                       for i, run_id in enumerate(run_ids)))
 
     return run_ids, asyncio.run(go())
@@ -85,13 +100,12 @@ def fast_refresh(prefect_harness, monkeypatch):
 
 def coordinator_of(folder: Folder, run_ids: list[str], documents: list[int]):
     """What `outcome.finish` reads of a coordinator whose shard runs were `run_ids`."""
-    cfg = load_config(PROJECT / "configs" / "demo.toml",
-                      {"output.path": str(folder.path.parent.parent)})
+    cfg = load_config(PROJECT / "configs" / "demo.toml", {"output.path": folder.root.url})
     states = [ShardState(i, n, [Attempt(r)], state="COMPLETED")
               for i, (r, n) in enumerate(zip(run_ids, documents, strict=True))]
-    return types.SimpleNamespace(root=folder.path.parent.parent, run_id=COORDINATOR, cfg=cfg,
+    return types.SimpleNamespace(root=folder.root, run_id=COORDINATOR, cfg=cfg,
                                  states=states, started_at=datetime.now(UTC), interrupted=None,
-                                 exit_code_if_interrupted=None)
+                                 exit_code_if_interrupted=None, lease_lost=None)
 
 
 def test_shards_share_one_limit_and_their_coordinator_sums_them_up(
@@ -128,29 +142,38 @@ def test_shards_share_one_limit_and_their_coordinator_sums_them_up(
     assert flow_state(total).type.value == "COMPLETED"
 
 
-def test_a_shard_reads_its_documents_from_object_storage(
+def test_a_shard_runs_from_its_manifest_alone(
         prefect_harness, s3, sim_factory, api_env, tmp_path):
-    """Sources on S3: the manifest carries URLs and ETags as discovery found them (never a
-    URL turned into a local path), and the shard's rows say where and which version."""
+    """Sources and output on S3, the coordinator's config, template and schema gone once the
+    manifest is written: the shard runs from what its manifest holds (the config as data,
+    the template and schema as text, object URLs with their ETags), reached through the
+    output's store; its rows say where and which version, and where the config was."""
+    import shutil
+
     _, bucket = s3
     etags = {key: put_object(bucket, f"inbox/{key}", (SAMPLES / key).read_bytes())
              for key in ("receipt-cafe-aurora.png", "letter-photo.jpg")}
-    source = f"s3://{bucket}/inbox/"
-    out = tmp_path / "out"
+    job = tmp_path / "job"  # the coordinator's files, as on its own machine
+    shutil.copytree(PROJECT / "configs", job)
+    source, out = f"s3://{bucket}/inbox/", f"s3://{bucket}/out"
     sim = sim_factory()
-    cfg = load_config(PROJECT / "configs" / "demo.toml", {"output.path": str(out)})
-    overrides = absolute_overrides(cfg, {"api.base_url": sim.url, "prepare.workers": -1},
-                                   [source])
-    assert overrides["sources.paths"] == [f"s3://{bucket}/inbox"]
+    how = how_of(job / "demo.toml", **{"api.base_url": sim.url, "prepare.workers": -1,
+                                       "output.path": out, "sources.paths": [source]})
+    assert how["job"]["sources"]["paths"] == [f"s3://{bucket}/inbox"]  # never a local path
     folder = Folder.of(out, COORDINATOR)
-    docs = discover(SourceOptions(paths=[source]))[0]
-    write_manifest(folder, 0, docs, {"config_path": str(PROJECT / "configs" / "demo.toml"),
-                                     "kind": "run", "overrides": overrides})
-    summary = asyncio.run(run_shard(folder.manifest(0), store.new_run_id()))
+    key = write_manifest(folder, 0, discover(SourceOptions(paths=[source]))[0], how)
+    shutil.rmtree(job)
+    assert not (tmp_path / "out").exists()  # in the bucket, not in a folder named s3:
+
+    summary = asyncio.run(run_shard(output_root(out, {}), key, store.new_run_id()))
     assert summary.outcome == "completed" and summary.units_ok == 2
+    assert read_json(folder.root, key)["documents"][0]["etag"] in etags.values()
     pages = store.read_table(out, "pages").to_pandas()
     assert dict(zip(pages["source_path"], pages["source_etag"], strict=True)) == {
         f"s3://{bucket}/inbox/{key}": etag for key, etag in etags.items()}
+    (run,) = store.read_table(out, "runs").to_pylist()
+    assert (run["config_path"], run["template_path"]) == (
+        str(job / "demo.toml"), str(job / "prompts" / "page.txt"))  # recorded, never opened
 
 
 def test_a_shard_that_took_over_a_dead_attempt_counts_its_rows_once():
@@ -173,9 +196,9 @@ def test_a_budget_stop_in_one_shard_stops_the_others_through_prefect(
         fast_refresh, sim_factory, api_env, tmp_path):
     sim = sim_factory(latency_s=0.05, rpm=PER_WINDOW * 60 / WINDOW_S, window_s=WINDOW_S)
     folder, units = shard_setup(tmp_path, sim.url, 3)
-    manifest = folder.manifest(0)
-    manifest.write_text(manifest.read_text().replace(
-        '"limits.concurrency":4', '"limits.concurrency":4,"budget.max_credits":2000.0'))
+    manifest = read_json(folder.root, folder.manifest(0))
+    manifest["job"]["budget"]["max_credits"] = 2000.0
+    store.files.write_small(folder.root, folder.manifest(0), json.dumps(manifest))
     _, summaries = run_shards(folder, 3)  # shard 0 stops after a request or two
     assert [s.outcome for s in summaries] == ["budget_stopped"] * 3
     assert len(sim.ledger()["entries"]) < units  # found once, obeyed by all
@@ -256,15 +279,110 @@ def test_scale_commands_refuse_in_one_line(tmp_path, args, env, fragment):
     assert len(lines) == 1 and fragment in lines[0] and "s3cret" not in res.stderr
 
 
-def test_a_pool_run_refuses_an_output_on_object_storage_in_one_line(s3, tmp_path):
-    _, bucket = s3
+@pytest.mark.parametrize("given", ["config", "argument", "pdf password"])
+def test_a_pool_run_refuses_a_local_source_in_one_line(tmp_path, given):
+    """Workers on other machines cannot read a path of the coordinator's: exit 2 before
+    anything starts, one line naming it (given in the config, or on the command line). Nor
+    is a secret of the config sent to them (a PDF password)."""
     (tmp_path / "inbox").mkdir()
+    inbox = str(tmp_path / "inbox") if given == "config" else "s3://scans/inbox/"
     cfg = tmp_path / "job.toml"
-    cfg.write_text('[sources]\npaths = ["inbox"]\n[api]\nbase_url = "http://127.0.0.1:9/v1"\n'
-                   '[limits]\nrpm = 60\n')
-    res = cli("run", "--pool", "p", "--config", str(cfg), "--output", f"s3://{bucket}/out",
+    cfg.write_text(f'[sources]\npaths = ["{inbox}"]\n[api]\nbase_url = "http://127.0.0.1:9/v1"\n'
+                   '[limits]\nrpm = 60\n' + ('[pdf]\npassword = "hunter2-pdf"\n'
+                                              if given == "pdf password" else ""))
+    sources = [str(tmp_path / "inbox")] if given == "argument" else []
+    res = cli("backfill", *sources, "--pool", "p", "--config", str(cfg),
+              "--output", str(tmp_path / "out"),
               env={"AIMLAPI_API_KEY": TEST_KEY, "PREFECT_API_URL": "http://127.0.0.1:9/api"},
               cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and f"s3://{bucket}/out" in lines[0] and "--pool" in lines[0]
+    assert len(lines) == 1 and "--pool" in lines[0], lines
+    if given == "pdf password":
+        assert "pdf.password" in lines[0] and "hunter2-pdf" not in res.stderr + res.stdout
+    else:
+        assert str(tmp_path / "inbox") in lines[0] and "local path" in lines[0]
+
+
+DEAD_ATTEMPT = """
+import asyncio, sys
+from ernie_batch.scale.shard import output_root, run_shard
+asyncio.run(run_shard(output_root(sys.argv[1], {}), sys.argv[2], sys.argv[3]))
+"""
+
+
+@pytest.mark.slow  # a shard run in a subprocess killed with -9, then its next attempt: ~30 s
+def test_a_shard_attempt_takes_over_one_that_died_on_another_machine(
+        prefect_harness, s3, sim_factory, api_env, tmp_path, monkeypatch):
+    """Output in a bucket: the first attempt is killed -9 and its machine's state (journal,
+    run-id lock) is gone with it; the next attempt, elsewhere, commits what the dead one
+    staged, takes it over (its `runs` row written, so its coordinator accepts it) and sends
+    only what arrived after the dead attempt's last staging."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+
+    from deltalake import DeltaTable
+    from prefect.settings import PREFECT_API_URL
+
+    _, bucket = s3
+    units = make_corpus(tmp_path / "in", images=40, pdf_pages=1, seed=31)
+    for path in sorted((tmp_path / "in").iterdir()):
+        put_object(bucket, f"inbox/{path.name}", path.read_bytes())
+    shutil.rmtree(tmp_path / "in")
+    source, out = f"s3://{bucket}/inbox/", f"s3://{bucket}/out"
+    sim = sim_factory(latency_s=0.25)
+    how = how_of(PROJECT / "configs" / "demo.toml", **{
+        "api.base_url": sim.url, "prepare.workers": -1, "limits.concurrency": 2,
+        "output.path": out, "output.stage_every_s": 1.0, "output.commit_every_s": 600})
+    folder = Folder.of(out, COORDINATOR)
+    key = write_manifest(folder, 0, discover(SourceOptions(paths=[source]))[0], how)
+    first, second = store.new_run_id(), store.new_run_id()
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "XDG_CACHE_HOME": str(tmp_path / "machine-a"), "PYTHONPATH": str(PROJECT)}
+    with open(tmp_path / "machine-a.log", "wb") as log:
+        dead = subprocess.Popen([sys.executable, "-c", DEAD_ATTEMPT, out, key, first], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
+                                start_new_session=True)
+    staged = f"out/_staging/{first}.json"
+    try:
+        deadline = time.monotonic() + 120
+        while len(sim.ledger()["entries"]) < 15 or staged not in bucket_keys(bucket):
+            assert dead.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "machine-a.log").read_text()
+            time.sleep(0.2)
+        time.sleep(1.5)
+        os.killpg(dead.pid, signal.SIGKILL)
+    finally:
+        dead.kill()
+        dead.wait()
+    sent_by_dead = len(sim.ledger()["entries"])
+    shutil.rmtree(tmp_path / "machine-a")  # its journal and lock: lost with the machine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-b"))
+    summary = asyncio.run(run_shard(folder.root, key, second, [first]))
+    assert summary.outcome == "completed"
+    pages = DeltaTable(f"{out}/pages").to_pandas()  # as a user reads the committed table
+    assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
+    assert set(pages["run_id"]) == {first, second}
+    runs = {r["run_id"]: r for r in store.read_table(out, "runs").to_pylist()}
+    assert runs[first]["outcome"] == "interrupted" and runs[first]["parent_run_id"] == COORDINATOR
+    assert runs[second]["accepted_runs"] == [first]  # its coordinator accepts both
+    assert staged not in bucket_keys(bucket)  # folded, then deleted
+    entries = sim.ledger()["entries"]
+    times = Counter(e["content_sha256"] for e in entries)
+    again = [e for e in entries[:sent_by_dead] if times[e["content_sha256"]] > 1]
+    assert sent_by_dead - len(again) >= 10  # most of what the dead attempt received was kept
+
+
+def bucket_keys(bucket: str) -> list[str]:
+    import obstore
+
+    from ernie_batch.buckets import client, resolve_access
+
+    return [m["path"] for batch in obstore.list(client(resolve_access(), "s3", bucket))
+            for m in batch]

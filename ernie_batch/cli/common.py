@@ -325,6 +325,8 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
         raise fail(str(exc), ExitCode.LOCKED) from None
     from ernie_batch.intake.objects import source_problem
 
+    if cfg.scale.pool:  # before the sources: a local one is refused, found or not
+        check_pool(cfg, [str(s) for s in sources] if sources else None)
     for source in sources or cfg.sources.paths:
         try:
             problem = source_problem(source, cfg.sources.storage_options)
@@ -332,23 +334,21 @@ def check_before_start(config: Path | None, flags: dict[str, Any], need_key: boo
             problem = str(exc)
         if problem:
             raise fail(f"{'sources' if sources else 'sources.paths'}: {problem}", ExitCode.USAGE)
-    if cfg.scale.pool:
-        check_pool(cfg)
     if key is not None and not probe_later:
         probe(cfg, key)
     return cfg
 
 
-def check_pool(cfg: Any) -> None:
-    """A run on a pool needs a Prefect server (the ephemeral one has no workers), a local
-    output folder and a limit."""
+def check_pool(cfg: Any, sources: list[str] | None = None) -> None:
+    """A run on a pool needs a Prefect server (the ephemeral one has no workers), sources its
+    workers can read (on object storage) and a limit (`pool_problem`)."""
     from ernie_batch.prefect_server import configured_api_url
     from ernie_batch.scale.coordinator import pool_problem
 
     if not configured_api_url():
         raise fail(f"--pool {cfg.scale.pool}: shard runs need a Prefect server with a work pool; "
                    "set PREFECT_API_URL (`ernie-batch server start` prints it)", ExitCode.USAGE)
-    problem = pool_problem(cfg)
+    problem = pool_problem(cfg, sources)
     if problem:
         raise fail(problem, ExitCode.USAGE)
 

@@ -41,6 +41,16 @@ def recover_staged(root: OutputRoot, fallback_schema: pa.Schema,
     return folded
 
 
+def recover_staged_run(root: OutputRoot, run_id: str, fallback_schema: pa.Schema) -> bool:
+    """Fold the staging manifest of one run judged dead (a shard attempt that died on another
+    machine, taken over by its next attempt); False when it has none."""
+    for manifest in pending(root):
+        if manifest.run_id == run_id:
+            fold_staged(root, manifest, fallback_schema)
+            return True
+    return False
+
+
 def fold_staged(root: OutputRoot, manifest: StagingManifest, fallback_schema: pa.Schema) -> None:
     run_id, header = manifest.run_id, manifest.header
     schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")

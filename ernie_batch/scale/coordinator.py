@@ -1,10 +1,12 @@
 """A run split over a Prefect work pool: discover, split, submit one shard run per shard, watch, sum up.
 
 The coordinator runs in the calling process, never in the pool (a worker limited to one
-flow run at a time could not run its own shards under it). It holds the output folder's run
-lock for all its shards, submits the shard runs with `run_deployment`, watches their Prefect
-states, and reads each shard's result from `OUTPUT/runs`, not from Prefect's results (those
-live on the worker's disk). It sends no request and is no member of the key's limit: each
+flow run at a time could not run its own shards under it). It holds the output's run lock
+for all its shards (an flock on a folder, the lease object in a bucket), writes each shard's
+manifest to the output (`plan`: everything as data, no path of this machine), submits the
+shard runs with `run_deployment`, watches their Prefect states, and reads each shard's
+result from `OUTPUT/runs`, not from Prefect's results (those live on the worker's disk).
+It sends no request and is no member of the key's limit: each
 shard run is one, through the Prefect server (`limit_share`). A shard run that `Crashed`
 (its worker went silent: no heartbeats) or failed by an exception is submitted again, at
 most `scale.retries` times, as a new attempt under a new run id that takes the dead one's
@@ -22,7 +24,6 @@ import contextvars
 import functools
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from ernie_batch import store
@@ -37,10 +38,10 @@ from ernie_batch.scale.plan import (
     Attempt,
     Folder,
     Plan,
-    absolute_overrides,
     find_unfinished,
+    job_data,
+    provenance,
     selection_digest,
-    shard_overrides,
     split,
     write_manifest,
 )
@@ -59,14 +60,21 @@ def deployment_name(pool: str) -> str:
     return f"{SHARD_FLOW}/{pool}"
 
 
-def pool_problem(cfg: JobConfig) -> str | None:
-    """Why the config cannot run on a pool; None when it can. The plan, the manifests and
-    the tables are read by path (an output on object storage: not yet), and the limit is
-    shared by requests (not by tokens)."""
-    if Location.parse(cfg.output.path).is_remote:
-        return (f"output.path {cfg.output.path}: a run on a pool needs a local output folder "
-                "its workers share; an output on object storage is not supported with --pool "
-                "yet")
+def pool_problem(cfg: JobConfig, sources: list[str] | None = None) -> str | None:
+    """Why the config cannot run on a pool; None when it can. Workers on other machines read
+    no local path of the coordinator's (so the sources must be on object storage: `sources`
+    as given, else the config's), carry no secret but their own (no PDF password), and the
+    limit is shared by requests (not by tokens). A local output folder stays allowed: one
+    host, or a folder mounted at the same path on every worker."""
+    given = [Location.parse(s) for s in sources] if sources else list(cfg.sources.paths)
+    local = next((s for s in given if not s.is_remote), None)
+    if local is not None:
+        where = "sources" if sources else "sources.paths"
+        return (f"{where}: {local} is a local path, which the workers of a pool cannot read; "
+                "put the documents on object storage (s3://...) to run them with --pool")
+    if cfg.pdf.password is not None:
+        return ("pdf.password: a run on a pool sends no secret to its workers; "
+                "run encrypted PDFs without --pool")
     if cfg.limits.rpm <= 0 or cfg.limits.tpm > 0:
         return ("limits.rpm: a run on a pool shares the API's limit between its workers, so "
                 "it must be set (> 0), and limits.tpm must be 0")
@@ -76,26 +84,26 @@ def pool_problem(cfg: JobConfig) -> str | None:
 class Coordinator:
     """One coordinated run; `await run()` returns its summary."""
 
-    def __init__(self, cfg: JobConfig, *, overrides: dict[str, Any], kind: str, pool: str,
+    def __init__(self, cfg: JobConfig, *, kind: str, pool: str,
                  shards: int, sources: list[str] | None = None, force: bool = False,
                  retry_failed: bool = False, wait_lock_s: float = 0.0,
                  on_status: Callable[[str], None] | None = None) -> None:
-        problem = pool_problem(cfg)
+        problem = pool_problem(cfg, sources)
         if problem:
             raise ConfigError(problem)
         self.cfg, self.kind, self.pool, self.shards = cfg, kind, pool, shards
-        self.root = Path(cfg.output.path).absolute()
+        self.root = cfg.output.root()
         self.started_at = datetime.now(UTC)
         self.run_id = store.new_run_id(self.started_at)
         self.force, self.retry_failed, self.wait_lock_s = force, retry_failed, wait_lock_s
-        self.sources = sources  # paths or object-store URLs, as given: never through pathlib
-        self.overrides = absolute_overrides(cfg, overrides, sources)
+        self.sources = sources  # object-store URLs, as given: never through pathlib
         self.on_status = on_status  # None: no status line is built
         self.states: list[ShardState] = []
         self.resumed = False
         self.stop: dict[str, Any] | None = None  # a stop a shard raised: no more retries
         self._graceful = interrupt.GRACEFUL.get()
         self._cancelling = False
+        self.lease_lost: str | None = None  # the output's lease (in a bucket) was taken over
         self._woken: asyncio.Event | None = None  # a signal came: act now, not at the next poll
         self._lock = store.OutputLock(self.root, self.run_id)
         self._data_lock = store.data_lock(self.root, exclusive=False)
@@ -109,10 +117,12 @@ class Coordinator:
 
         store.check_writable(self.root)
         await asyncio.to_thread(self._lock.acquire, self.wait_lock_s)
+        loop = asyncio.get_running_loop()
+        self._lock.when_lost(lambda: loop.call_soon_threadsafe(self._on_lease_lost))
         own = None
         try:
             if not await asyncio.to_thread(self._data_lock.acquire, self.wait_lock_s):
-                raise LockedError(f"output folder {self.root} is being rewritten; "
+                raise LockedError(f"output {self.root} is being rewritten; "
                                   "use --wait to queue behind it")
             docs, stats = self._discover()
             plan = self._plan(docs)
@@ -141,8 +151,8 @@ class Coordinator:
 
     def _plan(self, docs: list[Any]) -> Plan:
         """A new plan, or the plan of a coordinator of the same selection that died."""
-        how = {"config_path": str(self.cfg.config_path) if self.cfg.config_path else None,
-               "overrides": shard_overrides(self.overrides, self.cfg, self.shards),
+        how = {"job": job_data(self.cfg, self.sources, self.shards),
+               "provenance": provenance(self.cfg),
                "kind": self.kind, "force": self.force, "retry_failed": self.retry_failed}
         digest = selection_digest(how, self.shards, [d.sha256 for d in docs])
         found = find_unfinished(self.root, digest)
@@ -170,7 +180,8 @@ class Coordinator:
         attempt = Attempt(store.new_run_id())
         flow_run = await run_deployment(
             deployment_name(self.pool), timeout=0, as_subflow=True,
-            parameters={"manifest": str(self.folder.manifest(state.shard)),
+            parameters={"output": self.root.url, "manifest": self.folder.manifest(state.shard),
+                        "storage_options": dict(self.cfg.output.storage_options),
                         "run_id": attempt.run_id, "earlier": earlier},
             flow_run_name=f"{self.run_id}-shard-{state.shard}-{len(earlier) + 1}")
         attempt.flow_run_id = str(flow_run.id)
@@ -233,6 +244,12 @@ class Coordinator:
         if self._woken is not None:
             self._woken.set()
 
+    def _on_lease_lost(self) -> None:
+        """Another run took the output's lease (ours lapsed unrenewed): stop as on Ctrl-C."""
+        self.lease_lost = (f"the lease on output {self.root} was lost (not renewed in time, "
+                           "then taken over): its shard runs were cancelled")
+        self._on_signal(False)
+
     async def _cancel(self, client: Any) -> None:
         """A running shard run is cancelled through its worker (SIGTERM: a graceful stop);
         one no worker has started yet is cancelled at once."""
@@ -255,4 +272,5 @@ class Coordinator:
 
     @property
     def exit_code_if_interrupted(self) -> int | None:
-        return self._graceful.exit_code if self._graceful and self._cancelling else None
+        signalled = self._graceful is not None and self._graceful.signum is not None
+        return self._graceful.exit_code if signalled and self._cancelling else None

@@ -132,6 +132,8 @@ def finish(coordinator: Any, passed_over: dict[str, int]) -> RunSummary:
     accepted = accepted_runs(coordinator, rows)
     errors = [f"shard {s.shard}: {s.message or s.state.lower()}" for s in coordinator.states
               if s.row is None and s.attempts]
+    if coordinator.lease_lost:
+        errors.insert(0, coordinator.lease_lost)
     found = {RunOutcome(s.row["outcome"]) for s in coordinator.states if s.row is not None}
     if errors:
         found.add(RunOutcome.PARTIAL)  # a shard run that failed or crashed for good

@@ -1,19 +1,26 @@
-"""Shards and manifests: the selection split by content, written where every worker can read it.
+"""Shards and manifests: the selection split by content, written where the output is.
 
 Documents are split by content (sha256), so the same content at several paths lands in one
 shard (sent once there, `duplicate` rows for the others) and no two shards ever answer the
-same unit. Each shard's manifest holds its documents as discovered (path, sha256, type,
-size) and how to run them: the config file and the overrides, every path absolute, so a
-worker started anywhere finds the same files. Never the key: workers have their own.
+same unit. Each shard's manifest holds everything its run needs, as data: its documents as
+discovered (object URLs with their ETags, sha256, type, size), the job's config (the
+template and the schema inline, as text: never a file to open), the options (kind, force,
+retry_failed). Never the key: workers have their own. Nothing in it is a path a worker must
+find on its disk, so a worker on another machine, sharing only the Prefect server and the
+object store, runs it as it is.
 
-The files live under `OUTPUT/_scale/<coordinator run id>/`: `plan.json` (the coordinator's,
-kept so a coordinator run again resumes it) and `shard-<n>.json` (a shard run reads its own
-once, when it starts, named by its flow run's parameters). Nothing is polled.
+The manifests live with the output, through the output's own store (a file under a folder,
+an object in a bucket: `store.files.write_small`), under `_scale/<coordinator run id>/`:
+`plan.json` (the coordinator's, kept so a coordinator run again resumes it) and
+`shard-<n>.json` (a shard run reads its own once, when it starts, named by its flow run's
+parameters). Not the flow run's parameters themselves: a shard's documents may be thousands
+(megabytes), and Prefect stores, shows and returns parameters with every read of the flow
+run (the coordinator reads its shard runs every half second). Nothing is polled.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -21,42 +28,49 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ernie_batch.config import JobConfig
+from ernie_batch.config import JobConfig, load_config
 from ernie_batch.intake.units import Document
-from ernie_batch.location import Location
-from ernie_batch.store.files import write_text_atomic
+from ernie_batch.location import Location, OutputRoot
+from ernie_batch.store.files import list_small, read_small, write_small
 
 SCALE_DIR = "_scale"
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Replace `path` with `value` as JSON, atomically (readers see the old or the new file)."""
-    write_text_atomic(path, json.dumps(value, separators=(",", ":")))
+def write_json(root: OutputRoot, key: str, value: Any) -> None:
+    """Replace `key` below the output with `value` as JSON, whole."""
+    write_small(root, key, json.dumps(value, separators=(",", ":")))
 
 
-def read_json(path: Path) -> Any:
-    """The JSON value of `path`, or None when it is missing or unreadable."""
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text(encoding="utf-8"))
-    return None
+def read_json(root: OutputRoot, key: str) -> Any:
+    """The JSON value of `key` below the output, or None when it is missing or unreadable."""
+    text = read_small(root, key)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
 class Folder:
-    """The files of one coordinator's run."""
+    """The files of one coordinator's run, below its output (keys, not paths)."""
 
-    path: Path
+    root: OutputRoot
+    coordinator_run_id: str
 
     @classmethod
-    def of(cls, output: Path, coordinator_run_id: str) -> Folder:
-        return cls(Path(output) / SCALE_DIR / coordinator_run_id)
+    def of(cls, root: OutputRoot | str | Path, coordinator_run_id: str) -> Folder:
+        return cls(OutputRoot.of(root), coordinator_run_id)
 
     @property
-    def plan(self) -> Path:
-        return self.path / "plan.json"
+    def key(self) -> str:
+        return f"{SCALE_DIR}/{self.coordinator_run_id}"
 
-    def manifest(self, shard: int) -> Path:
-        return self.path / f"shard-{shard}.json"
+    @property
+    def plan(self) -> str:
+        return f"{self.key}/plan.json"
+
+    def manifest(self, shard: int) -> str:
+        return f"{self.key}/shard-{shard}.json"
 
 
 def split(docs: list[Document], shards: int) -> list[list[Document]]:
@@ -107,11 +121,11 @@ class Plan:
     documents: list[int] = field(default_factory=list)  # per shard
 
     def write(self, folder: Folder) -> None:
-        write_json(folder.plan, asdict(self))
+        write_json(folder.root, folder.plan, asdict(self))
 
     @classmethod
     def read(cls, folder: Folder) -> Plan | None:
-        value = read_json(folder.plan)
+        value = read_json(folder.root, folder.plan)
         if not isinstance(value, dict):
             return None
         value["attempts"] = [[Attempt(**a) for a in shard] for shard in value.get("attempts", [])]
@@ -119,25 +133,44 @@ class Plan:
         return cls(**{k: v for k, v in value.items() if k in known})
 
 
-def absolute_overrides(cfg: JobConfig, overrides: dict[str, Any],
-                       sources: list[str] | None) -> dict[str, Any]:
-    """The overrides a worker needs to see what the coordinator sees: every path absolute
-    (an object-store URL stays as it is)."""
-    out = dict(overrides)
-    out["output.path"] = str(Location.parse(cfg.output.path).absolute())
-    out["sources.paths"] = [str(Location.parse(p).absolute())
-                            for p in (sources or cfg.sources.paths)]
-    for key in ("prompt.template_file", "prompt.schema_file"):
-        if out.get(key):
-            out[key] = str(Path(out[key]).expanduser().absolute())
-    return out
+def job_data(cfg: JobConfig, sources: list[str] | None, shards: int) -> dict[str, Any]:
+    """The job's config as data, all a shard needs of it: the template and the schema inline
+    (their text, not their files), the sources given on the command line, the output as the
+    coordinator names it (a folder absolute), each shard's share of `budget.max_credits`
+    (README "Running on several machines"). No secret: the key is never in a config, a
+    storage option is a reference (`env:NAME`) or no secret (`buckets.check_options`), and a
+    PDF password is refused on a pool (`coordinator.pool_problem`)."""
+    data = cfg.model_dump(mode="json", by_alias=True, exclude={"pdf": {"password"}})
+    data["prompt"] |= {"template": cfg.resolved.template, "template_file": None,
+                       "schema": cfg.resolved.schema, "schema_file": None}
+    data["output"]["path"] = OutputRoot.of(cfg.output.path).url
+    if sources:
+        data["sources"]["paths"] = [str(Location.parse(s).absolute()) for s in sources]
+    if cfg.budget.max_credits is not None:
+        data["budget"]["max_credits"] = cfg.budget.max_credits / shards
+    return data
 
 
-def shard_overrides(overrides: dict[str, Any], cfg: JobConfig, shards: int) -> dict[str, Any]:
-    """Each shard's share of `budget.max_credits` (README "Running on several machines")."""
-    if cfg.budget.max_credits is None:
-        return overrides
-    return {**overrides, "budget.max_credits": cfg.budget.max_credits / shards}
+def provenance(cfg: JobConfig) -> dict[str, str | None]:
+    """Where the coordinator's config, template and schema were: recorded in each shard
+    run's `runs` row as a single run records its own, never opened by a shard."""
+    named = {"config_path": cfg.config_path, "template_path": cfg.resolved.template_path,
+             "schema_path": cfg.resolved.schema_path}
+    return {k: str(v) if v is not None else None for k, v in named.items()}
+
+
+def job_config(data: dict[str, Any], named: dict[str, str | None] | None = None) -> JobConfig:
+    """The config `job_data` wrote, validated as a config file is (ConfigError: one line);
+    `named` (`provenance`) only says where its files were."""
+    cfg = load_config(None, data)
+    named = named or {}
+
+    def path(key: str) -> Path | None:
+        return Path(named[key]) if named.get(key) else None
+
+    resolved = dataclasses.replace(cfg.resolved, template_path=path("template_path"),
+                                   schema_path=path("schema_path"))
+    return cfg.model_copy(update={"config_path": path("config_path"), "resolved": resolved})
 
 
 def selection_digest(how: dict[str, Any], shards: int, shas: list[str]) -> str:
@@ -146,12 +179,12 @@ def selection_digest(how: dict[str, Any], shards: int, shas: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def find_unfinished(root: Path, digest: str) -> Plan | None:
+def find_unfinished(root: OutputRoot, digest: str) -> Plan | None:
     """The plan of a coordinator of this selection that died before writing its `runs` row."""
     from ernie_batch import store
 
-    folder = Path(root) / SCALE_DIR
-    plans = [Plan.read(Folder(d)) for d in sorted(folder.iterdir())] if folder.is_dir() else []
+    plans = [Plan.read(Folder(root, key.split("/")[1])) for key in list_small(root, SCALE_DIR)
+             if key.count("/") == 2 and key.endswith("/plan.json")]
     candidates = [p for p in plans if p is not None and p.selection == digest]
     if not candidates:
         return None
@@ -162,12 +195,13 @@ def find_unfinished(root: Path, digest: str) -> Plan | None:
 
 
 def write_manifest(folder: Folder, shard: int, docs: list[Document],
-                   how: dict[str, Any]) -> Path:
-    """The shard's manifest: its documents and `how` to run them (config, overrides, kind).
+                   how: dict[str, Any]) -> str:
+    """The shard's manifest (its key below the output): its documents and `how` to run them
+    (`job_data`, `provenance`, kind, force, retry_failed).
 
     Each attempt at the shard gets its own run id, given with the flow run's parameters.
     """
-    path = folder.manifest(shard)
-    write_json(path, {**how, "coordinator_run_id": folder.path.name, "shard": shard,
-                      "documents": [document_json(d) for d in docs]})
-    return path
+    key = folder.manifest(shard)
+    write_json(folder.root, key, {**how, "coordinator_run_id": folder.coordinator_run_id,
+                                  "shard": shard, "documents": [document_json(d) for d in docs]})
+    return key

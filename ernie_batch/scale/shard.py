@@ -19,38 +19,45 @@ run is `Crashed`, which stops it the moment it can talk to the server again.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from ernie_batch.config import api_key, load_config
+from ernie_batch.buckets import resolve_access
+from ernie_batch.config import api_key
 from ernie_batch.errors import ConfigError
-from ernie_batch.location import Location
+from ernie_batch.location import Location, OutputRoot
 from ernie_batch.run.engine import Pipeline, RunOptions
 from ernie_batch.run.recovery import fold_dead_run
+from ernie_batch.run.staged import recover_staged_run
 from ernie_batch.run.summary import RunSummary
 from ernie_batch.scale.limit_share import membership
-from ernie_batch.scale.plan import document_of, read_json
+from ernie_batch.scale.plan import document_of, job_config, read_json
 from ernie_batch.scale.stop import ShardWatch
+from ernie_batch.store.files import why
 from ernie_batch.vocab import RunKind
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest, and every path it names checked: one line naming the first missing one."""
-    manifest = read_json(path)
+def output_root(output: str, storage_options: dict[str, Any] | None = None) -> OutputRoot:
+    """The output a shard's manifest is in, reached from this worker: a folder as named (one
+    host, or the same mount everywhere), a bucket with the config's storage options resolved
+    here (their `env:` references read from this worker's environment)."""
+    if not Location.parse(output).is_remote:
+        return OutputRoot.of(output)
+    return OutputRoot(OutputRoot.of(output).url, resolve_access(storage_options or {}))
+
+
+def read_manifest(root: OutputRoot, key: str) -> dict[str, Any]:
+    """The manifest at `key` below the output; one line when this worker cannot read it."""
+    from obstore.exceptions import BaseError
+
+    try:
+        manifest = read_json(root, key)
+    except (OSError, BaseError) as exc:  # a folder it does not see, a bucket it cannot reach
+        raise ConfigError(f"shard manifest {root}/{key} cannot be read here: {why(exc)}") from None
     if not isinstance(manifest, dict):
-        raise ConfigError(f"shard manifest {path} cannot be read here: the worker must see the "
-                          "output folder at the same path as the coordinator")
-    overrides = manifest.get("overrides") or {}
-    named = [manifest.get("config_path"), overrides.get("output.path"),
-             overrides.get("prompt.template_file"), overrides.get("prompt.schema_file"),
-             *(overrides.get("sources.paths") or [])]
-    for path_text in named:
-        if path_text and not (location := Location.parse(path_text)).is_remote \
-                and not location.exists():
-            raise ConfigError(f"{path_text} does not exist on this worker: the coordinator's "
-                              "paths must be the same here (shared storage, same mount point)")
+        raise ConfigError(f"shard manifest {root}/{key} cannot be read here: a worker of a pool "
+                          "must reach the run's output (on object storage, or the same folder)")
     return manifest
 
 
@@ -59,27 +66,36 @@ def read_manifest(path: Path) -> dict[str, Any]:
 FOLD_WAIT_S = 20.0
 
 
-def take_over(root: Path, recovered: list[str], earlier: list[str], schema: pa.Schema,
+def take_over(root: OutputRoot, recovered: list[str], earlier: list[str], schema: pa.Schema,
               wait_s: float = FOLD_WAIT_S) -> tuple[list[str], list[str]]:
     """The earlier attempts this run takes over (dead: folded now, by its start-up, or by a
     sibling's) and those it fences (alive: their run-id lock still held after `wait_s`).
 
     Waiting matters: a sibling folding the dead attempt holds its lock, and taking that for
     a live owner would fence the attempt, send its answered pages again and pay them twice.
+    With the output in a bucket the earlier attempt may have run on another machine (its
+    journal and lock are there, not here): its staged rounds are committed and its `runs`
+    row written (`run.staged`), so its answers count once. Such an attempt cannot be told
+    from a live one here yet: it is taken over, never fenced.
     """
     taken, fenced = [], []
     for run_id in earlier:
         dead = run_id in recovered or fold_dead_run(root, run_id, schema, wait_s) is not False
+        if dead and not root.is_local:  # it may have died on another machine: what it staged
+            recover_staged_run(root, run_id, schema)
         (taken if dead else fenced).append(run_id)
     return taken, fenced
 
 
-async def run_shard(manifest_path: Path, run_id: str, earlier: list[str] | None = None,
+async def run_shard(root: OutputRoot, manifest_key: str, run_id: str,
+                    earlier: list[str] | None = None,
                     flow_run_id: str | None = None) -> RunSummary:
-    """Run the shard's documents under run id `run_id`, replacing the `earlier` attempts;
-    `flow_run_id` (its own, in Prefect) is watched: not running any more, it stops."""
-    manifest = read_manifest(manifest_path)
-    cfg = load_config(manifest.get("config_path"), manifest.get("overrides") or {})
+    """Run the documents of the manifest at `manifest_key` (below the output `root`) under run
+    id `run_id`, replacing the `earlier` attempts; `flow_run_id` (its own, in Prefect) is
+    watched: not running any more, it stops. Everything comes from the manifest, nothing from
+    the coordinator's disk."""
+    manifest = read_manifest(root, manifest_key)
+    cfg = job_config(manifest["job"], manifest.get("provenance"))
     key = api_key(cfg)  # from this worker's environment or a Secret block, never the manifest
     shard = int(manifest["shard"])
     coordinator = manifest["coordinator_run_id"]

@@ -1,7 +1,9 @@
 """Small files that appear whole or not at all (temp name, rename), and a probe of the folder.
 
 The tables' data files are Delta's (`store.delta`); these are small files beside them (the
-scale plan and manifests, review pages).
+scale plan and manifests, review pages). The scale plan and manifests are read by other
+machines, so they go through the output wherever it lives (`write_small`, `read_small`,
+`list_small`: a file under a folder, an object in a bucket; a PUT is atomic by itself).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from ernie_batch.errors import OutputError
 from ernie_batch.location import OutputRoot, StrPath
@@ -36,6 +39,58 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _object_store(out: OutputRoot) -> Any:
+    from ernie_batch.buckets import client
+
+    location = out.location
+    return client(out.object_access(), location.scheme, location.bucket)
+
+
+def write_small(root: StrPath | OutputRoot, key: str, text: str) -> None:
+    """Replace the small file `key` ("a/b.json", below the output) with `text`, whole."""
+    out = OutputRoot.of(root)
+    if out.is_local:
+        write_text_atomic(out.local_path(key), text)
+        return
+    import obstore
+
+    obstore.put(_object_store(out), out.location.join(key).key, text.encode("utf-8"))
+
+
+def read_small(root: StrPath | OutputRoot, key: str) -> str | None:
+    """The text of the small file `key` below the output; None when it does not exist."""
+    out = OutputRoot.of(root)
+    if out.is_local:
+        try:
+            return out.local_path(key).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+    import obstore
+    from obstore.exceptions import NotFoundError
+
+    try:
+        data = obstore.get(_object_store(out), out.location.join(key).key).bytes()
+    except (FileNotFoundError, NotFoundError):  # obstore raises the former for a 404
+        return None
+    return bytes(data).decode("utf-8")
+
+
+def list_small(root: StrPath | OutputRoot, prefix: str) -> list[str]:
+    """The keys of the files below `prefix` ("a/b") of the output, at any depth, sorted."""
+    out = OutputRoot.of(root)
+    if out.is_local:
+        base = out.local_path()
+        folder = base / prefix
+        return sorted(p.relative_to(base).as_posix() for p in folder.rglob("*")
+                      if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
+    import obstore
+
+    base = out.location.key + "/" if out.location.key else ""
+    below = out.location.join(prefix).key + "/"
+    return sorted(m["path"].removeprefix(base)
+                  for batch in obstore.list(_object_store(out), below) for m in batch)
 
 
 def _file_in_the_way(root: Path) -> Path | None:

@@ -193,7 +193,8 @@ class _Unneeded:
 def data_lock(root: StrPath | OutputRoot, *, exclusive: bool) -> FileLock | _Unneeded:
     """The data lock: shared by every writer of rows, exclusive for rewriting maintenance.
     An output on object storage has none: its rewriting maintenance (`documents --rebuild`)
-    holds the run lock, which already keeps every run out (shard runs need a folder)."""
+    holds the run lock, which already keeps every run out (a coordinator holds it for its
+    shard runs)."""
     if not OutputRoot.of(root).is_local:
         return _Unneeded()
     return FileLock(lock_dir(root) / ".data.lock", exclusive=exclusive)
