@@ -33,7 +33,7 @@ from ernie_batch.scale.plan import (
     split,
     write_manifest,
 )
-from ernie_batch.scale.shard import output_root, run_shard
+from ernie_batch.scale.shard import holding_run_lease, output_root, run_shard, take_over
 from ernie_batch.scale.stop import ShardWatch, read_stop
 from ernie_batch.vocab import RunOutcome
 from tests.conftest import PROJECT, SAMPLES, TEST_KEY, put_object
@@ -174,6 +174,83 @@ def test_a_shard_runs_from_its_manifest_alone(
     (run,) = store.read_table(out, "runs").to_pylist()
     assert (run["config_path"], run["template_path"]) == (
         str(job / "demo.toml"), str(job / "prompts" / "page.txt"))  # recorded, never opened
+
+
+def test_an_attempts_run_lease_in_a_bucket_tells_a_dead_attempt_from_a_live_one(s3, tmp_path):
+    """Output in a bucket, attempts on any machine: an earlier attempt that renews its run
+    lease is alive (fenced: never taken over); one that stopped renewing (killed, or paused)
+    is taken over once its lease lapses, and if it was only paused it learns so at its next
+    renewal; one that never started is taken over at once."""
+    from ernie_batch.buckets import resolve_access
+    from ernie_batch.errors import LeaseLost, LockedError
+    from ernie_batch.location import OutputRoot
+
+    _, bucket = s3
+    root = OutputRoot(f"s3://{bucket}/out", resolve_access(), tmp_path / "state", 3.0)
+    schema = store.pages_schema([])
+    alive = store.run_lease(root, "alive")
+    assert alive.try_acquire()  # renewed every second by its thread
+    paused = store.run_lease(root, "paused").lease
+    assert paused.try_acquire()  # never renewed: as a process stopped with SIGSTOP
+    try:
+        assert take_over(root, [], ["alive", "paused", "never-started"], schema) == (
+            ["paused", "never-started"], ["alive"])
+        assert alive.held
+        with pytest.raises(LeaseLost):
+            paused.renew()  # woken, it cannot renew its way back in
+        with pytest.raises(LockedError), holding_run_lease(root, "never-started", print):
+            pass  # a worker that picks it up late: it never starts
+    finally:
+        alive.release()
+
+
+PAUSED_ATTEMPT = """
+import sys, time
+from ernie_batch.buckets import resolve_access
+from ernie_batch.errors import LeaseLost
+from ernie_batch.location import OutputRoot
+from ernie_batch.scale.shard import holding_run_lease
+root = OutputRoot(sys.argv[1], resolve_access(), None, 3.0)
+with holding_run_lease(root, "paused", lambda: print("lost", flush=True)) as check:
+    print("holding", flush=True)
+    while True:
+        try:
+            check()  # what its recorder does before every write
+        except LeaseLost as exc:
+            print("refused:", exc, flush=True)
+            break
+        time.sleep(0.1)
+"""
+
+
+def test_an_attempt_paused_past_its_lease_writes_nothing_once_woken(s3, tmp_path):
+    """SIGSTOP past the run lease's ttl while a later attempt takes it over: woken, the
+    attempt's next write is refused (LeaseLost): it never adds to what the later one took."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ernie_batch.buckets import resolve_access
+    from ernie_batch.location import OutputRoot
+
+    _, bucket = s3
+    out = f"s3://{bucket}/out"
+    paused = subprocess.Popen([sys.executable, "-c", PAUSED_ATTEMPT, out], env=os.environ,
+                              stdout=subprocess.PIPE, text=True, cwd=PROJECT)
+    try:
+        assert paused.stdout.readline().strip() == "holding"
+        os.kill(paused.pid, signal.SIGSTOP)
+        root = OutputRoot(out, resolve_access(), tmp_path / "state", 3.0)
+        began = time.monotonic()
+        assert take_over(root, [], ["paused"], store.pages_schema([])) == (["paused"], [])
+        assert time.monotonic() - began >= 3.0  # it waited for the lease to lapse
+        os.kill(paused.pid, signal.SIGCONT)
+        lines = paused.communicate(timeout=30)[0]
+    finally:
+        paused.kill()
+    assert "refused: run lease of paused" in lines  # and it stopped: it exited by itself
 
 
 def test_a_shard_that_took_over_a_dead_attempt_counts_its_rows_once():
@@ -338,7 +415,8 @@ def test_a_shard_attempt_takes_over_one_that_died_on_another_machine(
     sim = sim_factory(latency_s=0.25)
     how = how_of(PROJECT / "configs" / "demo.toml", **{
         "api.base_url": sim.url, "prepare.workers": -1, "limits.concurrency": 2,
-        "output.path": out, "output.stage_every_s": 1.0, "output.commit_every_s": 600})
+        "output.path": out, "output.stage_every_s": 1.0, "output.commit_every_s": 600,
+        "output.lease_ttl_s": 3.0})  # its run lease lapses seconds after the kill
     folder = Folder.of(out, COORDINATOR)
     key = write_manifest(folder, 0, discover(SourceOptions(paths=[source]))[0], how)
     first, second = store.new_run_id(), store.new_run_id()

@@ -129,6 +129,8 @@ class RunRecorder:
         self._usd: list[float | None] = []
         self.touched: set[tuple[str, str]] = set()  # (source_sha256, fingerprint): documents
         self.accepted_runs: list[str] | None = None  # a shard run: the attempts it took over
+        # raises when this run may no longer write (a shard attempt whose run lease was lost)
+        self.check_writable: Callable[[], None] | None = None
         self._in_flight: dict[tuple[str, int], dict[str, Any]] = {}  # sent, not yet answered
 
     def _writer(self, table: str, schema: pa.Schema) -> TableWriter:
@@ -227,6 +229,8 @@ class RunRecorder:
         """Write the rows that arrived since the last staging as data files of the round in
         progress, and list them in the run's staging manifest (`store.staging`)."""
         assert self.staging is not None
+        if self.check_writable is not None:
+            self.check_writable()
         started = self._last_stage = time.monotonic()
         new = False
         for writer in (self.attempts, self.pages):
@@ -246,6 +250,8 @@ class RunRecorder:
         self._last_commit = started = time.monotonic()
         if not (self.attempts.rows or self.pages.rows):
             return self.round
+        if self.check_writable is not None:
+            self.check_writable()
         if self.staging is not None:
             self.stage()  # the round's last rows: then the round is its staged files
         self.round += 1
@@ -321,6 +327,8 @@ class RunRecorder:
     def close(self, manifest: RunRow | None) -> None:
         """Commit the manifest (if given) as the last round's version, then drop the journal."""
         if manifest is not None:
+            if self.check_writable is not None:
+                self.check_writable()
             started = time.monotonic()
             write_run_row(self.root, self.date, manifest, self.final_version)
             if self.staging is not None:

@@ -22,7 +22,13 @@ import pyarrow.compute as pc
 from ernie_batch.answers.documents import DocumentSpec, build_documents
 from ernie_batch.location import OutputRoot
 from ernie_batch.run.recorder import RunInfo, RunRecorder
-from ernie_batch.store import app_id, committed_version, decode_schema, read_columns
+from ernie_batch.store import (
+    app_id,
+    committed_version,
+    decode_schema,
+    read_columns,
+    run_lease_live,
+)
 from ernie_batch.store.staging import StagedFilesMissing, StagingManifest, commit_files, pending
 from ernie_batch.vocab import RunOutcome
 
@@ -32,10 +38,12 @@ LOST_MACHINE = "the run stopped without ending; recovered from what it staged"
 
 def recover_staged(root: OutputRoot, fallback_schema: pa.Schema,
                    skip_run: str | None = None) -> list[str]:
-    """Fold every staging manifest but `skip_run`'s (the caller holds the run lease); run ids."""
+    """Fold every staging manifest but `skip_run`'s (the caller holds the output's lease) and
+    those of shard runs that hold their own run lease (alive: a dead coordinator's shards
+    may still be running, on any machine); run ids."""
     folded = []
     for manifest in pending(root):
-        if manifest.run_id != skip_run:
+        if manifest.run_id != skip_run and not run_lease_live(root, manifest.run_id):
             fold_staged(root, manifest, fallback_schema)
             folded.append(manifest.run_id)
     return folded

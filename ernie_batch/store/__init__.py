@@ -54,6 +54,8 @@ from ernie_batch.store.lock import (
     holding_dead_run,
     live_lock_owner,
     run_id_lock,
+    run_lease,
+    run_lease_live,
     wait_until_unlocked,
 )
 from ernie_batch.store.records import (
@@ -88,5 +90,6 @@ __all__ = [
     "committed_version", "compact_lock", "data_lock", "decode_schema", "encode_schema",
     "from_journal", "holding_dead_run", "known_objects", "live_lock_owner", "load_done", "new_run_id",
     "newest_per_key", "pages_schema", "read_columns", "read_journal", "read_table",
-    "rows_of_run", "run_id_lock", "sum_exact", "wait_until_unlocked", "write_run_row",
+    "rows_of_run", "run_id_lock", "run_lease", "run_lease_live", "sum_exact",
+    "wait_until_unlocked", "write_run_row",
 ]

@@ -22,7 +22,9 @@ excluded (README "Running on several machines").
 On object storage (`s3://...`) the run lock and the compaction lock are lease objects at the
 same names under the output (`lease`: conditional writes, lapse by the store's clock, renewed
 while held), whichever machine holds them; the data lock is not needed (see `data_lock`);
-the run-id locks stay flocks in the local state folder, beside the journals they guard.
+the run-id locks stay flocks in the local state folder, beside the journals they guard. A
+shard run there also holds a **run lease**, `OUTPUT/_leases/<run_id>.lock` (`run_lease`):
+its machine may be another one, so its run-id lock tells nobody else whether it lives.
 """
 
 from __future__ import annotations
@@ -207,6 +209,21 @@ def compact_lock(root: StrPath | OutputRoot) -> FileLock | KeptLease:
         return object_lock(out, ".compact.lock", {"pid": os.getpid(),
                                                    "host": socket.gethostname()})
     return FileLock(lock_dir(root) / ".compact.lock")
+
+
+RUN_LEASES = "_leases"
+
+
+def run_lease(root: OutputRoot, run_id: str, info: dict[str, Any] | None = None) -> KeptLease:
+    """A run's own lease on an output on object storage, held while it writes (a shard run).
+    Whoever takes it once it lapsed knows the run is dead, and the run, if it was only
+    paused, learns at its next renewal that it was replaced, and stops."""
+    return object_lock(root, f"{RUN_LEASES}/{run_id}.lock", info or {})
+
+
+def run_lease_live(root: OutputRoot, run_id: str) -> bool:
+    """Whether `run_id` holds its run lease now (never held, released or lapsed: False)."""
+    return bool(run_lease(root, run_id).holder(live=True))
 
 
 def run_id_lock(root: StrPath | OutputRoot, run_id: str) -> FileLock:
