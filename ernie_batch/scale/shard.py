@@ -34,7 +34,7 @@ from ernie_batch import store
 from ernie_batch.buckets import resolve_access
 from ernie_batch.config import api_key
 from ernie_batch.errors import ConfigError, LeaseLost, LockedError
-from ernie_batch.location import Location, OutputRoot
+from ernie_batch.location import Location, OutputRoot, StrPath
 from ernie_batch.run.engine import Pipeline, RunOptions
 from ernie_batch.run.recovery import fold_dead_run
 from ernie_batch.run.staged import recover_staged_run
@@ -75,8 +75,8 @@ FOLD_WAIT_S = 20.0
 LEASE_DATE_SLACK_S = 2.0  # a lease lapses a second after its ttl, by whole-second dates
 
 
-def take_over(root: OutputRoot, recovered: list[str], earlier: list[str], schema: pa.Schema,
-              wait_s: float = FOLD_WAIT_S) -> tuple[list[str], list[str]]:
+def take_over(root: StrPath | OutputRoot, recovered: list[str], earlier: list[str],
+              schema: pa.Schema, wait_s: float = FOLD_WAIT_S) -> tuple[list[str], list[str]]:
     """The earlier attempts this run takes over (dead: folded now, by its start-up, or by a
     sibling's) and those it fences (alive: their run-id lock still held after `wait_s`).
 
@@ -86,6 +86,7 @@ def take_over(root: OutputRoot, recovered: list[str], earlier: list[str], schema
     journal and lock are there, not here): its run lease says (`lapsed`). Dead, its staged
     rounds are committed and its `runs` row written (`run.staged`), so its answers count once.
     """
+    root = OutputRoot.of(root)
     taken, fenced = [], []
     for run_id in earlier:
         if not root.is_local and not lapsed(root, run_id):
