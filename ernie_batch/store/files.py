@@ -41,7 +41,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _object_store(out: OutputRoot) -> Any:
+def object_store(out: OutputRoot) -> Any:
+    """The object-store client of an output in a bucket (its storage options resolved)."""
     from ernie_batch.buckets import client
 
     location = out.location
@@ -56,7 +57,7 @@ def write_small(root: StrPath | OutputRoot, key: str, text: str) -> None:
         return
     import obstore
 
-    obstore.put(_object_store(out), out.location.join(key).key, text.encode("utf-8"))
+    obstore.put(object_store(out), out.location.join(key).key, text.encode("utf-8"))
 
 
 def read_small(root: StrPath | OutputRoot, key: str) -> str | None:
@@ -71,7 +72,7 @@ def read_small(root: StrPath | OutputRoot, key: str) -> str | None:
     from obstore.exceptions import NotFoundError
 
     try:
-        data = obstore.get(_object_store(out), out.location.join(key).key).bytes()
+        data = obstore.get(object_store(out), out.location.join(key).key).bytes()
     except (FileNotFoundError, NotFoundError):  # obstore raises the former for a 404
         return None
     return bytes(data).decode("utf-8")
@@ -90,7 +91,7 @@ def list_small(root: StrPath | OutputRoot, prefix: str) -> list[str]:
     base = out.location.key + "/" if out.location.key else ""
     below = out.location.join(prefix).key + "/"
     return sorted(m["path"].removeprefix(base)
-                  for batch in obstore.list(_object_store(out), below) for m in batch)
+                  for batch in obstore.list(object_store(out), below) for m in batch)
 
 
 def _file_in_the_way(root: Path) -> Path | None:

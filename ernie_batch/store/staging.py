@@ -36,19 +36,13 @@ import pyarrow.parquet as pq
 from ernie_batch.errors import OutputError
 from ernie_batch.location import OutputRoot, StrPath
 from ernie_batch.store import delta, evolve
+from ernie_batch.store.files import object_store
 
 STAGING_DIR = "_staging"
 
 
 class StagedFilesMissing(OutputError):
     """A staged round's files are gone (deleted by hand): the round cannot be committed."""
-
-
-def _store(out: OutputRoot) -> Any:
-    from ernie_batch.buckets import client
-
-    location = out.location
-    return client(out.object_access(), location.scheme, location.bucket)
 
 
 def _key(out: OutputRoot, *parts: str) -> str:
@@ -136,7 +130,7 @@ def stage_rows(root: StrPath | OutputRoot, table: str, rows: pa.Table) -> list[d
     version; their add actions, one per date partition."""
     out = OutputRoot.of(root)
     data = _fitted(out, table, rows)
-    store = _store(out)
+    store = object_store(out)
     import obstore
 
     files = []
@@ -185,7 +179,7 @@ def commit_files(root: StrPath | OutputRoot, table: str, files: list[dict[str, A
 def _check_exist(out: OutputRoot, table: str, files: list[dict[str, Any]]) -> None:
     import obstore
 
-    store = _store(out)
+    store = object_store(out)
     for f in files:
         try:
             obstore.head(store, _key(out, table, f["path"]))
@@ -220,12 +214,12 @@ class StagingManifest:
         body = json.dumps({"run_id": self.run_id, "header": self.header,
                            "rounds": {str(n): t for n, t in self.rounds.items()}},
                           default=datetime.isoformat)  # the header's start
-        obstore.put(_store(self.root), self.key, body.encode())
+        obstore.put(object_store(self.root), self.key, body.encode())
 
     def delete(self) -> None:
         import obstore
 
-        obstore.delete(_store(self.root), self.key)
+        obstore.delete(object_store(self.root), self.key)
 
 
 def pending(root: StrPath | OutputRoot) -> list[StagingManifest]:
@@ -235,7 +229,7 @@ def pending(root: StrPath | OutputRoot) -> list[StagingManifest]:
     out = OutputRoot.of(root)
     if out.is_local:
         return []
-    store = _store(out)
+    store = object_store(out)
     found = []
     for batch in obstore.list(store, _key(out, STAGING_DIR) + "/"):
         for meta in batch:
