@@ -20,14 +20,18 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from ernie_batch import store
 from ernie_batch.cli import app
+from ernie_batch.location import OutputRoot
 from ernie_batch.run.recovery import recover_journals
 from ernie_batch.store import delta
 from ernie_batch.store.migrate import migrate_output
@@ -137,13 +141,15 @@ class Killed(BaseException):
 
 def cut_at(patch: pytest.MonkeyPatch, step: int, seen: list[str] | None = None) -> None:
     """Make the `step`-th file operation of the migration its last: a rename, a delete, or
-    a commit (cut before it, or right after it, before anything else). `seen` collects
-    the kinds of the operations that ran."""
+    a commit (cut before it, inside it, its data file written and its log entry not, or
+    right after it, before anything else). `seen` collects the kinds of the operations
+    that ran."""
     count = {"n": 0}
 
-    def tick(kind: str) -> None:
+    def tick(kind: str, on_kill=lambda: None) -> None:
         count["n"] += 1
         if count["n"] > step:
+            on_kill()
             raise Killed
         if seen is not None:
             seen.append(kind)
@@ -156,9 +162,18 @@ def cut_at(patch: pytest.MonkeyPatch, step: int, seen: list[str] | None = None) 
 
     append = delta.append
 
-    def committing(*args, **kwargs):
+    def half_written(root: Path, table: str, rows: pa.Table) -> None:
+        """What delta-rs leaves when killed between a data file and the log entry."""
+        day = rows.column(delta.PARTITION)[0].as_py()
+        folder = OutputRoot.of(root).local_path() / table / f"{delta.PARTITION}={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows.drop_columns([delta.PARTITION]),
+                       folder / f"part-00000-{uuid.uuid4()}-c000.zstd.parquet")
+
+    def committing(root, table, rows, **kwargs):
         tick("before a commit")
-        done = append(*args, **kwargs)
+        tick("inside a commit", lambda: half_written(root, table, rows))
+        done = append(root, table, rows, **kwargs)
         tick("after a commit")
         return done
 
@@ -175,7 +190,7 @@ def test_migrate_killed_at_any_step_and_run_again_loses_and_doubles_nothing(tmp_
     # every rename and every commit; of the deletes (one per part), every third
     steps = [i for i, kind in enumerate(kinds) if kind != "delete" or i % 3 == 0]
     assert Counter(kinds[i] for i in steps) == {
-        "rename": 1 + 6, "before a commit": 6, "after a commit": 6,
+        "rename": 1 + 6, "before a commit": 6, "inside a commit": 6, "after a commit": 6,
         "delete": len([i for i, k in enumerate(kinds) if k == "delete" and i % 3 == 0])}
     for step in [*steps, len(kinds)]:  # the last: not cut at all
         out = Path(shutil.copytree(FIXTURE, tmp_path / f"cut-{step}"))

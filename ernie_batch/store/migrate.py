@@ -15,7 +15,8 @@ compacted files through intents under `_compact/`. Converting, per table:
 
 Killed anywhere and run again, it continues from the table's committed version: chunks
 committed before are not committed again (their parts, if still there, are deleted), the
-others are. Rows of rejected shard runs stay where they were, so they stay fenced (the
+others are; a data file the killed run wrote but never committed is deleted at the end.
+Rows of rejected shard runs stay where they were, so they stay fenced (the
 `runs` rows that reject them are converted too). A killed run's journal stays in
 `_journal/`: the next run folds it, telling its rows apart by content (`run.recovery`).
 """
@@ -53,6 +54,7 @@ class TableMigration:
     parts: int = 0  # the earlier release's files converted
     rows: int = 0
     commits: int = 0  # made now (a run cut short made the others)
+    orphans: int = 0  # data files a killed run wrote but never committed, deleted now
 
 
 @dataclass
@@ -87,7 +89,8 @@ def _migrate_table(out: OutputRoot, table: str) -> TableMigration:
     root = out.local_path()
     folder = root / table
     plan = plan_path(root, table)
-    if not plan.exists():
+    resumed = plan.exists()
+    if not resumed:
         if is_delta(folder):
             return stats
         _remove_temporary(folder)
@@ -111,9 +114,22 @@ def _migrate_table(out: OutputRoot, table: str) -> TableMigration:
         for path in paths:
             path.unlink(missing_ok=True)
         fsync_dir(folder)
+    if resumed:
+        stats.orphans = _remove_orphans(out, table)
     plan.unlink()
     fsync_dir(plan.parent)
     return stats
+
+
+def _remove_orphans(out: OutputRoot, table: str) -> int:
+    """A run killed inside an append leaves the data file it wrote and no commit naming it.
+    Safe to delete at once: the caller holds the output's locks and the table has only
+    ever been appended to, so every file no commit names is such a leftover."""
+    handle = delta.open_table(out, table)
+    if handle is None:
+        return 0
+    return len(handle.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False,
+                             full=True))
 
 
 def _chunks(parts: list[Path]) -> list[list[Path]]:
