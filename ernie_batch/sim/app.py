@@ -272,8 +272,11 @@ class Simulator:
         self.admit(checked.prompt_tokens)
         call = self.new_call(request, checked)
         fault = self.draw_fault()
-        if fault == "rate_limited":  # a busy provider answers at once
-            raise self.fault_error(fault)
+        # drawn whole here, before any wait: the n-th request's fault is the seed's n-th draw,
+        # whatever the other requests do meanwhile
+        error = self.fault_error(fault) if fault in ("rate_limited", "server_error") else None
+        if error is not None and fault == "rate_limited":  # a busy provider answers at once
+            raise error
         delivered = True
         if fault == "slow":
             delivered = await self.wait_slow(request)
@@ -281,8 +284,7 @@ class Simulator:
             await self.pause()
         if fault in ("server_error", "reset", "non_json"):
             self.log(call, "failed", time.time())
-        if fault == "server_error":
-            error = self.fault_error(fault)
+        if error is not None:  # server_error
             error.headers.update(call.headers())
             raise error
         headers = self.window.headers(time.monotonic())
