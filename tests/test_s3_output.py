@@ -296,3 +296,53 @@ def test_compaction_killed_at_random_points_in_a_bucket_and_a_reader_beside_it(
 
     assert {d: f.files for d, f in files_by_partition(out, "pages").items()} == {
         "2026-01-01": 1, "2026-01-02": 1, "2026-01-03": 1}
+
+
+def test_a_journal_left_on_a_machine_whose_run_was_recovered_elsewhere_adds_nothing(
+        s3, tmp_path: Path) -> None:
+    """Machine A's run commits a round, journals one more answer and is lost before staging
+    it (its journal stays on A's disk). Machine B's run recovers it from what it staged (its
+    `runs` row written) and answers that unit again. A comes back with its disk: its next run
+    discards the journal instead of committing the late answer a second time."""
+    from datetime import UTC, datetime
+
+    from ernie_batch.buckets import resolve_access
+    from ernie_batch.location import OutputRoot
+    from ernie_batch.run.recorder import RunInfo, RunRecorder
+    from ernie_batch.run.recovery import recover_journals
+    from ernie_batch.run.staged import recover_staged
+    from ernie_batch.store import AttemptRow, PageRow
+
+    _, bucket = s3
+    out = f"s3://{bucket}/out"
+    machine_a, machine_b = (OutputRoot(out, resolve_access(), tmp_path / m, 3.0) for m in "ab")
+    schema = store.pages_schema([])
+    now = datetime.now(UTC)
+    lost = RunRecorder(machine_a, RunInfo(run_id=store.new_run_id(now), kind="run",
+                                          started_at=now, fingerprint="f" * 64), schema,
+                       stage_every_s=3600)
+    lost.open_journal({"pages_schema": store.encode_schema(schema)})
+
+    def answer(key: str) -> None:
+        lost.attempt(AttemptRow(
+            run_id=lost.run_id, key=key, attempt=1, status_code=200, outcome="ok", error=None,
+            response_id=f"chatcmpl-{key}", prompt_tokens=10, completion_tokens=5, credits=900.0,
+            usd=0.0045, temperature=None, latency_s=0.2, started_at=now))
+        lost.page(PageRow(
+            run_id=lost.run_id, key=key, fingerprint="f" * 64, source_path=f"s3://b/{key}.png",
+            source_sha256=key, doc_type="image", page=1, page_last=1, page_count=1,
+            status="ok", error=None, model="m", started_at=now, finished_at=now, attempts=1,
+            credits=900.0, latency_s=0.2))
+
+    answer("first")
+    assert lost.commit() == 1  # staged and committed
+    answer("late")  # journaled on A, never staged: the machine is lost here
+    lost.journal.close(delete=False)
+
+    assert recover_staged(machine_b, schema) == [lost.run_id]  # B: from what it staged
+    assert recover_journals(machine_a, schema) == [lost.run_id]  # A, back with its disk
+    pages = store.read_table(out, "pages").to_pylist()
+    assert [r["key"] for r in pages] == ["first"]  # "late" was sent again by B's run
+    runs = store.read_table(out, "runs").to_pylist()
+    assert [(r["run_id"], r["outcome"]) for r in runs] == [(lost.run_id, "interrupted")]
+    assert not list(machine_a.journal_dir.glob("*.jsonl"))

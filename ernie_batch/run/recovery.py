@@ -13,12 +13,19 @@ journaled at its end (it was killed between its last commits), else one built by
 merge rules the header recorded. The journal is deleted only after all of that, so a
 recovery killed half-way is simply done again.
 
+A journal whose run has its `runs` row already is discarded, not folded: that run was
+closed, by itself (killed between its last commit and deleting the journal) or, on an
+output in a bucket, by a run on another machine from what it had staged (its machine was
+lost, or paused past its lease), which sent its later units again. Folding the rows it
+journaled after its last staging would add them a second time.
+
 Journals of the release before Delta tables have no `commit` lines: their rows may sit in
 parts that `migrate` converted, so they are told apart by content (`store.rows_of_run`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from typing import Any
@@ -43,6 +50,7 @@ from ernie_batch.store import (
 )
 from ernie_batch.vocab import RunOutcome
 
+log = logging.getLogger(__name__)
 LOST_IN_FLIGHT = "sent; the process died before its response was recorded"
 
 
@@ -75,12 +83,21 @@ def fold_dead_run(root: StrPath | OutputRoot, run_id: str, fallback_schema: pa.S
             return None
         records = read_journal(path)
         header = next((r for r in records if r.get("t") == "run"), None)
-        if header is not None:
+        if header is not None and _closed(root, run_id, header):
+            log.warning("journal of run %s discarded: the run was closed already (its rows "
+                        "after its last staging were sent again)", run_id)
+        elif header is not None:
             schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")
                       else fallback_schema)
             _fold_run(root, run_id, header, records, schema)
         path.unlink(missing_ok=True)
         return header is not None
+
+
+def _closed(root: OutputRoot, run_id: str, header: dict[str, Any]) -> bool:
+    """Whether the run's `runs` row is committed (a journal of this release: by version)."""
+    return (header.get("journal", 1) >= JOURNAL_FORMAT
+            and committed_version(root, "runs", app_id(run_id, "runs")) >= 1)
 
 
 class _Replay:
