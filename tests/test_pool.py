@@ -47,6 +47,7 @@ from tests.test_secrets import scan
 pytestmark = pytest.mark.slow
 
 WINDOW_S = 4.0
+STAGE_EVERY_S = 5.0  # `[output] stage_every_s`, its default
 PER_WINDOW = 40  # 600 a minute in the simulator's terms
 POOL = "ernie-test-pool"
 
@@ -212,13 +213,13 @@ def workers(pool: Pool, server, tmp_path: Path, n: int = 2) -> list[subprocess.P
 
 
 def hidden_workers(pool: Pool, server, tmp_path: Path, hidden: Path,
-                   n: int = 2) -> list[subprocess.Popen]:
+                   ids: range = range(2)) -> list[subprocess.Popen]:
     """The README's worker command, each worker in a mount namespace of its own (`unshare
     --mount`, as root) with a tmpfs over `hidden` (the coordinator's config, prompt, schema,
     corpus and state: none of it there) and a PREFECT_HOME of its own: as on a machine that
     shares only the Prefect server and the object store."""
     procs = []
-    for i in range(n):
+    for i in ids:
         own = tmp_path / f"worker-{i}"
         (own / "prefect-home").mkdir(parents=True)
         env = {**machine_env(pool, server, own), "PREFECT_HOME": str(own / "prefect-home")}
@@ -439,6 +440,82 @@ def test_workers_that_see_nothing_of_the_coordinators_machine_run_its_shards(
     per_worker = [set(re.findall(r"flow run '([0-9a-f-]{36})'", (tmp_path / f"worker-{i}.log")
                                  .read_text())) for i in range(2)]
     assert all(per_worker), "both workers ran shard runs"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0
+                    or shutil.which("unshare") is None, reason="unshare --mount needs root")
+def test_machines_that_share_nothing_lose_one_worker_and_pause_another_every_page_once(
+        pool, sim_factory, s3, tmp_path):
+    """The proof that nothing is shared, under faults: workers in mount namespaces of their
+    own (`hidden_workers`), sources and output in the bucket; a third of the way through,
+    one worker is killed -9 with its flow run (a new machine takes its place) and the other's
+    shard run is suspended past its run lease and its heartbeats, then woken once its shard
+    was taken over. Every page answered once in the committed table as a plain Delta reader
+    sees it, and only by attempts the coordinator accepted; the woken attempt writes
+    nothing; credits lost at most what was in flight; the busiest window under the limit."""
+    concurrency = 4
+    job = pool_job(pool, sim_factory, s3, tmp_path, 126, concurrency=concurrency,
+                   output_in_bucket=True, hidden=True, output_extra="lease_ttl_s = 3\n")
+    sim, units, procs = job.sim, job.units, job.procs
+    server, _ = s3
+    machine = tmp_path / "coordinator"
+    try:
+        run = backfill(job, tmp_path, shards=4)
+        wait_for_answers(sim, run, units // 3)
+        busy = [w for w in procs if shard_processes(w)]
+        assert len(busy) == 2, "each worker runs a shard (--limit 1)"
+        victim, paused = busy
+        for p in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(True)]:
+            with_suppress(p.kill)  # the worker and its flow run, whatever session they lead
+        zombie = shard_processes(paused)[-1]
+        zombie.suspend()
+        stopped_at = time.time()
+        before = {e["client_request_id"].split(":")[1] for e in sim.ledger()["entries"]}
+        procs += hidden_workers(pool, server, tmp_path, machine, range(2, 3))  # a new machine
+        deadline = time.monotonic() + SILENT_S + 600
+        while True:  # both replaced shards' new attempts send: the old ones were taken over
+            plan = the_plan(job)
+            second = {a[-1]["run_id"] for a in plan["attempts"] if len(a) > 1}
+            sending = {e["client_request_id"].split(":")[1] for e in sim.ledger()["entries"]}
+            if len(second) == 2 and second <= sending - before:
+                break
+            assert time.monotonic() < deadline, plan
+            time.sleep(1)
+        zombie.resume()  # it learns its run lease was taken and stops, writing nothing
+        with_suppress(zombie.wait, 120)
+        assert run.wait(timeout=600) == 0, (tmp_path / "backfill.out").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            stop(proc)
+    summary = summary_of(tmp_path)
+    plan = the_plan(job)
+    assert sorted(len(a) for a in plan["attempts"]) == [1, 1, 2, 2]
+    assert summary["units_ok"] == summary["units_selected"] == units
+
+    pages = user_reads(job, "pages")
+    assert len(pages) == units and pages["key"].is_unique and (pages["status"] == "ok").all()
+    runs = user_reads(job, "runs")
+    coordinator = runs[runs["kind"] == "coordinator"].iloc[0]
+    accepted = set(coordinator["accepted_runs"])
+    assert set(pages["run_id"]) <= accepted  # a plain reader sees accepted attempts only
+    replaced = {a[0]["run_id"] for a in plan["attempts"] if len(a) > 1}
+    assert replaced <= accepted  # both dead by their leases: taken over, their answers kept
+    attempts = user_reads(job, "attempts")
+    assert (attempts["outcome"] == "ok").sum() == units  # no page answered twice
+    entries = sim.ledger()["entries"]
+    recorded = set(attempts["client_request_id"].dropna())
+    lost = [e for e in entries if e["client_request_id"] not in recorded]
+    # lost: only the replaced attempts' answers in flight when they stopped, or answered
+    # since they last staged their rows (`stage_every_s`, 5 s: their journals stayed on
+    # their machines)
+    assert {e["client_request_id"].split(":")[1] for e in lost} <= replaced
+    assert all(e["at"] >= stopped_at - STAGE_EVERY_S - 1 for e in lost), (stopped_at, lost)
+    assert math.fsum(attempts["credits"].dropna()) == math.fsum(
+        e["credits"] for e in entries if e["client_request_id"] in recorded)
+    assert max_in_any_window([e["at"] for e in entries], WINDOW_S) <= PER_WINDOW
+    print(f"\nno shared disk, a worker killed and one paused: {len(entries)} requests for "
+          f"{units} pages, {len(lost)} lost in flight, busiest window "
+          f"{max_in_any_window([e['at'] for e in entries], WINDOW_S)} of {PER_WINDOW}")
 
 
 def test_a_worker_killed_mid_shard_its_shard_is_recovered_every_page_once(
