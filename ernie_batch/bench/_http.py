@@ -8,6 +8,8 @@
   no cache) and preparation costs next to nothing beside the HTTP exchange.
 * Rates are read from the simulator's ledger (billed answers and their times), the server's
   view of what arrived, not from the client's own counting.
+* A loopback S3 API, where a scenario needs one (`objects`; `scale`, whose workers read no
+  path of the coordinator's): moto's server in its own process (`moto_s3`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,33 @@ from ernie_batch.bench import max_in_any_window
 from ernie_batch.sim import SimControl
 
 KEY = "sk-bench-0123456789abcdef"
+
+
+# --- a loopback S3 API -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[dict[str, str]]:
+    """moto's S3 server in a child process (needs `moto[server]`, the test extra); the AWS
+    environment that reaches it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            time.sleep(0.1)
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
+               "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1",
+               "AWS_ALLOW_HTTP": "true"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # --- the simulator in a child process -----------------------------------------------------------

@@ -17,44 +17,18 @@ Needs `moto[server]` (the test extra).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from ernie_batch.bench._http import moto_s3
 
 OBJECTS = 1000
 SIZE = 4096
 BUCKET = "bench-objects"
-
-
-@contextlib.contextmanager
-def _moto() -> Iterator[dict[str, str]]:
-    """moto's S3 server in a child process; the AWS environment that reaches it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            time.sleep(0.1)
-        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-               "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1",
-               "AWS_ALLOW_HTTP": "true"}
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -90,7 +64,7 @@ def run(scale: float = 1.0, rounds: int = 3) -> dict[str, Any]:
     from ernie_batch.intake.discover import discover
 
     keys = max(10, int(OBJECTS * scale))
-    with _moto() as env:
+    with moto_s3() as env:
         os.environ.update(env)
         httpx.put(f"{env['AWS_ENDPOINT_URL']}/{BUCKET}").raise_for_status()
         store = client(resolve_access(), "s3", BUCKET)

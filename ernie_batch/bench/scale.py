@@ -7,6 +7,9 @@ a time each), against the simulator (its own process) limited to `PER_WINDOW` re
 window, `REQUESTS` requests a round (10 windows): the rate the simulator saw while requests
 flowed (first to last answer) over the limit, its busiest window and its 429s, and the rate
 over the whole command (start-up included). The headline ratio is the worst round's.
+The documents are put in a bucket of a loopback S3 API (moto's server, its own process),
+since the workers of a pool read no path of the coordinator's; the output is a local
+folder (one host), so the figures are the limit's sharing, not the object store's speed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from ernie_batch.bench._http import (
     busiest_window,
     count_429,
     make_images,
+    moto_s3,
     workdir,
 )
 
@@ -36,13 +41,14 @@ LATENCY_S = 0.4
 CONCURRENCY = 16  # per shard: well above rate x latency, so one shard alone can use it all
 REQUESTS = 1200  # 10 windows
 POOL = "ernie-bench"
+BUCKET = "bench-scale"
 
 
-def _config(path: Path, sim_url: str, sources: Path, output: Path, window_s: float) -> Path:
+def _config(path: Path, sim_url: str, sources: str, output: Path, window_s: float) -> Path:
     q = json.dumps
     path.write_text(f"""name = "bench-scale"
 [sources]
-paths = [{q(str(sources))}]
+paths = [{q(sources)}]
 [api]
 base_url = {q(sim_url)}
 timeout_s = 60
@@ -89,13 +95,23 @@ def _stop(procs: list[subprocess.Popen[bytes]], grace_s: float = 20.0) -> None:
             proc.wait()
 
 
+def _upload(store: Any, folder: Path, prefix: str) -> str:
+    """Every file of `folder` put under `prefix` in the bench's bucket; the prefix's URL."""
+    import obstore
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: obstore.put(store, f"{prefix}/{p.name}", p.read_bytes()),
+                      sorted(folder.iterdir())))
+    return f"s3://{BUCKET}/{prefix}/"
+
+
 def _round(workers: int, n: int, tmp: Path, sim: SimProcess, env: dict[str, str],
-           first: int, window_s: float) -> dict[str, Any]:
+           first: int, window_s: float, bucket: Any) -> dict[str, Any]:
     """One run with `workers` workers and as many shards; the simulator's figures."""
     from ernie_batch.scale.pool import worker_command
 
     name = f"{window_s:g}s-{workers}"
-    sources = make_images(tmp / f"in-{name}", n, first=first)
+    sources = _upload(bucket, make_images(tmp / f"in-{name}", n, first=first), f"in-{name}")
     config = _config(tmp / f"job-{name}.toml", sim.url, sources, tmp / f"out-{name}", window_s)
     command = [sys.executable, "-m", *worker_command(POOL).split()]
     procs = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
@@ -122,22 +138,28 @@ def _round(workers: int, n: int, tmp: Path, sim: SimProcess, env: dict[str, str]
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
+    import httpx
+
+    from ernie_batch.buckets import client, resolve_access
     from ernie_batch.prefect_server import start_local_server, use_api
     from ernie_batch.scale.pool import deploy_pool
 
     n = max(10, round(REQUESTS * scale))
     figures: dict[str, Any] = {}
-    with workdir("scale") as tmp, start_local_server(
+    with workdir("scale") as tmp, moto_s3() as s3, start_local_server(
             extra_env={"PREFECT_HOME": str(tmp / "home")}) as server:  # its database, ours alone
+        httpx.put(f"{s3['AWS_ENDPOINT_URL']}/{BUCKET}").raise_for_status()
+        bucket = client(resolve_access(environ=s3), "s3", BUCKET)
         with use_api(server.api_url):
             deploy_pool(POOL)
-        env = _env(tmp / "home", PREFECT_API_URL=server.api_url)
+        env = _env(tmp / "home", PREFECT_API_URL=server.api_url, **s3)
         for w, window_s in enumerate(WINDOWS_S):
             with SimProcess(rpm=PER_WINDOW * 60 / window_s, window_s=window_s,
                             latency_s=LATENCY_S) as sim:
                 for i, workers in enumerate((1, 2, 3)):
                     figures[f"window_{window_s:g}s_workers_{workers}"] = _round(
-                        workers, n, tmp, sim, env, first=(3 * w + i) * n, window_s=window_s)
+                        workers, n, tmp, sim, env, first=(3 * w + i) * n, window_s=window_s,
+                        bucket=bucket)
     rounds = list(figures.values())
     return {
         "scenario": "scale",
@@ -152,5 +174,6 @@ def run(scale: float = 1.0) -> dict[str, Any]:
         "concurrency_per_shard": CONCURRENCY,
         "requests_per_round": n,
         "simulator": "separate process",
+        "sources": "a bucket of moto's S3 server on loopback",
         "scale": scale,
     }
