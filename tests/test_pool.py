@@ -467,8 +467,9 @@ def test_machines_that_share_nothing_lose_one_worker_and_pause_another_every_pag
         victim, paused = busy
         for p in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(True)]:
             with_suppress(p.kill)  # the worker and its flow run, whatever session they lead
-        zombie = shard_processes(paused)[-1]
-        zombie.suspend()
+        frozen = shard_processes(paused)  # its flow run, and any process of its own
+        for p in frozen:
+            p.suspend()
         stopped_at = time.time()
         before = {e["client_request_id"].split(":")[1] for e in sim.ledger()["entries"]}
         procs += hidden_workers(pool, server, tmp_path, machine, range(2, 3))  # a new machine
@@ -481,8 +482,10 @@ def test_machines_that_share_nothing_lose_one_worker_and_pause_another_every_pag
                 break
             assert time.monotonic() < deadline, plan
             time.sleep(1)
-        zombie.resume()  # it learns its run lease was taken and stops, writing nothing
-        with_suppress(zombie.wait, 120)
+        for p in frozen:
+            p.resume()  # it learns its run lease was taken and stops, writing nothing
+        for p in frozen:
+            with_suppress(p.wait, 120)
         assert run.wait(timeout=600) == 0, (tmp_path / "backfill.out").read_text()[-3000:]
     finally:
         for proc in procs:
