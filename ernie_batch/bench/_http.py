@@ -39,9 +39,9 @@ KEY = "sk-bench-0123456789abcdef"
 
 
 @contextlib.contextmanager
-def moto_s3() -> Iterator[dict[str, str]]:
-    """moto's S3 server in a child process (needs `moto[server]`, the test extra); the AWS
-    environment that reaches it."""
+def moto_s3(bucket: str) -> Iterator[dict[str, str]]:
+    """moto's S3 server in a child process (needs `moto[server]`, the test extra), with
+    `bucket` created; the AWS environment that reaches it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -54,6 +54,7 @@ def moto_s3() -> Iterator[dict[str, str]]:
                 urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
                 break
             time.sleep(0.1)
+        httpx.put(f"{endpoint}/{bucket}").raise_for_status()
         yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
                "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1",
                "AWS_ALLOW_HTTP": "true"}

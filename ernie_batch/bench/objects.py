@@ -56,7 +56,6 @@ def _s3fs_round(endpoint: str, keys: int) -> None:
 
 
 def run(scale: float = 1.0, rounds: int = 3) -> dict[str, Any]:
-    import httpx
     import obstore
 
     from ernie_batch.buckets import client, resolve_access
@@ -64,9 +63,8 @@ def run(scale: float = 1.0, rounds: int = 3) -> dict[str, Any]:
     from ernie_batch.intake.discover import discover
 
     keys = max(10, int(OBJECTS * scale))
-    with moto_s3() as env:
+    with moto_s3(BUCKET) as env:
         os.environ.update(env)
-        httpx.put(f"{env['AWS_ENDPOINT_URL']}/{BUCKET}").raise_for_status()
         store = client(resolve_access(), "s3", BUCKET)
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda i: obstore.put(store, f"inbox/{i:05d}.bin", os.urandom(SIZE)),

@@ -138,17 +138,14 @@ def _round(workers: int, n: int, tmp: Path, sim: SimProcess, env: dict[str, str]
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
-    import httpx
-
     from ernie_batch.buckets import client, resolve_access
     from ernie_batch.prefect_server import start_local_server, use_api
     from ernie_batch.scale.pool import deploy_pool
 
     n = max(10, round(REQUESTS * scale))
     figures: dict[str, Any] = {}
-    with workdir("scale") as tmp, moto_s3() as s3, start_local_server(
+    with workdir("scale") as tmp, moto_s3(BUCKET) as s3, start_local_server(
             extra_env={"PREFECT_HOME": str(tmp / "home")}) as server:  # its database, ours alone
-        httpx.put(f"{s3['AWS_ENDPOINT_URL']}/{BUCKET}").raise_for_status()
         bucket = client(resolve_access(environ=s3), "s3", BUCKET)
         with use_api(server.api_url):
             deploy_pool(POOL)

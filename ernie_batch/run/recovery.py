@@ -84,8 +84,8 @@ def fold_dead_run(root: StrPath | OutputRoot, run_id: str, fallback_schema: pa.S
         records = read_journal(path)
         header = next((r for r in records if r.get("t") == "run"), None)
         if header is not None and _closed(root, run_id, header):
-            log.warning("journal of run %s discarded: the run was closed already (its rows "
-                        "after its last staging were sent again)", run_id)
+            log.warning("journal of run %s discarded: its runs row is written already (by "
+                        "itself, or by a run that committed what it staged)", run_id)
         elif header is not None:
             schema = (decode_schema(header["pages_schema"]) if header.get("pages_schema")
                       else fallback_schema)
